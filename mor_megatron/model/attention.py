@@ -1,0 +1,112 @@
+"""Core attention over a recursion step's active tokens (megatron `core_attention` slot).
+
+Megatron's `SelfAttention` computes q/k/v (with RoPE already applied at the positions the caller
+gathered) and hands them here together with its `attention_mask` argument. MoR layers pass an
+`ActiveTokens` object through that argument, which says how the tokens are laid out:
+
+- dense  `[k, B]`: every sequence keeps the same number of tokens (expert-choice top-k). Tokens
+  are in original order, so causal-by-index is causal-by-position: plain causal attention.
+- packed `[t, 1]`: a variable number of tokens per sequence (token-choice, threshold routing),
+  sequences one after another; attention is causal within each sequence only.
+
+With recursive KV sharing (`kv_role`), step 1 stores its keys/values and later steps attend from
+their active queries to those stored keys, masked by original position.
+
+This is the local (SDPA) backend; it runs on CPU and GPU alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from megatron.core.transformer.module import MegatronModule
+
+
+@dataclass
+class ActiveTokens:
+    """Layout of the tokens a shared layer sees at one recursion step.
+
+    positions: original positions, `[k, B]` (dense) or `[t]` (packed).
+    seq_ids:   packed only, `[t]`, which sequence of the micro-batch each token belongs to.
+    kv_store:  one dict per forward, shared by its recursion steps, for recursive KV sharing.
+    kv_role:   "none" (recursion-wise caching), "write" (step 1 of KV sharing) or "read".
+    """
+
+    layout: str
+    positions: Tensor
+    seq_ids: Optional[Tensor] = None
+    kv_store: dict = field(default_factory=dict)
+    kv_role: str = "none"
+
+
+def _mask_by_position(
+    q_pos: Tensor, k_pos: Tensor, q_seq: Optional[Tensor], k_seq: Optional[Tensor]
+) -> Tensor:
+    """Boolean attend-mask: a key is visible when at or before the query (and in its sequence)."""
+    mask = k_pos.unsqueeze(-2) <= q_pos.unsqueeze(-1)
+    if q_seq is not None:
+        mask &= q_seq.unsqueeze(-1) == k_seq.unsqueeze(-2)
+    return mask
+
+
+class ActiveTokenAttention(MegatronModule):
+    """Causal SDPA over the active tokens described by an `ActiveTokens` mask argument."""
+
+    def __init__(
+        self,
+        config,
+        layer_number: int,
+        attn_mask_type=None,
+        attention_type: str = "self",
+        cp_comm_type: Optional[str] = None,
+        softmax_scale: Optional[float] = None,
+        pg_collection=None,
+    ) -> None:
+        super().__init__(config=config)
+        self.layer_number = layer_number
+        self.softmax_scale = softmax_scale
+        self.dropout_p = config.attention_dropout
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask,
+        attn_mask_type=None,
+        attention_bias=None,
+        packed_seq_params=None,
+    ) -> Tensor:
+        """query `[sq, b, np, hn]`, key/value `[sk, b, ng, hn]` -> `[sq, b, np * hn]`."""
+        active = attention_mask if isinstance(attention_mask, ActiveTokens) else None
+        mask = None
+        if active is not None:
+            # dense positions are [s, B]: batch first so the mask comes out [B, sq, sk]
+            q_pos = active.positions.t() if active.layout == "dense" else active.positions
+            k_pos, k_seq = q_pos, active.seq_ids
+            if active.kv_role == "write":
+                active.kv_store[self] = (key, value, k_pos, k_seq)
+            elif active.kv_role == "read":
+                key, value, k_pos, k_seq = active.kv_store[self]
+            if active.kv_role == "read" or active.layout == "packed":
+                mask = _mask_by_position(q_pos, k_pos, active.seq_ids, k_seq)
+                if active.layout == "dense":
+                    mask = mask.unsqueeze(1)
+        sq, b, heads, head_dim = query.shape
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, hn]
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout_p if self.training else 0.0,
+            is_causal=mask is None,
+            scale=self.softmax_scale,
+            enable_gqa=k.shape[1] != heads,
+        )
+        return out.permute(2, 0, 1, 3).reshape(sq, b, heads * head_dim)

@@ -1,0 +1,198 @@
+"""MoR routers: expert-choice (one router per recursion step) and token-choice (one router).
+
+Decisions, gates, router losses and statistics, as MOR_SPEC sections 3-4. The recursion loop that
+uses them lives in `decoder.py`.
+
+Loss normalisation (expert-choice BCE): for each step the BCE-with-logits is averaged over that
+step's candidates in the micro-batch (B x k_{r-1} logits), then summed over steps and multiplied by
+`router_aux_loss_coeff`. The trainer scales the result like the LM loss (1 / micro-batches per
+step, through megatron's `MoEAuxLossAutoScaler`), so the coefficient means the same thing at any
+gradient-accumulation depth, unlike the public code which adds it per micro-batch unscaled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mor_megatron.config import MoRConfig
+
+
+def _router_linear(config: MoRConfig, outputs: int) -> nn.Linear:
+    """Linear(d_model -> outputs, no bias), N(0, 0.02) init, replicated on tensor-parallel ranks."""
+    linear = nn.Linear(config.hidden_size, outputs, bias=False, dtype=config.params_dtype)
+    nn.init.normal_(linear.weight, mean=0.0, std=0.02)
+    return linear
+
+
+@dataclass
+class RouterOutput:
+    """Everything one forward's routing produced, for the loss and for logging.
+
+    Per-recursion lists hold 0-dim tensors (detached, except `aux_loss`).
+    """
+
+    aux_loss: Tensor
+    losses: dict[str, Tensor] = field(default_factory=dict)
+    selected_tokens: list[Tensor] = field(default_factory=list)
+    candidate_tokens: list[Tensor] = field(default_factory=list)
+    sampling_accuracy: list[Tensor] = field(default_factory=list)
+    dead_token_ratio: list[Tensor] = field(default_factory=list)
+    depth_histogram: Optional[Tensor] = None
+    max_vio: Optional[Tensor] = None
+
+    def metrics(self) -> dict[str, float]:
+        """Flat `router/...` scalars, recursion steps numbered from 1."""
+        out = {f"router/loss_{name}": float(value) for name, value in self.losses.items()}
+        out["router/aux_loss"] = float(self.aux_loss.detach())
+        per_step = {
+            "selected_tokens": self.selected_tokens,
+            "sampling_accuracy": self.sampling_accuracy,
+            "dead_token_ratio": self.dead_token_ratio,
+        }
+        for name, values in per_step.items():
+            for step, value in enumerate(values, start=1):
+                out[f"router/r{step}/{name}"] = float(value)
+        if self.depth_histogram is not None:
+            for depth, count in enumerate(self.depth_histogram.tolist(), start=1):
+                out[f"router/depth{depth}_tokens"] = float(count)
+            out["router/max_vio"] = float(self.max_vio)
+        return out
+
+
+class ExpertChoiceRouter(nn.Module):
+    """Router of one recursion step: score g = alpha * act(w^T h) on the unnormalised stream."""
+
+    def __init__(self, config: MoRConfig) -> None:
+        super().__init__()
+        self.alpha = config.router_alpha
+        self.activation = torch.sigmoid if config.router_activation == "sigmoid" else torch.tanh
+        self.linear = _router_linear(config, 1)
+        self.aux = _router_linear(config, 1) if config.aux_router else None
+
+    def forward(self, hidden: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        """`[S, B, D]` -> router logits `[S, B]` and auxiliary-router logits on detached input."""
+        logits = self.linear(hidden).squeeze(-1)
+        aux = self.aux(hidden.detach()).squeeze(-1) if self.aux is not None else None
+        return logits, aux
+
+    def gate(self, logits: Tensor) -> Tensor:
+        return self.alpha * self.activation(logits)
+
+
+@dataclass
+class ExpertChoiceDecision:
+    selected: Tensor  # [S, B] bool
+    index: Optional[Tensor]  # [k, B] sorted positions (top-k), None for threshold decisions
+
+
+def expert_choice_select(
+    logits: Tensor,
+    aux_logits: Optional[Tensor],
+    candidates: Tensor,
+    k: int,
+    capacity: float,
+    mode: str,
+) -> ExpertChoiceDecision:
+    """Pick this step's tokens among `candidates` (hierarchical filtering).
+
+    topk:      the k highest logits per sequence, re-sorted into original order (training).
+    threshold: per token, sigmoid(logit) >= 0.5, from the auxiliary router if there is one
+               (causal, for decoding); a step of capacity 1 keeps every candidate, as top-k does.
+    """
+    if mode == "topk":
+        masked = logits.detach().masked_fill(~candidates, float("-inf"))
+        index = masked.topk(k, dim=0).indices.sort(dim=0).values
+        selected = torch.zeros_like(candidates).scatter(0, index, True)
+        return ExpertChoiceDecision(selected, index)
+    if mode != "threshold":
+        raise ValueError(f"unknown routing mode '{mode}': use topk or threshold")
+    if capacity >= 1.0:
+        return ExpertChoiceDecision(candidates.clone(), None)
+    decide = aux_logits if aux_logits is not None else logits
+    return ExpertChoiceDecision(candidates & (decide.detach() >= 0), None)
+
+
+def expert_choice_losses(
+    config: MoRConfig,
+    logits: Tensor,
+    aux_logits: Optional[Tensor],
+    candidates: Tensor,
+    selected: Tensor,
+) -> dict[str, Tensor]:
+    """Unweighted per-step losses over the candidates: BCE (target = selected), z, aux-router BCE."""
+    cand_logits = logits[candidates]
+    target = selected[candidates].to(logits.dtype)
+    losses = {"bce": F.binary_cross_entropy_with_logits(cand_logits, target)}
+    if config.router_z_loss_coeff:
+        losses["z"] = cand_logits.square().mean()
+    if aux_logits is not None:
+        losses["aux_router_bce"] = F.binary_cross_entropy_with_logits(aux_logits[candidates], target)
+    return losses
+
+
+def expert_choice_step_stats(
+    logits: Tensor, candidates: Tensor, selected: Tensor
+) -> dict[str, Tensor]:
+    with torch.no_grad():
+        threshold = logits[candidates] >= 0
+        return {
+            "selected_tokens": selected.sum(),
+            "candidate_tokens": candidates.sum(),
+            "sampling_accuracy": (threshold == selected[candidates]).float().mean(),
+            # positions never selected at this step in any sequence of the micro-batch
+            "dead_token_ratio": (~selected.any(dim=1)).float().mean(),
+        }
+
+
+class TokenChoiceRouter(nn.Module):
+    """One router, applied once to the stream entering recursion 1, choosing a depth per token."""
+
+    def __init__(self, config: MoRConfig) -> None:
+        super().__init__()
+        self.alpha = config.router_alpha
+        self.activation = config.router_activation
+        self.num_recursions = config.num_recursions
+        self.linear = _router_linear(config, config.num_recursions)
+
+    def forward(self, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """`[S, B, D]` -> depth index `[S, B]` (0-based), gate `[S, B]`, probabilities `[S, B, Nr]`."""
+        logits = self.linear(hidden)
+        if self.activation == "softmax":
+            probs = logits.softmax(dim=-1)
+        else:
+            probs = logits.sigmoid()
+        depth = probs.detach().argmax(dim=-1)
+        gate = self.alpha * probs.gather(-1, depth.unsqueeze(-1)).squeeze(-1)
+        return depth, gate, logits
+
+
+def token_choice_losses(
+    config: MoRConfig, logits: Tensor, depth: Tensor
+) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+    """Balancing loss sum_i f_i P_i (f_i = Nr x share of tokens at depth i, P_i = mean probability),
+    z-loss mean(logsumexp^2); plus the depth histogram and MaxVio."""
+    nr = config.num_recursions
+    probs = logits.softmax(dim=-1) if config.router_activation == "softmax" else logits.sigmoid()
+    counts = torch.bincount(depth.reshape(-1), minlength=nr).to(logits.dtype)
+    share = counts / depth.numel()
+    losses = {"balance": (nr * share * probs.reshape(-1, nr).mean(dim=0)).sum()}
+    if config.router_z_loss_coeff:
+        losses["z"] = torch.logsumexp(logits, dim=-1).square().mean()
+    mean_load = counts.mean()
+    max_vio = (counts.max() - mean_load) / mean_load
+    return losses, counts.detach(), max_vio.detach()
+
+
+def weighted_aux_loss(config: MoRConfig, losses: dict[str, Tensor]) -> Tensor:
+    coeff = {
+        "bce": config.router_aux_loss_coeff,
+        "z": config.router_z_loss_coeff,
+        "balance": config.router_balance_loss_coeff,
+        "aux_router_bce": config.aux_router_loss_coeff,
+    }
+    return sum(coeff[name] * value for name, value in losses.items())

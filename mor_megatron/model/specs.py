@@ -1,0 +1,101 @@
+"""`ModuleSpec`s of the MoR layers: megatron `TransformerLayer`s whose linears are megatron's
+tensor-parallel ones (local backend) or Transformer Engine's (te backend), and whose core attention
+runs over a recursion step's active tokens."""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.models.backends import LocalSpecProvider
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+from mor_megatron.model.attention import ActiveTokenAttention
+
+BACKENDS = ("local", "te")
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run on this machine."""
+
+
+def _te_provider():
+    """Transformer Engine's spec provider, or one clear error where it cannot run."""
+    if not torch.cuda.is_available():
+        raise BackendUnavailableError(
+            "backend 'te' needs a CUDA GPU with Transformer Engine: use backend 'local' on CPU"
+        )
+    try:
+        from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
+    except ImportError as err:
+        raise BackendUnavailableError(
+            "backend 'te' needs Transformer Engine: pip install --no-build-isolation "
+            f"-r requirements-gpu.txt, or use backend 'local' ({err})"
+        ) from None
+    return TESpecProvider()
+
+
+def get_mor_layer_spec(backend: str = "local") -> ModuleSpec:
+    """A Llama layer (RMSNorm, GQA self-attention with RoPE, SwiGLU MLP) as a `ModuleSpec`.
+
+    The same spec builds unique and shared layers; sharing is decided by the decoder, which
+    reuses one built layer at every recursion.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend '{backend}': choose one of {', '.join(BACKENDS)}")
+    if backend == "local":
+        provider = LocalSpecProvider()
+        norm = provider.layer_norm(rms_norm=True)
+        qkv, fc1 = provider.column_parallel_linear(), provider.column_parallel_linear()
+        input_norm = pre_mlp_norm = norm
+    else:
+        provider = _te_provider()
+        # TE fuses each pre-norm into the following linear.
+        qkv = fc1 = provider.column_parallel_layer_norm_linear()
+        input_norm = pre_mlp_norm = IdentityOp
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=input_norm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.causal},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=qkv,
+                    core_attention=ActiveTokenAttention,
+                    linear_proj=provider.row_parallel_linear(),
+                    q_layernorm=IdentityOp,
+                    k_layernorm=IdentityOp,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=pre_mlp_norm,
+            mlp=ModuleSpec(
+                module=MLP,
+                submodules=MLPSubmodules(linear_fc1=fc1, linear_fc2=provider.row_parallel_linear()),
+            ),
+            mlp_bda=get_bias_dropout_add,
+            sharded_state_dict_keys_map=(
+                {
+                    "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+                    "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+                }
+                if backend == "local"
+                else {}
+            ),
+        ),
+    )
+
+
+def get_mor_block_spec(num_layers: int, backend: str = "local") -> TransformerBlockSubmodules:
+    """`num_layers` unique layers plus the final RMSNorm."""
+    layer = get_mor_layer_spec(backend)
+    final_norm = (
+        LocalSpecProvider().layer_norm(rms_norm=True) if backend == "local" else _te_provider().layer_norm(rms_norm=True)
+    )
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=final_norm)

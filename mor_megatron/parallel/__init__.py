@@ -1,0 +1,1 @@
+"""Parallel wiring: process groups and the CPU shims for megatron-core."""

@@ -1,0 +1,90 @@
+"""Make megatron-core's CUDA hard-codes run on CPU (gloo). Applied only when no CUDA device exists.
+
+Three shims, named as in the project's platform notes:
+  P  `torch.cuda.current_device()` answers the CPU device and `torch.cuda.synchronize()` does nothing
+     (RoPE's `RotaryEmbedding.get_emb`, p2p receive buffers, dist-checkpointing save).
+  M  a `TorchFunctionMode` that maps `device="cuda"` arguments to CPU and makes `.cuda()` a no-op
+     (pipeline schedules allocate `torch.zeros(..., device="cuda")` even at PP=1).
+  R  a CPU RNG tracker in place of megatron's `CudaRNGStatesTracker` (seeding, dropout, recompute).
+
+On a machine with CUDA `apply_cpu_shims()` does nothing: GPU runs must never see these patches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from megatron.core.tensor_parallel.random import CudaRNGStatesTracker
+from torch.overrides import TorchFunctionMode
+
+_APPLIED = False
+
+
+def _is_cuda_device(device: object) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return False
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Shim M: redirect tensor creation on 'cuda' to CPU and make `.cuda()` an identity."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if _is_cuda_device(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.to and args and len(args) > 1 and _is_cuda_device(args[1]):
+            return args[0] if len(args) == 2 else func(args[0], "cpu", *args[2:], **kwargs)
+        return func(*args, **kwargs)
+
+
+class CpuRNGStatesTracker(CudaRNGStatesTracker):
+    """Shim R: megatron's `CudaRNGStatesTracker` interface over CPU generator states."""
+
+    def add(self, name: str, seed: int) -> None:
+        self._is_initialized = True
+        if seed in self.seeds_:
+            raise RuntimeError(f"seed {seed} already exists in the CPU RNG tracker")
+        if name in self.states_:
+            raise RuntimeError(f"RNG state {name} already exists in the CPU RNG tracker")
+        self.seeds_.add(seed)
+        self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+    @contextlib.contextmanager
+    def fork(self, name: str = "model-parallel-rng"):
+        if name not in self.states_:
+            raise KeyError(f"RNG state {name} is not added to the CPU RNG tracker")
+        saved = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(saved)
+
+
+def apply_cpu_shims() -> bool:
+    """Install shims P, M and R once if no CUDA device is present. Returns True when installed."""
+    global _APPLIED
+    if torch.cuda.is_available():
+        return False
+    if _APPLIED:
+        return True
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    torch.cuda.current_device = lambda: torch.device("cpu")  # P
+    torch.cuda.synchronize = lambda *args, **kwargs: None  # P
+    _CudaToCpuMode().__enter__()  # M: stays entered for the life of the process
+
+    tracker = CpuRNGStatesTracker()  # R
+    mcore_random._CUDA_RNG_STATE_TRACKER = tracker
+    mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    mcore_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    mcore_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+    _APPLIED = True
+    return True

@@ -1,0 +1,63 @@
+"""Process groups: torch.distributed + megatron-core parallel state, the one place they are set up."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+
+from mor_megatron.parallel.cpu_shims import apply_cpu_shims
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def initialize_parallel(
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    seed: int = 1234,
+) -> None:
+    """Start torch.distributed (gloo on CPU, nccl on GPU) and megatron-core's parallel state.
+
+    Under torchrun the rendezvous comes from the environment; a plain `python` process becomes a
+    world of one on a free loopback port. Safe to call again: an existing setup is reused when the
+    sizes agree.
+    """
+    apply_cpu_shims()
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend)
+    if parallel_state.model_parallel_is_initialized():
+        same = (
+            parallel_state.get_tensor_model_parallel_world_size() == tensor_model_parallel_size
+            and parallel_state.get_pipeline_model_parallel_world_size()
+            == pipeline_model_parallel_size
+        )
+        if not same:
+            parallel_state.destroy_model_parallel()
+    if not parallel_state.model_parallel_is_initialized():
+        world = dist.get_world_size()
+        if world % (tensor_model_parallel_size * pipeline_model_parallel_size):
+            raise ValueError(
+                f"world size {world} is not divisible by TP {tensor_model_parallel_size} x "
+                f"PP {pipeline_model_parallel_size}: launch a multiple of "
+                f"{tensor_model_parallel_size * pipeline_model_parallel_size} processes"
+            )
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tensor_model_parallel_size,
+            pipeline_model_parallel_size=pipeline_model_parallel_size,
+        )
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    torch.manual_seed(seed)
