@@ -125,6 +125,7 @@ class MoRDecoder(TransformerBlock):
                 total[name] = total.get(name, 0.0) + value
             for name, value in expert_choice_step_stats(logits, candidates, decision.selected).items():
                 getattr(out, name).append(value)
+            out.selections.append(decision.selected)
             candidates = decision.selected
         out.losses = {name: value.detach() for name, value in total.items()}
         out.aux_loss = weighted_aux_loss(config, total)
@@ -146,6 +147,7 @@ class MoRDecoder(TransformerBlock):
             tokens = TokenSet.packed(active)
             state = tokens.scatter(state, self._run_block_on(tokens, state, rotary, kv_store, step))
             out.selected_tokens.append(active.sum())
+            out.selections.append(active)
         return hidden + gate.unsqueeze(-1) * state, out
 
     # -- forward --------------------------------------------------------------------------------

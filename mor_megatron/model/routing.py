@@ -33,7 +33,8 @@ def _router_linear(config: MoRConfig, outputs: int) -> nn.Linear:
 class RouterOutput:
     """Everything one forward's routing produced, for the loss and for logging.
 
-    Per-recursion lists hold 0-dim tensors (detached, except `aux_loss`).
+    Per-recursion lists hold detached 0-dim tensors; `selections[r]` is the `[S, B]` boolean
+    mask of tokens the shared block ran on at step r (for tests and depth visualisation).
     """
 
     aux_loss: Tensor
@@ -42,6 +43,7 @@ class RouterOutput:
     candidate_tokens: list[Tensor] = field(default_factory=list)
     sampling_accuracy: list[Tensor] = field(default_factory=list)
     dead_token_ratio: list[Tensor] = field(default_factory=list)
+    selections: list[Tensor] = field(default_factory=list)
     depth_histogram: Optional[Tensor] = None
     max_vio: Optional[Tensor] = None
 

@@ -1,0 +1,330 @@
+"""YAML run configs: the `model:` section becomes a validated `MoRConfig`.
+
+A config file is a mapping of sections (`KNOWN_SECTIONS`); the `model:` keys are `MoRConfig` field
+names. Command-line overrides are `section.key=value` strings whose value is parsed as YAML.
+Every problem is reported up front as one `ConfigError` line that names the fix.
+
+`dump_model_config` is the inverse: the YAML-able dict of a config's model settings that differ
+from the defaults, so that `load(dump(config))` rebuilds the same model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Sequence, Union
+
+import torch
+import yaml
+
+from mor_megatron.config import ConfigError, MoRConfig
+
+KNOWN_SECTIONS = ("model", "parallel", "training", "data", "logging")
+
+# Fields a model section must not set: derived ones, with the reason shown to the user.
+DERIVED_FIELDS = {
+    "num_layers": "it is derived from effective_layers and sharing: set effective_layers instead",
+}
+
+# torch dtypes settable by name.
+DTYPE_FIELDS = ("params_dtype",)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Megatron fields that shape the Llama model; with the fields MoRConfig declares itself they are
+# what `dump_model_config` writes.
+ARCHITECTURE_FIELDS = (
+    "hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "kv_channels",
+    "ffn_hidden_size",
+    "init_method_std",
+    "params_dtype",
+    "bf16",
+    "fp16",
+)
+_NOT_DUMPED = ("activation_func", "use_cpu_initialization")
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads exponent floats without a dot (`1e-5`) as floats (YAML 1.2)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+# -- reading ------------------------------------------------------------------------------------
+
+
+def _read_yaml(path: Path) -> Any:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found: check the path (e.g. configs/tiny.yaml)")
+    try:
+        return yaml.load(path.read_text(), Loader=_Loader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}: YAML syntax error{where}: {problem}; fix the syntax there") from None
+
+
+def _check_sections(raw: Any, source: str) -> dict[str, dict]:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{source}: top level must be a mapping of sections ({', '.join(KNOWN_SECTIONS)})"
+        )
+    sections: dict[str, dict] = {}
+    for name, body in raw.items():
+        if name not in KNOWN_SECTIONS:
+            raise ConfigError(
+                f"{source}: unknown section '{name}'{_suggest(str(name), KNOWN_SECTIONS)}; "
+                f"sections are {', '.join(KNOWN_SECTIONS)}"
+            )
+        if body is None:
+            body = {}
+        if not isinstance(body, dict):
+            raise ConfigError(f"{source}: section '{name}' must be a mapping of key: value")
+        sections[name] = dict(body)
+    return sections
+
+
+def _suggest(name: str, choices: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def apply_overrides(sections: dict[str, dict], overrides: Sequence[str]) -> dict[str, dict]:
+    """Apply `section.key=value` overrides (value parsed as YAML) to a sections dict, in place."""
+    for item in overrides:
+        dotted, sep, text = item.partition("=")
+        parts = dotted.strip().split(".")
+        if not sep or len(parts) < 2 or not all(parts):
+            raise ConfigError(
+                f"override '{item}' is not of the form section.key=value (e.g. model.hidden_size=128)"
+            )
+        if parts[0] not in KNOWN_SECTIONS:
+            raise ConfigError(
+                f"override '{item}': unknown section '{parts[0]}'{_suggest(parts[0], KNOWN_SECTIONS)}; "
+                f"sections are {', '.join(KNOWN_SECTIONS)}"
+            )
+        try:
+            value = yaml.load(text, Loader=_Loader)
+        except yaml.YAMLError:
+            raise ConfigError(f"override '{item}': the value is not valid YAML; quote it") from None
+        node = sections.setdefault(parts[0], {})
+        for key in parts[1:-1]:
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{item}': '{key}' holds a value, not a mapping")
+            node = child
+        node[parts[-1]] = value
+    return sections
+
+
+def load_sections(path: Union[str, Path], overrides: Sequence[str] = ()) -> dict[str, dict]:
+    """All sections of a config file (known names only, each a dict) with overrides applied."""
+    path = Path(path)
+    sections = _check_sections(_read_yaml(path), str(path))
+    return apply_overrides(sections, overrides)
+
+
+# -- types --------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=None)
+def _field_types() -> dict[str, Any]:
+    hints = typing.get_type_hints(MoRConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(MoRConfig) if f.init}
+
+
+def _members(tp: Any) -> tuple[Any, ...]:
+    origin = typing.get_origin(tp)
+    if origin is Union or origin is types.UnionType:
+        return typing.get_args(tp)
+    return (tp,)
+
+
+def _yaml_member(tp: Any) -> bool:
+    """Whether values of type `tp` can be written in YAML (scalars, literals, lists of those)."""
+    if tp in (bool, int, float, str, type(None)):
+        return True
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return True
+    if origin in (list, tuple):
+        return all(arg is Ellipsis or _yaml_member(arg) for arg in typing.get_args(tp))
+    return False
+
+
+def _settable(tp: Any) -> bool:
+    return any(_yaml_member(m) for m in _members(tp) if m is not type(None))
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def _coerce_member(value: Any, tp: Any) -> Any:
+    if tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif typing.get_origin(tp) is typing.Literal:
+        if value in typing.get_args(tp):
+            return value
+    elif typing.get_origin(tp) in (list, tuple) and isinstance(value, (list, tuple)):
+        return _coerce_sequence(value, tp)
+    raise _Mismatch
+
+
+def _coerce_sequence(value: Sequence, tp: Any) -> Any:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is list or (len(args) == 2 and args[1] is Ellipsis):
+        items = [_coerce(v, args[0]) for v in value] if args else list(value)
+    elif len(args) == len(value):
+        items = [_coerce(v, a) for v, a in zip(value, args)]
+    else:
+        raise _Mismatch
+    return list(items) if typing.get_origin(tp) is list else tuple(items)
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    for member in _members(tp):
+        if member is type(None) or _yaml_member(member):
+            try:
+                return _coerce_member(value, member)
+            except _Mismatch:
+                continue
+    raise _Mismatch
+
+
+def _describe(tp: Any, plural: bool = False) -> str:
+    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string"}
+    if plural:
+        names = {bool: "true/false values", int: "integers", float: "numbers", str: "strings"}
+    parts = []
+    for member in _members(tp):
+        origin = typing.get_origin(member)
+        if member is type(None):
+            parts.append("null")
+        elif member in names:
+            parts.append(names[member])
+        elif origin is typing.Literal:
+            parts.append("one of " + "/".join(map(str, typing.get_args(member))))
+        elif origin in (list, tuple):
+            inner = [a for a in typing.get_args(member) if a is not Ellipsis]
+            parts.append(f"a list of {_describe(inner[0], plural=True) if inner else 'values'}")
+    return " or ".join(parts)
+
+
+# -- the model section ----------------------------------------------------------------------------
+
+
+def _model_value(key: str, value: Any, types_by_name: dict[str, Any]) -> Any:
+    where = f"model.{key}"
+    if key not in types_by_name:
+        raise ConfigError(
+            f"unknown model key '{key}'{_suggest(key, list(types_by_name))}; "
+            "model keys are MoRConfig field names"
+        )
+    if key in DERIVED_FIELDS:
+        raise ConfigError(f"{where} is not settable: {DERIVED_FIELDS[key]}")
+    if key in DTYPE_FIELDS:
+        if not isinstance(value, str) or value not in DTYPES:
+            raise ConfigError(f"{where}={value!r}: use one of {', '.join(DTYPES)}")
+        return DTYPES[value]
+    tp = types_by_name[key]
+    if not _settable(tp):
+        raise ConfigError(
+            f"{where} is not settable from YAML (it holds a Python object): remove it; "
+            "the code sets it"
+        )
+    try:
+        return _coerce(value, tp)
+    except _Mismatch:
+        raise ConfigError(
+            f"{where} has the wrong type: expected {_describe(tp)}, got "
+            f"{type(value).__name__} {value!r}"
+        ) from None
+
+
+def model_config_from_dict(section: dict, source: str = "model section") -> MoRConfig:
+    """Validate a `model:` mapping and build the `MoRConfig`; every problem is a `ConfigError`."""
+    types_by_name = _field_types()
+    kwargs = {str(k): _model_value(str(k), v, types_by_name) for k, v in section.items()}
+    try:
+        return MoRConfig(**kwargs)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    except (ValueError, AssertionError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"{source}: invalid model settings: {first}") from None
+
+
+def load_model_config(path: Union[str, Path], overrides: Sequence[str] = ()) -> MoRConfig:
+    """The `MoRConfig` of a YAML config file, with `section.key=value` overrides applied."""
+    sections = load_sections(path, overrides)
+    if "model" not in sections:
+        raise ConfigError(f"{path}: no 'model:' section; add one with at least effective_layers")
+    return model_config_from_dict(sections["model"], str(path))
+
+
+# -- dumping ---------------------------------------------------------------------------------------
+
+
+def _dumped_fields() -> list[str]:
+    own = [name for name in MoRConfig.__annotations__ if name not in _NOT_DUMPED]
+    return list(ARCHITECTURE_FIELDS) + [name for name in own if name not in ARCHITECTURE_FIELDS]
+
+
+def _default(name: str) -> Any:
+    field = MoRConfig.__dataclass_fields__[name]
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return dataclasses.MISSING
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, torch.dtype):
+        return next(name for name, dtype in DTYPES.items() if dtype == value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def dump_model_config(config: MoRConfig) -> dict[str, Any]:
+    """The model settings of `config` that differ from the defaults, as plain YAML-able values.
+
+    Covers the Llama shape, precision and every MoR field; `load_model_config` of
+    `{"model": dump_model_config(config)}` rebuilds the same settings.
+    """
+    out: dict[str, Any] = {}
+    for name in _dumped_fields():
+        value = getattr(config, name)
+        if value != _default(name):
+            out[name] = _plain(value)
+    return out

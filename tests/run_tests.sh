@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The project's test command: a fresh virtual environment (.venv), the pinned requirements,
+# this package in editable mode, then the whole CPU suite. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${MOR_VENV:-.venv}"
+if [ ! -x "$VENV/bin/python" ]; then
+    python3 -m venv "$VENV"
+fi
+"$VENV/bin/python" -m pip install -q --upgrade pip
+"$VENV/bin/python" -m pip install -q -r requirements.txt
+"$VENV/bin/python" -m pip install -q --no-deps -e .
+export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
+exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@" tests
