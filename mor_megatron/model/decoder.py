@@ -1,8 +1,9 @@
 """The MoR decoder: megatron's `TransformerBlock` with a recursion loop in place of its layer loop.
 
-`self.layers` holds the unique layers (what owns weights). The recursion plan says which of them
-run at each unrolled depth; a shared layer is one module called at every recursion, so its
-parameters are one `Parameter` each and autograd sums their gradients over all uses.
+`self.layers` holds the unique layers this stage needs, keyed by their global index, so parameter
+names (`decoder.layers.5.mlp...`) are the same at every pipeline layout. A shared layer is one
+module called at every recursion: its parameters are one `Parameter` each and autograd sums their
+gradients over all uses.
 
 With a router, each recursion step gathers its active tokens from the `[S, B, D]` residual stream,
 runs the shared block on them only (so its matmuls and attention see k_r tokens, not S) and
@@ -17,7 +18,10 @@ from typing import Optional
 
 import torch
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_block import TransformerBlock
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+from megatron.core.utils import get_pg_rank
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -34,8 +38,26 @@ from mor_megatron.model.routing import (
 )
 from mor_megatron.model.specs import get_mor_block_spec
 from mor_megatron.model.token_set import TokenSet
+from mor_megatron.model.units import (
+    RoutingState,
+    Unit,
+    decoder_units,
+    pack_state,
+    unit_layers,
+    unpack_state,
+)
 
 ROUTING_MODES = ("topk", "threshold")
+
+
+class GlobalLayers(nn.ModuleDict):
+    """Layers keyed by global index; iterates over modules like megatron's `nn.ModuleList`."""
+
+    def __iter__(self):
+        return iter(self.values())
+
+    def __getitem__(self, index) -> nn.Module:
+        return super().__getitem__(str(index))
 
 
 class MoRDecoder(TransformerBlock):
@@ -45,9 +67,12 @@ class MoRDecoder(TransformerBlock):
         backend: str = "local",
         pre_process: bool = True,
         post_process: bool = True,
+        units: Optional[list[Unit]] = None,
         pg_collection=None,
         vp_stage: Optional[int] = None,
     ) -> None:
+        # read by _build_layers, which megatron's constructor calls
+        self.units = list(units) if units is not None else decoder_units(config)
         super().__init__(
             config=config,
             spec=get_mor_block_spec(config.num_layers, backend),
@@ -57,20 +82,45 @@ class MoRDecoder(TransformerBlock):
             vp_stage=vp_stage,
         )
         self.plan = config.recursion_plan
+        steps = [unit.index for unit in self.units if unit.kind == "recursion"]
         if config.router == "expert_choice":
-            self.routers = nn.ModuleList(
-                ExpertChoiceRouter(config) for _ in range(config.num_recursions)
-            )
-        elif config.router == "token_choice":
+            self.routers = nn.ModuleDict({str(step): ExpertChoiceRouter(config) for step in steps})
+        elif config.router == "token_choice" and 0 in steps:
             self.router = TokenChoiceRouter(config)
         self.routing_mode = "topk"
         self.router_output: Optional[RouterOutput] = None
+        self.is_last_stage = post_process
+
+    def _build_layers(self) -> None:
+        offset = get_transformer_layer_offset(
+            self.config, self.vp_stage, get_pg_rank(self.pg_collection.pp)
+        )
+        spec = self.submodules.layer_specs[0] if self.submodules.layer_specs else None
+        self.layers = GlobalLayers(
+            {
+                # megatron adds the stage offset itself; layer_number stays global index + 1
+                str(index): build_module(
+                    spec,
+                    config=self.config,
+                    layer_number=index + 1 - offset,
+                    pg_collection=self.pg_collection,
+                    vp_stage=self.vp_stage,
+                )
+                for index in unit_layers(self.config, self.units)
+            }
+        )
+        self.final_layernorm = None
+        if self.has_final_layernorm_in_this_stage():
+            self.final_layernorm = build_module(
+                self.submodules.layer_norm,
+                config=self.config,
+                hidden_size=self.config.hidden_size,
+                eps=self.config.layernorm_epsilon,
+            )
 
     # -- layer calls -------------------------------------------------------------------------
 
-    def _run_layers(
-        self, layers: tuple[int, ...], hidden: Tensor, rotary: Optional[Tensor], mask=None
-    ) -> Tensor:
+    def _run_layers(self, layers, hidden: Tensor, rotary: Optional[Tensor], mask=None) -> Tensor:
         for index in layers:
             layer = self.layers[index]
             if self.config.recompute_granularity == "full" and self.training:
@@ -93,62 +143,64 @@ class MoRDecoder(TransformerBlock):
         context = tokens.attention_context(kv_store, kv_role)
         return self._run_layers(self.plan.block, tokens.gather(hidden), tokens.rotary(rotary), context)
 
-    # -- recursion with routing ---------------------------------------------------------------
+    # -- recursion steps ----------------------------------------------------------------------
 
-    def _expert_choice(
-        self, hidden: Tensor, rotary: Optional[Tensor], mode: str
-    ) -> tuple[Tensor, RouterOutput]:
-        config, seq_len = self.config, hidden.shape[0]
-        capacity_tokens = config.capacity_tokens(seq_len)
-        candidates = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
-        kv_store: dict = {}
-        total: dict[str, Tensor] = {}
-        out = RouterOutput(aux_loss=hidden.new_zeros(()))
-        for step, router in enumerate(self.routers):
-            logits, aux_logits = router(hidden)
-            decision = expert_choice_select(
-                logits, aux_logits, candidates, capacity_tokens[step],
-                config.capacities[step], mode,
-            )
-            tokens = (
-                TokenSet.dense(decision.index)
-                if decision.index is not None
-                else TokenSet.packed(decision.selected)
-            )
-            block_out = self._run_block_on(tokens, hidden, rotary, kv_store, step)
-            gate = tokens.gather_values(router.gate(logits)).unsqueeze(-1)
-            hidden = tokens.scatter_add(hidden, gate * block_out)
+    def _dp_group(self):
+        group = getattr(self.pg_collection, "dp", None)
+        return group if group is not None and group.size() > 1 else None
 
-            for name, value in expert_choice_losses(
-                config, logits, aux_logits, candidates, decision.selected
-            ).items():
-                total[name] = total.get(name, 0.0) + value
-            for name, value in expert_choice_step_stats(logits, candidates, decision.selected).items():
-                getattr(out, name).append(value)
-            out.selections.append(decision.selected)
-            candidates = decision.selected
-        out.losses = {name: value.detach() for name, value in total.items()}
-        out.aux_loss = weighted_aux_loss(config, total)
-        return hidden, out
-
-    def _token_choice(self, hidden: Tensor, rotary: Optional[Tensor]) -> tuple[Tensor, RouterOutput]:
-        depth, gate, logits = self.router(hidden)
-        losses, counts, max_vio = token_choice_losses(self.config, logits, depth)
-        out = RouterOutput(
-            aux_loss=weighted_aux_loss(self.config, losses),
-            losses={name: value.detach() for name, value in losses.items()},
-            depth_histogram=counts,
-            max_vio=max_vio,
+    def _expert_choice_step(
+        self, step: int, state: RoutingState, rotary, mode: str, kv_store: dict, out: RouterOutput,
+        losses: dict,
+    ) -> RoutingState:
+        config, hidden = self.config, state.hidden
+        candidates = state.candidates
+        if candidates is None:
+            candidates = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        router = self.routers[str(step)]
+        logits, aux_logits = router(hidden)
+        decision = expert_choice_select(
+            logits, aux_logits, candidates, config.capacity_tokens(hidden.shape[0])[step],
+            config.capacities[step], mode,
         )
-        kv_store: dict = {}
-        state = hidden  # F_r(H_1) for tokens still running
-        for step in range(self.config.num_recursions):
-            active = depth >= step
-            tokens = TokenSet.packed(active)
-            state = tokens.scatter(state, self._run_block_on(tokens, state, rotary, kv_store, step))
-            out.selected_tokens.append(active.sum())
-            out.selections.append(active)
-        return hidden + gate.unsqueeze(-1) * state, out
+        tokens = (
+            TokenSet.dense(decision.index)
+            if decision.index is not None
+            else TokenSet.packed(decision.selected)
+        )
+        block_out = self._run_block_on(tokens, hidden, rotary, kv_store, step)
+        gate = tokens.gather_values(router.gate(logits)).unsqueeze(-1)
+        hidden = tokens.scatter_add(hidden, gate * block_out)
+
+        step_losses = expert_choice_losses(
+            config, logits, aux_logits, candidates, decision.selected, self._dp_group()
+        )
+        for name, value in step_losses.items():
+            losses[name] = losses.get(name, 0.0) + value
+        for name, value in expert_choice_step_stats(logits, candidates, decision.selected).items():
+            getattr(out, name).append(value)
+        out.selections.append(decision.selected)
+        return RoutingState(hidden, candidates=decision.selected)
+
+    def _token_choice_step(
+        self, step: int, state: RoutingState, rotary, kv_store: dict, out: RouterOutput, losses: dict
+    ) -> RoutingState:
+        if step == 0:
+            depth, gate, logits = self.router(state.hidden)
+            step_losses, counts, max_vio = token_choice_losses(
+                self.config, logits, depth, self._dp_group()
+            )
+            losses.update(step_losses)
+            out.depth_histogram, out.max_vio = counts, max_vio
+            state = RoutingState(state.hidden, h1=state.hidden, depth=depth, gate=gate)
+        active = state.depth >= step
+        tokens = TokenSet.packed(active)
+        running = tokens.scatter(state.hidden, self._run_block_on(tokens, state.hidden, rotary, kv_store, step))
+        out.selected_tokens.append(active.sum())
+        out.selections.append(active)
+        if step == self.config.num_recursions - 1:
+            return RoutingState(state.h1 + state.gate.unsqueeze(-1) * running)
+        return RoutingState(running, h1=state.h1, depth=state.depth, gate=state.gate)
 
     # -- forward --------------------------------------------------------------------------------
 
@@ -163,28 +215,44 @@ class MoRDecoder(TransformerBlock):
         """`[S, B, D]` in and out, as megatron's block; the router output lands in `router_output`.
 
         routing_mode: "topk" (training, per-sequence capacity) or "threshold" (causal per-token
-        decisions, as at decode time); defaults to `self.routing_mode`.
+        decisions, as at decode time); defaults to `self.routing_mode`. A stage that is not the
+        last returns the packed routing state `[S, B, D + extra]` for the next stage.
         """
         if unused.get("inference_context") is not None:
             raise NotImplementedError("MoR decoding uses mor_megatron.inference, not megatron's")
         mode = routing_mode or self.routing_mode
         if mode not in ROUTING_MODES:
             raise ValueError(f"unknown routing mode '{mode}': use topk or threshold")
-        hidden = hidden_states if self.pre_process else self.input_tensor
-        hidden = self._run_layers(self.plan.prefix, hidden, rotary_pos_emb)
-        if self.config.router == "none":
-            rest = self.plan.unrolled[len(self.plan.prefix) :]
-            hidden = self._run_layers(rest, hidden, rotary_pos_emb)
-            self.router_output = None
+        if self.pre_process:
+            state = RoutingState(hidden_states)
         else:
-            if self.config.router == "expert_choice":
-                hidden, self.router_output = self._expert_choice(hidden, rotary_pos_emb, mode)
+            state = unpack_state(self.input_tensor, self.config)
+        steps = [unit.index for unit in self.units if unit.kind == "recursion"]
+        out = RouterOutput(aux_loss=state.hidden.new_zeros(()), first_step=min(steps, default=0))
+        losses: dict[str, Tensor] = {}
+        kv_store: dict = {}
+        for unit in self.units:
+            if unit.kind == "layer":
+                state.hidden = self._run_layers((unit.index,), state.hidden, rotary_pos_emb)
+            elif self.config.router == "expert_choice":
+                state = self._expert_choice_step(
+                    unit.index, state, rotary_pos_emb, mode, kv_store, out, losses
+                )
             else:
-                hidden, self.router_output = self._token_choice(hidden, rotary_pos_emb)
-            hidden = self._run_layers(self.plan.suffix, hidden, rotary_pos_emb)
-        if self.final_layernorm is not None:
-            hidden = self.final_layernorm(hidden)
-        if self.router_output is not None and torch.is_grad_enabled() and hidden.requires_grad:
+                state = self._token_choice_step(unit.index, state, rotary_pos_emb, kv_store, out, losses)
+        self.router_output = None
+        if steps:
+            out.losses = {name: value.detach() for name, value in losses.items()}
+            out.aux_loss = weighted_aux_loss(self.config, losses) if losses else out.aux_loss
+            self.router_output = out
+
+        if self.is_last_stage:
+            output = state.hidden
+            if self.final_layernorm is not None:
+                output = self.final_layernorm(output)
+        else:
+            output = pack_state(state, self.config)
+        if self.router_output is not None and torch.is_grad_enabled() and output.requires_grad:
             # the router loss rides on the activations, so it reaches its gradients on any stage
-            hidden = MoEAuxLossAutoScaler.apply(hidden, self.router_output.aux_loss)
-        return hidden
+            output = MoEAuxLossAutoScaler.apply(output, self.router_output.aux_loss)
+        return output

@@ -10,6 +10,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from mor_megatron.config import MoRConfig
 from mor_megatron.model.decoder import MoRDecoder
 from mor_megatron.model.routing import RouterOutput
+from mor_megatron.model.units import Unit
 
 
 class MoRGPTModel(GPTModel):
@@ -25,9 +26,11 @@ class MoRGPTModel(GPTModel):
         backend: str = "local",
         pre_process: bool = True,
         post_process: bool = True,
+        units: Optional[list[Unit]] = None,
         pg_collection=None,
         vp_stage: Optional[int] = None,
     ) -> None:
+        """`units`: the decoder units this pipeline stage runs (default: all of them)."""
         super().__init__(
             config=config,
             transformer_layer_spec=TransformerBlockSubmodules(layer_specs=[], layer_norm=None),
@@ -47,6 +50,7 @@ class MoRGPTModel(GPTModel):
             backend=backend,
             pre_process=pre_process,
             post_process=post_process,
+            units=units,
             pg_collection=self.pg_collection,
             vp_stage=vp_stage,
         )

@@ -38,6 +38,7 @@ class RouterOutput:
     """
 
     aux_loss: Tensor
+    first_step: int = 0  # global index of the first recursion step this stage ran
     losses: dict[str, Tensor] = field(default_factory=dict)
     selected_tokens: list[Tensor] = field(default_factory=list)
     candidate_tokens: list[Tensor] = field(default_factory=list)
@@ -57,7 +58,7 @@ class RouterOutput:
             "dead_token_ratio": self.dead_token_ratio,
         }
         for name, values in per_step.items():
-            for step, value in enumerate(values, start=1):
+            for step, value in enumerate(values, start=self.first_step + 1):
                 out[f"router/r{step}/{name}"] = float(value)
         if self.depth_histogram is not None:
             for depth, count in enumerate(self.depth_histogram.tolist(), start=1):
@@ -119,21 +120,39 @@ def expert_choice_select(
     return ExpertChoiceDecision(candidates & (decide.detach() >= 0), None)
 
 
+def _global_count(count: Tensor, dp_group) -> tuple[Tensor, int]:
+    """(candidates summed over data-parallel ranks, DP size); the local count without a group."""
+    if dp_group is None:
+        return count, 1
+    total = count.detach().clone()
+    torch.distributed.all_reduce(total, group=dp_group)
+    return total, dp_group.size()
+
+
 def expert_choice_losses(
     config: MoRConfig,
     logits: Tensor,
     aux_logits: Optional[Tensor],
     candidates: Tensor,
     selected: Tensor,
+    dp_group=None,
 ) -> dict[str, Tensor]:
-    """Unweighted per-step losses over the candidates: BCE (target = selected), z, aux-router BCE."""
+    """Unweighted per-step losses over the candidates: BCE (target = selected), z, aux-router BCE.
+
+    Each is a sum over local candidates divided by the DP-global candidate count and multiplied by
+    the DP size, so that after data-parallel gradient averaging it is the mean over every
+    candidate of the global batch.
+    """
     cand_logits = logits[candidates]
     target = selected[candidates].to(logits.dtype)
-    losses = {"bce": F.binary_cross_entropy_with_logits(cand_logits, target)}
+    count, dp_size = _global_count(torch.tensor(float(cand_logits.numel())), dp_group)
+    norm = dp_size / count.clamp(min=1.0)
+    bce = F.binary_cross_entropy_with_logits
+    losses = {"bce": bce(cand_logits, target, reduction="sum") * norm}
     if config.router_z_loss_coeff:
-        losses["z"] = cand_logits.square().mean()
+        losses["z"] = cand_logits.square().sum() * norm
     if aux_logits is not None:
-        losses["aux_router_bce"] = F.binary_cross_entropy_with_logits(aux_logits[candidates], target)
+        losses["aux_router_bce"] = bce(aux_logits[candidates], target, reduction="sum") * norm
     return losses
 
 
@@ -174,14 +193,20 @@ class TokenChoiceRouter(nn.Module):
 
 
 def token_choice_losses(
-    config: MoRConfig, logits: Tensor, depth: Tensor
+    config: MoRConfig, logits: Tensor, depth: Tensor, dp_group=None
 ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
     """Balancing loss sum_i f_i P_i (f_i = Nr x share of tokens at depth i, P_i = mean probability),
-    z-loss mean(logsumexp^2); plus the depth histogram and MaxVio."""
+    z-loss mean(logsumexp^2); plus the depth histogram and MaxVio.
+
+    f_i, the histogram and MaxVio use depth counts summed over data-parallel ranks (as megatron's
+    `global_aux_loss`); P_i is the local mean, averaged over ranks by gradient averaging.
+    """
     nr = config.num_recursions
     probs = logits.softmax(dim=-1) if config.router_activation == "softmax" else logits.sigmoid()
     counts = torch.bincount(depth.reshape(-1), minlength=nr).to(logits.dtype)
-    share = counts / depth.numel()
+    if dp_group is not None:
+        torch.distributed.all_reduce(counts, group=dp_group)
+    share = counts / counts.sum()
     losses = {"balance": (nr * share * probs.reshape(-1, nr).mean(dim=0)).sum()}
     if config.router_z_loss_coeff:
         losses["z"] = torch.logsumexp(logits, dim=-1).square().mean()
