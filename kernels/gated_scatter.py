@@ -72,6 +72,9 @@ _BACKENDS = ("auto", "triton", "torch")
 
 # --------------------------------------------------------------------------
 # Triton kernels (plain functions; wrapped by triton.jit lazily, see _kernels)
+# They only use builtins (no helpers from triton.language.standard such as
+# tl.zeros / tl.sum, which are jit-wrapped at triton import), so they also run
+# under an interpreter enabled after triton was imported (e.g. in pytest).
 # --------------------------------------------------------------------------
 def _gated_scatter_fwd_impl(
     hidden_ptr,
@@ -135,10 +138,10 @@ def _gated_scatter_bwd_impl(
     g = tl.load(gate_ptr + row)
     if IS_FP64:
         g = g.to(tl.float64)
-        acc = tl.zeros([BLOCK_D], dtype=tl.float64)
+        acc = tl.full([BLOCK_D], 0.0, dtype=tl.float64)
     else:
         g = g.to(tl.float32)
-        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        acc = tl.full([BLOCK_D], 0.0, dtype=tl.float32)
     for start in range(0, D, BLOCK_D):
         offs = start + tl.arange(0, BLOCK_D)
         m = offs < D
@@ -152,7 +155,11 @@ def _gated_scatter_bwd_impl(
             yv = yv.to(tl.float32)
         tl.store(dy_ptr + row * D + offs, (g * do).to(dy_ptr.dtype.element_ty), mask=m)
         acc += yv * do
-    tl.store(dgate_ptr + row, tl.sum(acc, axis=0).to(dgate_ptr.dtype.element_ty))
+    # == tl.sum(acc, 0) (which is this very reduce), spelled out because tl.sum
+    # is itself @triton.jit-wrapped when triton is imported, so it cannot run
+    # under an interpreter switched on after that import; the interpreter maps
+    # this combine function to numpy's sum.
+    tl.store(dgate_ptr + row, tl.reduce(acc, 0, tl.standard._sum_combine).to(dgate_ptr.dtype.element_ty))
 
 
 _KERNEL_CACHE: dict[bool, tuple[Any, Any]] = {}

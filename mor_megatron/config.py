@@ -90,6 +90,8 @@ class MoRConfig(TransformerConfig):
                 "set effective_layers only; num_layers is derived"
             )
         self.num_layers = plan.num_unique_layers
+        if self.pipeline_dtype is None:
+            self.pipeline_dtype = self.params_dtype
         super().__post_init__()
 
     def _validate_mor(self) -> None:
@@ -128,6 +130,11 @@ class MoRConfig(TransformerConfig):
     def _validate_attention_shape(self) -> None:
         heads, groups = self.num_attention_heads, self.num_query_groups or self.num_attention_heads
         tp = self.tensor_model_parallel_size
+        if self.vocab_size % tp:
+            raise ConfigError(
+                f"vocab_size={self.vocab_size} is not divisible by tensor_model_parallel_size={tp}: "
+                f"pad the vocabulary to a multiple of {tp} (e.g. {-(-self.vocab_size // tp) * tp})"
+            )
         if heads < 1 or self.hidden_size < 1:
             raise ConfigError("hidden_size and num_attention_heads must be positive")
         if self.kv_channels is None and self.hidden_size % heads:

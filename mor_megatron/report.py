@@ -58,7 +58,8 @@ FIGURES = (
 def layer_matmul_params(config: MoRConfig) -> int:
     """Weights of one layer's four linears (qkv, output projection, fc1, fc2)."""
     d, hd, ffn = config.hidden_size, config.head_dim, config.ffn_hidden_size
-    heads, groups = config.num_attention_heads, config.num_query_groups or config.num_attention_heads
+    heads = config.num_attention_heads
+    groups = config.num_query_groups or heads
     fc1_out = ffn * (2 if config.gated_linear_unit else 1)
     return d * (heads + 2 * groups) * hd + heads * hd * d + d * fc1_out + ffn * d
 
@@ -177,16 +178,19 @@ def kv_bytes_per_layer_token(config: MoRConfig) -> int:
 
 
 def kv_cache_breakdown(config: MoRConfig) -> dict[str, float]:
-    """KV-cache bytes per token: `unique` (prefix/suffix layers) and `recursion` (shared block)."""
+    """KV-cache bytes per token of the `prefix_suffix` (unique) layers and of the `block` layers.
+
+    Without a router every unrolled layer outside prefix/suffix counts as `block`, cached in full.
+    """
     plan, per_layer = config.recursion_plan, kv_bytes_per_layer_token(config)
+    unique = len(plan.prefix) + len(plan.suffix)
     if config.router == "none":
-        return {"unique": 0.0, "recursion": float(len(plan.unrolled) * per_layer)}
-    fractions = step_fractions(config)
-    cached = fractions[:1] if config.kv_mode == "share_first" else fractions
-    return {
-        "unique": float((len(plan.prefix) + len(plan.suffix)) * per_layer),
-        "recursion": len(plan.block) * per_layer * sum(cached),
-    }
+        block = float(len(plan.unrolled) - unique)
+    else:
+        fractions = step_fractions(config)
+        cached = fractions[:1] if config.kv_mode == "share_first" else fractions
+        block = len(plan.block) * sum(cached)
+    return {"prefix_suffix": float(unique * per_layer), "block": block * per_layer}
 
 
 def kv_cache_bytes_per_token(config: MoRConfig) -> float:
@@ -238,7 +242,9 @@ def model_report(config: MoRConfig) -> dict[str, Any]:
         "kv_mode": config.kv_mode,
         "num_recursions": config.num_recursions,
         "seq_length": config.seq_length,
-        "capacity_tokens": config.capacity_tokens(config.seq_length) if config.router != "none" else None,
+        "capacity_tokens": (
+            config.capacity_tokens(config.seq_length) if config.router != "none" else None
+        ),
         **mor,
         "forward_flops_breakdown": forward_flops_breakdown(config),
         "kv_cache_breakdown": kv_cache_breakdown(config),

@@ -74,7 +74,8 @@ def _read_yaml(path: Path) -> Any:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(f"{path}: YAML syntax error{where}: {problem}; fix the syntax there") from None
+        message = f"{path}: YAML syntax error{where}: {problem}; fix the syntax there"
+        raise ConfigError(message) from None
 
 
 def _check_sections(raw: Any, source: str) -> dict[str, dict]:
@@ -111,12 +112,13 @@ def apply_overrides(sections: dict[str, dict], overrides: Sequence[str]) -> dict
         parts = dotted.strip().split(".")
         if not sep or len(parts) < 2 or not all(parts):
             raise ConfigError(
-                f"override '{item}' is not of the form section.key=value (e.g. model.hidden_size=128)"
+                f"override '{item}' is not of the form section.key=value "
+                "(e.g. model.hidden_size=128)"
             )
         if parts[0] not in KNOWN_SECTIONS:
             raise ConfigError(
-                f"override '{item}': unknown section '{parts[0]}'{_suggest(parts[0], KNOWN_SECTIONS)}; "
-                f"sections are {', '.join(KNOWN_SECTIONS)}"
+                f"override '{item}': unknown section '{parts[0]}'"
+                f"{_suggest(parts[0], KNOWN_SECTIONS)}; sections are {', '.join(KNOWN_SECTIONS)}"
             )
         try:
             value = yaml.load(text, Loader=_Loader)
@@ -273,8 +275,8 @@ def _model_value(key: str, value: Any, types_by_name: dict[str, Any]) -> Any:
 def model_config_from_dict(section: dict, source: str = "model section") -> MoRConfig:
     """Validate a `model:` mapping and build the `MoRConfig`; every problem is a `ConfigError`."""
     types_by_name = _field_types()
-    kwargs = {str(k): _model_value(str(k), v, types_by_name) for k, v in section.items()}
     try:
+        kwargs = {str(k): _model_value(str(k), v, types_by_name) for k, v in section.items()}
         return MoRConfig(**kwargs)
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
@@ -289,6 +291,33 @@ def load_model_config(path: Union[str, Path], overrides: Sequence[str] = ()) -> 
     if "model" not in sections:
         raise ConfigError(f"{path}: no 'model:' section; add one with at least effective_layers")
     return model_config_from_dict(sections["model"], str(path))
+
+
+# -- other sections ------------------------------------------------------------------------------
+
+
+def section_from_dict(cls: type, section: Any, name: str, source: str = "config") -> Any:
+    """Build the dataclass `cls` of a non-model section, with the same one-line errors."""
+    if not isinstance(section, dict):
+        raise ConfigError(f"{source}: section '{name}' must be a mapping of keys to values")
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls) if f.init]
+    kwargs = {}
+    for key, value in section.items():
+        key = str(key)
+        if key not in known:
+            raise ConfigError(
+                f"{source}: unknown {name} key '{key}'{_suggest(key, known)}; "
+                f"{name} keys are {', '.join(known)}"
+            )
+        try:
+            kwargs[key] = _coerce(value, hints[key])
+        except _Mismatch:
+            raise ConfigError(
+                f"{source}: {name}.{key} has the wrong type: expected {_describe(hints[key])}, "
+                f"got {type(value).__name__} {value!r}"
+            ) from None
+    return cls(**kwargs)
 
 
 # -- dumping ---------------------------------------------------------------------------------------
@@ -310,7 +339,8 @@ def _default(name: str) -> Any:
 
 def _plain(value: Any) -> Any:
     if isinstance(value, torch.dtype):
-        return next(name for name, dtype in DTYPES.items() if dtype == value)
+        names = [name for name, dtype in DTYPES.items() if dtype == value]
+        return names[0] if names else str(value).removeprefix("torch.")
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value

@@ -62,14 +62,17 @@ def _run_ref_fp32(hidden, index, gate, y, d_out):
     return tuple(r.to(t.dtype) for r, t in zip(res, (hidden, hidden, gate, y)))
 
 
-# (S, B, D, k): k=1, k=S, B in {1, 3}, D not a power of two, S=1 corner.
-SHAPES = [
-    (1, 1, 3, 1),
-    (8, 1, 5, 1),
-    (8, 3, 24, 8),
-    (13, 3, 100, 5),
-    (6, 1, 70, 6),
-    (11, 3, 17, 4),
+# (S, B, D, k, max D tile): k=1, k=S, B in {1, 3}, D not a power of two, S=1 corner;
+# a 32-wide tile makes D=70/100 span several D blocks (forward grid dim 1,
+# backward loop) without interpreter-unfriendly sizes.
+CASES = [
+    (1, 1, 3, 1, 1024),
+    (8, 1, 5, 1, 1024),
+    (8, 3, 24, 8, 1024),
+    (11, 3, 17, 4, 1024),
+    (13, 3, 100, 5, 1024),
+    (13, 3, 100, 5, 32),
+    (6, 1, 70, 6, 32),
 ]
 
 TOL = {
@@ -102,14 +105,11 @@ def test_reference_rejects_bad_shapes() -> None:
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "S{}_B{}_D{}_k{}".format(*s))
-@pytest.mark.parametrize("max_block_d", [1024, 32], ids=["oneblock", "block32"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "S{}_B{}_D{}_k{}_tile{}".format(*c))
 def test_triton_interpreter_matches_reference(
-    interpret: None, monkeypatch: pytest.MonkeyPatch, shape, dtype: torch.dtype, max_block_d: int
+    interpret: None, monkeypatch: pytest.MonkeyPatch, case, dtype: torch.dtype
 ) -> None:
-    s, b, d, k = shape
-    if max_block_d == 32 and d <= 32:
-        pytest.skip("D fits one block already")
+    s, b, d, k, max_block_d = case
     monkeypatch.setattr(gs, "_MAX_BLOCK_D", max_block_d)
     hidden, index, gate, y, d_out = _make(s, b, d, k, dtype, seed=s * 100 + d)
 
@@ -222,6 +222,51 @@ def test_module_imports_without_triton() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "ERR:" in proc.stdout and "triton is not installed" in proc.stdout
+
+
+def _ptxas_available() -> bool:
+    if not gs.HAS_TRITON:
+        return False
+    import shutil
+
+    import triton
+
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    return bundled.exists() or shutil.which("ptxas") is not None
+
+
+@pytest.mark.skipif(not _ptxas_available(), reason="needs triton with its NVIDIA backend (ptxas)")
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_kernels_compile_for_sm90_without_gpu(monkeypatch: pytest.MonkeyPatch, dtype: str) -> None:
+    """Ahead-of-time compile of both kernels down to a cubin for an H100 target.
+
+    The interpreter does not type-check like the real compiler; this catches
+    compiled-path errors on a machine with no GPU.
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    fwd, bwd = gs._kernels()
+    consts = {"BLOCK_D": 1024, "IS_FP64": False}
+    p = f"*{dtype}"
+    sig_fwd = dict(hidden_ptr=p, inv_ptr="*i32", gate_ptr=p, y_ptr=p, out_ptr=p, B="i32", D="i32",
+                   BLOCK_D="constexpr", IS_FP64="constexpr")
+    sig_bwd = dict(dout_ptr=p, index_ptr="*i64", gate_ptr=p, y_ptr=p, dy_ptr=p, dgate_ptr=p, B="i32", D="i32",
+                   BLOCK_D="constexpr", IS_FP64="constexpr")
+    target = GPUTarget("cuda", 90, 32)
+    for fn, sig in ((fwd, sig_fwd), (bwd, sig_bwd)):
+        compiled = triton.compile(ASTSource(fn, sig, constexprs=consts), target=target, options={"num_warps": 4})
+        assert compiled.asm.get("cubin"), fn
+
+
+def test_bench_tool_runs_on_cpu(capsys: pytest.CaptureFixture) -> None:
+    from tools.bench_kernels import main
+
+    main(["--device", "cpu", "--shapes", "16x2x8", "--k-fracs", "0.5", "--min-run-time", "0.01"])
+    out = capsys.readouterr().out
+    assert "S=16 B=2 D=8 k=8" in out and "Triton timing needs CUDA" in out
 
 
 @pytest.mark.cuda

@@ -21,6 +21,7 @@ from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+from megatron.core.transformer.utils import sharded_state_dict_default
 from megatron.core.utils import get_pg_rank
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -118,6 +119,26 @@ class MoRDecoder(TransformerBlock):
                 eps=self.config.layernorm_epsilon,
             )
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None) -> dict:
+        """Dist-checkpoint keys by global layer index (`decoder.layers.{i}.`), one copy of the
+        shared block: replicas on later pipeline stages are marked non-main."""
+        state = {}
+        for key, layer in self.layers.items():
+            layer_state = layer.sharded_state_dict(f"{prefix}layers.{key}.", (), metadata)
+            if any(getattr(p, "mor_pipeline_replica", False) for p in layer.parameters()):
+                for value in layer_state.values():
+                    if isinstance(getattr(value, "replica_id", None), tuple):
+                        value.replica_id = (1,) + tuple(value.replica_id[1:])
+            state.update(layer_state)
+        for name, module in self.named_children():
+            if module is not self.layers:
+                state.update(
+                    sharded_state_dict_default(
+                        module, f"{prefix}{name}.", sharded_offsets, metadata, tp_group=self.tp_group
+                    )
+                )
+        return state
+
     # -- layer calls -------------------------------------------------------------------------
 
     def _run_layers(self, layers, hidden: Tensor, rotary: Optional[Tensor], mask=None) -> Tensor:
@@ -137,6 +158,8 @@ class MoRDecoder(TransformerBlock):
         self, tokens: TokenSet, hidden: Tensor, rotary: Optional[Tensor], kv_store: dict, step: int
     ) -> Tensor:
         """The shared block on `tokens` only, at their original positions."""
+        if tokens.count == 0:  # no token recursed this deep: nothing to run
+            return tokens.gather(hidden)
         kv_role = "none"
         if self.config.kv_mode == "share_first":
             kv_role = "write" if step == 0 else "read"

@@ -1,0 +1,7 @@
+"""`DataError`: a data problem stated in one line that names the problem and the fix."""
+
+from __future__ import annotations
+
+
+class DataError(ValueError):
+    """Bad data input or settings; the message is one line: what is wrong, then '; fix: ...'."""

@@ -1,0 +1,56 @@
+"""`mor-pretrain` / `python -m mor_megatron.pretrain --config configs/NAME.yaml [section.key=value ...]`
+
+Problems with the config, data, checkpoints or launch environment end the run with one line
+naming the problem and the fix, and exit code 2 (1 for a failed run); `--debug` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+USER_ERRORS = ("ConfigError", "DataError", "CheckpointError", "TrainingError", "BackendUnavailableError")
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="mor-pretrain", description="Pretrain a Mixture-of-Recursions model."
+    )
+    parser.add_argument("--config", required=True, help="YAML run config, e.g. configs/tiny.yaml")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. training.train_steps=50")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(sys.argv[1:] if argv is None else argv)
+    if not args.debug:
+        warnings.filterwarnings("ignore")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
+    try:
+        from mor_megatron.training.config import load_run_config
+        from mor_megatron.training.loop import pretrain
+
+        if not os.path.isfile(args.config):
+            print(f"error: config file {args.config} not found: pass an existing YAML file (see configs/)", file=sys.stderr)
+            return 2
+        run = load_run_config(args.config, args.overrides)
+        pretrain(run)
+        return 0
+    except Exception as err:  # one line for the user's mistakes, a traceback for ours
+        if args.debug or type(err).__name__ not in USER_ERRORS:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Training: DeepSpeed engine, train step, checkpoints and the pretraining loop."""

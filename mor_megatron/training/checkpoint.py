@@ -1,0 +1,324 @@
+"""Checkpoints: exact resume at the same layout, layout-free resume at any other.
+
+One checkpoint is a directory `SAVE_DIR/step_00000123/` holding
+- DeepSpeed's own files (`engine.save_checkpoint`): module, ZeRO optimizer partitions, scheduler,
+  for an exact resume at the same TP/PP/DP layout and ZeRO stage;
+- `universal/`: a megatron dist-checkpoint of the weights plus the full (unpartitioned) AdamW
+  state of every parameter, keyed by global parameter names with tensor-parallel sharding
+  metadata, so it loads at any TP/PP/DP layout;
+- `rng/rank_R.pt`: each rank's RNG states;
+- `meta.json`, written last: step, consumed samples/tokens, layout, the full run config, and a
+  manifest (every file with its size).
+
+Atomicity: everything is written into `step_N.partial/`; after every rank finished (a barrier)
+rank 0 writes the manifest, renames the directory and only then points `latest` at it (write to
+a temporary file, then `os.replace`). An interrupted save leaves a `.partial` directory that is
+never loaded, and the previous checkpoint untouched. Loading validates the manifest first and
+falls back to the newest older checkpoint that is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from deepspeed.utils import (
+    safe_get_full_fp32_param,
+    safe_get_full_optimizer_state,
+    safe_set_full_fp32_param,
+    safe_set_full_optimizer_state,
+)
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.optimizer import (
+    get_param_id_to_sharded_param_map,
+    make_sharded_optimizer_tensor,
+)
+
+FORMAT_VERSION = 1
+LATEST = "latest"
+ADAM_STATES = ("exp_avg", "exp_avg_sq")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used, in one line naming the file and the fix."""
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    consumed_samples: int = 0
+    consumed_tokens: int = 0
+
+
+def _layout(engine) -> dict:
+    return {
+        "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
+        "pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
+        "data_parallel_size": parallel_state.get_data_parallel_world_size(),
+        "zero_stage": engine.zero_optimization_stage(),
+    }
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+# -- layout-free ("universal") state --------------------------------------------------------------
+
+
+def _trained_params(model) -> list[torch.nn.Parameter]:
+    """Parameters in a fixed order (ZeRO replaces the optimizer's own lists by flat buffers)."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _get_state(engine, param, key: str) -> torch.Tensor:
+    if hasattr(param, "_hp_mapping") or hasattr(param, "ds_id"):
+        return safe_get_full_optimizer_state(param, key)
+    state = engine.basic_optimizer.state.get(param, {})
+    return state[key] if key in state else torch.zeros_like(param, dtype=torch.float32)
+
+
+def _fp32(engine, param) -> torch.Tensor:
+    if hasattr(param, "_hp_mapping") or hasattr(param, "ds_id"):
+        return safe_get_full_fp32_param(param)
+    return param.detach().float()
+
+
+def universal_state(engine, model, with_values: bool = True) -> dict:
+    """Sharded state dict of weights and AdamW moments; empty buffers when `with_values` is off
+    (the load side)."""
+    model_state = model.sharded_state_dict()
+    params = _trained_params(model)
+    by_id = get_param_id_to_sharded_param_map(model_state, params)
+    optimizer: dict = {}
+    for index, param in enumerate(params):
+        sharded = by_id.get(index)
+        if sharded is None:
+            continue
+        for key in ("fp32_param",) + ADAM_STATES:
+            if with_values:
+                value = _fp32(engine, param) if key == "fp32_param" else _get_state(engine, param, key)
+            else:
+                value = torch.empty(param.shape, dtype=torch.float32)
+            optimizer[f"{key}.{index}"] = make_sharded_optimizer_tensor(sharded, value.float(), f"optimizer.{key}")
+    return {"model": model_state, "optimizer": optimizer}
+
+
+def _load_universal(engine, model, directory: Path, step: int) -> None:
+    if engine.zero_optimization_stage() == 3:
+        raise CheckpointError(
+            f"{directory}: resuming at another layout is supported for ZeRO stages 0-2; "
+            "resume with the layout it was saved at, or use zero_stage 1 or 2"
+        )
+    loaded = dist_checkpointing.load(universal_state(engine, model, with_values=False), str(directory))
+    model.load_state_dict(loaded["model"], strict=False)
+    params = _trained_params(model)
+    for index, param in enumerate(params):
+        values = {key: loaded["optimizer"].get(f"{key}.{index}") for key in ("fp32_param",) + ADAM_STATES}
+        if values["fp32_param"] is None:
+            continue
+        if hasattr(param, "_hp_mapping"):
+            safe_set_full_fp32_param(param, values["fp32_param"])
+            for key in ADAM_STATES:
+                safe_set_full_optimizer_state(param, values[key], key)
+        else:
+            with torch.no_grad():
+                param.copy_(values["fp32_param"])
+            engine.basic_optimizer.state[param] = {
+                "step": torch.tensor(float(step)),
+                **{key: values[key].clone() for key in ADAM_STATES},
+            }
+    for state in engine.basic_optimizer.state.values():
+        if "step" in state:
+            state["step"] = torch.full_like(torch.as_tensor(state["step"], dtype=torch.float32), step)
+    scheduler = engine.lr_scheduler
+    scheduler.last_epoch = step - 1
+    scheduler.step()
+
+
+# -- save -------------------------------------------------------------------------------------------
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rng_state() -> dict:
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+
+
+def _manifest(root: Path) -> dict[str, int]:
+    return {
+        str(path.relative_to(root)): path.stat().st_size
+        for path in sorted(root.rglob("*"))
+        if path.is_file() and path.name != "meta.json"
+    }
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(engine, model, state: TrainState, save_dir: str, config: dict) -> Path:
+    """Write a complete checkpoint for `state.step`; returns its directory."""
+    root = Path(save_dir)
+    tag = tag_for(state.step)
+    partial = root / f"{tag}.partial"
+    final = root / tag
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)
+        (partial / "universal").mkdir(parents=True)
+        (partial / "rng").mkdir()
+    _barrier()
+    client = {"train_state": asdict(state), "format": FORMAT_VERSION}
+    engine.save_checkpoint(str(root), tag=partial.name, client_state=client, save_latest=False)
+    dist_checkpointing.save(universal_state(engine, model), str(partial / "universal"))
+    torch.save(_rng_state(), partial / "rng" / f"rank_{rank}.pt")
+    _barrier()
+    if rank == 0:
+        meta = {
+            "format": FORMAT_VERSION,
+            "tag": tag,
+            "train_state": asdict(state),
+            "layout": _layout(engine),
+            "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+            "config": config,
+            "files": _manifest(partial),
+        }
+        _write_atomic(partial / "meta.json", json.dumps(meta, indent=1))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+        _write_atomic(root / LATEST, tag + "\n")
+    _barrier()
+    return final
+
+
+def prune_checkpoints(save_dir: str, keep: int) -> None:
+    """Remove all but the newest `keep` complete checkpoints (rank 0 only)."""
+    if keep <= 0 or (dist.is_initialized() and dist.get_rank() != 0):
+        return
+    tags = sorted(p for p in Path(save_dir).glob("step_*") if p.is_dir() and not p.name.endswith(".partial"))
+    for old in tags[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# -- find and load ------------------------------------------------------------------------------------
+
+
+def checkpoint_problem(directory: Path) -> Optional[str]:
+    """Why `directory` is not a complete checkpoint (one line), or None when it is."""
+    meta_path = directory / "meta.json"
+    if not meta_path.is_file():
+        return f"{meta_path} is missing: the save did not finish"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return f"{meta_path} is unreadable or truncated"
+    for name, size in meta.get("files", {}).items():
+        path = directory / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != size:
+            return f"{path} is truncated ({path.stat().st_size} of {size} bytes)"
+    return None
+
+
+def read_meta(directory: Path) -> dict:
+    return json.loads((Path(directory) / "meta.json").read_text())
+
+
+def find_latest(save_dir: str, log=print) -> Optional[Path]:
+    """The newest complete checkpoint: the `latest` pointer if it is sound, else the newest older
+    complete one (each rejection is reported in one line)."""
+    root = Path(save_dir)
+    if not root.is_dir():
+        return None
+    candidates = sorted(
+        (p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".partial")),
+        reverse=True,
+    )
+    pointer = root / LATEST
+    if pointer.is_file():
+        named = root / pointer.read_text().strip()
+        if named not in candidates:
+            log(f"checkpoint pointer {pointer} names {named.name}, which does not exist; searching older checkpoints")
+        else:
+            candidates.remove(named)
+            candidates.insert(0, named)
+    for directory in candidates:
+        problem = checkpoint_problem(directory)
+        if problem is None:
+            return directory
+        log(f"skipping incomplete checkpoint: {problem}")
+    return None
+
+
+def load_checkpoint(engine, model, directory: Path, log=print) -> TrainState:
+    """Restore weights, optimizer, scheduler and RNG from `directory` (validated first)."""
+    problem = checkpoint_problem(directory)
+    if problem:
+        raise CheckpointError(f"cannot resume: {problem}; remove it or point training.save_dir elsewhere")
+    meta = read_meta(directory)
+    state = TrainState(**meta["train_state"])
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if meta["layout"] == _layout(engine):
+        path, _ = engine.load_checkpoint(
+            str(directory.parent), tag=directory.name, load_module_strict=False
+        )
+        if path is None:
+            raise CheckpointError(f"{directory}: DeepSpeed found no checkpoint files for this rank")
+        rng_file = directory / "rng" / f"rank_{rank}.pt"
+        if rng_file.is_file():
+            _restore_rng(torch.load(rng_file, weights_only=False))
+    else:
+        log(
+            f"checkpoint {directory.name} was saved at layout {meta['layout']}; loading its "
+            f"layout-free form into {_layout(engine)}"
+        )
+        _load_universal(engine, model, directory / "universal", state.step)
+    return state
+
+
+def _restore_rng(saved: dict) -> None:
+    torch.set_rng_state(saved["torch"])
+    if torch.cuda.is_available() and saved["cuda"]:
+        torch.cuda.set_rng_state_all(saved["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(saved["tracker"])
+
+
+def load_weights(model, directory: str) -> None:
+    """Initialise the model from layout-free weights (a checkpoint's `universal/` or any megatron
+    dist-checkpoint of this model)."""
+    path = Path(directory)
+    if (path / "universal").is_dir():
+        path = path / "universal"
+    if not path.is_dir():
+        raise CheckpointError(f"training.init_from={directory} does not exist: give a checkpoint directory")
+    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path), strict="assume_ok_unexpected")
+    model.load_state_dict(loaded["model"], strict=False)
+
+
+def save_weights(model, directory: str) -> None:
+    """Layout-free weights alone (used to start other runs from the same initial model)."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+    _barrier()
+    dist_checkpointing.save({"model": model.sharded_state_dict()}, directory)

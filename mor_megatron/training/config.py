@@ -1,0 +1,173 @@
+"""Typed run configuration: one YAML file, five sections, validated before anything starts.
+
+    model:    MoRConfig fields (mor_megatron.config)
+    parallel: tensor / pipeline sizes (data parallel is what the world size leaves)
+    data:     token shards (blend) and the tokenizer they were made with
+    training: batch, schedule, optimizer, precision, checkpoints
+    logging:  run directory, TensorBoard, metrics, MFU peak
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+from mor_megatron.config import ConfigError, MoRConfig
+from mor_megatron.yaml_config import load_sections, model_config_from_dict, section_from_dict
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # "PREFIX" or a weighted blend "0.7 PREFIX_A 0.3 PREFIX_B"
+    valid: Optional[str] = None  # held-out shard prefix; none: no validation
+    tokenizer: Optional[str] = None  # folder or hub name; checked against model.vocab_size
+
+
+@dataclass
+class TrainingConfig:
+    micro_batch_size: int = 2
+    global_batch_size: int = 8
+    train_steps: int = 100
+    seed: int = 1234
+    # AdamW and schedule (MOR_SPEC section 7)
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.0
+    lr_schedule: str = "wsd"  # wsd | cosine | constant
+    warmup_steps: int = 0
+    decay_fraction: float = 0.2  # WSD cool-down share of the steps
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    zero_stage: int = 1
+    bf16: Optional[bool] = None  # None: bf16 where a GPU supports it, fp32 on CPU
+    recompute: bool = False  # full activation recomputation per layer
+    backend: str = "local"  # local | te
+    # evaluation, checkpoints, faults
+    eval_interval: int = 0  # steps between validation passes; 0: only at the end
+    eval_batches: int = 8
+    save_interval: int = 0  # steps between checkpoints; 0: only at the end
+    save_dir: Optional[str] = None  # default: <logging.dir>/checkpoints
+    keep_checkpoints: int = 3
+    resume: bool = True  # continue from the newest complete checkpoint in save_dir
+    init_from: Optional[str] = None  # layout-free weights to start from (dist-checkpoint dir)
+    max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
+
+
+@dataclass
+class LoggingConfig:
+    dir: str = "runs/default"
+    log_interval: int = 1
+    tensorboard: bool = True
+    progress: bool = True
+    peak_tflops: Optional[float] = None  # per device, for MFU; None: auto (CPU probe / GPU table)
+
+
+@dataclass
+class RunConfig:
+    model: MoRConfig
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.training.save_dir or str(Path(self.logging.dir) / "checkpoints")
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate(run: RunConfig) -> None:
+    """Cross-section checks that need no process group."""
+    t = run.training
+    _check(t.micro_batch_size > 0 and t.global_batch_size > 0, "batch sizes must be positive")
+    _check(t.train_steps > 0, "training.train_steps must be positive")
+    _check(
+        t.lr_schedule in ("wsd", "cosine", "constant"),
+        f"unknown training.lr_schedule '{t.lr_schedule}': choose one of wsd, cosine, constant",
+    )
+    _check(t.zero_stage in (0, 1, 2, 3), f"training.zero_stage={t.zero_stage}: choose 0, 1, 2 or 3")
+    _check(t.backend in ("local", "te"), f"unknown training.backend '{t.backend}': use local or te")
+    _check(0.0 <= t.decay_fraction <= 1.0, "training.decay_fraction must lie in [0, 1]")
+    _check(t.max_bad_steps > 0, "training.max_bad_steps must be positive")
+    _check(bool(run.data.train), "data.train is empty: point it at a token shard prefix (see tools/preprocess_data.py)")
+    p = run.parallel
+    _check(
+        p.tensor_model_parallel_size > 0 and p.pipeline_model_parallel_size > 0,
+        "parallel sizes must be positive",
+    )
+    if p.pipeline_model_parallel_size > 1:
+        _check(
+            t.zero_stage == 1,
+            f"training.zero_stage={t.zero_stage} with pipeline parallelism: use zero_stage 1",
+        )
+
+
+def check_layout(run: RunConfig, world_size: int) -> int:
+    """The data-parallel size, or one line saying why the launch does not fit the config."""
+    tp, pp = run.parallel.tensor_model_parallel_size, run.parallel.pipeline_model_parallel_size
+    if world_size % (tp * pp):
+        raise ConfigError(
+            f"world size {world_size} is not a multiple of TP {tp} x PP {pp}: launch a multiple "
+            f"of {tp * pp} processes or change parallel sizes"
+        )
+    dp = world_size // (tp * pp)
+    t = run.training
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise ConfigError(
+            f"training.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size "
+            f"{t.micro_batch_size} x data-parallel size {dp}: use a multiple of "
+            f"{t.micro_batch_size * dp}"
+        )
+    return dp
+
+
+def load_run_config(path: Union[str, Path], overrides: Sequence[str] = ()) -> RunConfig:
+    """Read, override and validate a run config; every problem is one `ConfigError` line."""
+    sections = load_sections(path, overrides)
+    if "model" not in sections:
+        raise ConfigError(f"{path}: no 'model:' section; add one with at least effective_layers")
+    parallel = section_from_dict(ParallelConfig, sections.get("parallel", {}), "parallel", str(path))
+    model = model_config_from_dict(
+        dict(
+            sections["model"],
+            tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+            pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        ),
+        str(path),
+    )
+    run = RunConfig(
+        model=model,
+        parallel=parallel,
+        data=section_from_dict(DataConfig, sections.get("data", {}), "data", str(path)),
+        training=section_from_dict(TrainingConfig, sections.get("training", {}), "training", str(path)),
+        logging=section_from_dict(LoggingConfig, sections.get("logging", {}), "logging", str(path)),
+    )
+    try:
+        validate(run)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    return run
+
+
+def run_config_dict(run: RunConfig) -> dict:
+    """The YAML-able form of a run (saved in checkpoints and the run directory)."""
+    from mor_megatron.yaml_config import dump_model_config
+
+    out = {"model": dump_model_config(run.model)}
+    for name in ("parallel", "data", "training", "logging"):
+        out[name] = dataclasses.asdict(getattr(run, name))
+    return out

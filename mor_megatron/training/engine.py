@@ -1,0 +1,98 @@
+"""DeepSpeed owns the optimizer: AdamW, the LR schedule, gradient clipping, bf16 and ZeRO.
+
+Two ways a global batch runs, both ending in one `engine.step()`:
+- PP = 1: DeepSpeed's managed gradient accumulation (`engine.backward` per micro-batch), which
+  works with ZeRO stages 0-3.
+- PP > 1: megatron-core's own 1F1B schedule drives `engine.module`; DeepSpeed runs unmanaged
+  (`managed_gradient_accumulation: false`), reducing data-parallel gradients and stepping in
+  `engine.step()`. ZeRO-1 only: ZeRO-2/3 cannot take gradients accumulated outside their hooks,
+  and ZeRO-0's gradient norm drops a stage's non-tensor-parallel parameters under PP.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import deepspeed
+import torch
+from megatron.core import parallel_state
+from torch import nn
+
+from mor_megatron.parallel.mpu import MegatronMpu
+from mor_megatron.training.config import TrainingConfig
+
+def lr_multiplier(cfg: TrainingConfig) -> Callable[[int], float]:
+    """Step -> LR multiple of the peak, for `torch.optim.lr_scheduler.LambdaLR`."""
+    warmup, total, floor = cfg.warmup_steps, max(1, cfg.train_steps), cfg.min_lr_ratio
+    decay_start = total - int(round(cfg.decay_fraction * total))
+
+    def multiplier(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        if cfg.lr_schedule == "cosine":
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        if step < decay_start:  # wsd plateau
+            return 1.0
+        progress = min(1.0, (step - decay_start) / max(1, total - decay_start))
+        return 1.0 - (1.0 - floor) * progress
+
+    return multiplier
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices; never norms, biases or the 1-D router-free vectors."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def deepspeed_config(cfg: TrainingConfig, micro_batch_size: int, num_microbatches: int) -> dict:
+    pipelined = parallel_state.get_pipeline_model_parallel_world_size() > 1
+    config = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": num_microbatches,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "bf16": {"enabled": use_bf16(cfg)},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if pipelined:
+        config["managed_gradient_accumulation"] = False
+    return config
+
+
+def use_bf16(cfg: TrainingConfig) -> bool:
+    """bf16 where asked, or by default where a GPU supports it; fp32 on CPU."""
+    if cfg.bf16 is not None:
+        return cfg.bf16
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def build_engine(model: nn.Module, cfg: TrainingConfig, micro_batch_size: int, num_microbatches: int):
+    """Wrap `model` in a DeepSpeed engine with torch AdamW and our LR schedule."""
+    optimizer = torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay),
+        lr=cfg.lr,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        eps=cfg.adam_eps,
+    )
+    schedule = lr_multiplier(cfg)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+        mpu=MegatronMpu(),
+        config=deepspeed_config(cfg, micro_batch_size, num_microbatches),
+        dist_init_required=False,
+    )
+    return engine

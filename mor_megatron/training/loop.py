@@ -1,0 +1,262 @@
+"""The pretraining loop, top to bottom: set up, resume, step, log, evaluate, checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import sys
+import time
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from mor_megatron.config import MoRConfig
+from mor_megatron.data import PretrainingBatches, ValidationBatches, check_vocab, load_tokenizer
+from mor_megatron.model import MoRGPTModel
+from mor_megatron.model.units import extra_channels
+from mor_megatron.parallel.pipeline import describe_stages, plan_stages
+from mor_megatron.parallel.replicas import mark_embedding_replica, setup_replicas
+from mor_megatron.parallel.state import initialize_parallel
+from mor_megatron.report import training_flops_per_token
+from mor_megatron.training.checkpoint import (
+    TrainState,
+    find_latest,
+    load_checkpoint,
+    load_weights,
+    prune_checkpoints,
+    save_checkpoint,
+)
+from mor_megatron.training.config import RunConfig, check_layout, run_config_dict
+from mor_megatron.training.engine import build_engine, use_bf16
+from mor_megatron.training.metrics import MetricsWriter, peak_tflops, router_metrics
+from mor_megatron.training.step import lm_loss, position_ids, train_step
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on; the message says why and what to do."""
+
+
+def _is_logger() -> bool:
+    """Rank that prints and writes logs: the first rank of the last pipeline stage."""
+    return (
+        parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+        and parallel_state.get_data_parallel_rank() == 0
+        and parallel_state.get_tensor_model_parallel_rank() == 0
+    )
+
+
+def build_model(run: RunConfig) -> tuple[MoRGPTModel, MoRConfig, list]:
+    """This rank's pipeline stage of the model, replicas set up."""
+    bf16 = use_bf16(run.training)
+    config = dataclasses.replace(
+        run.model,
+        bf16=bf16,
+        pipeline_dtype=torch.bfloat16 if bf16 else run.model.params_dtype,
+        recompute_granularity="full" if run.training.recompute else None,
+        recompute_method="uniform" if run.training.recompute else None,
+        recompute_num_layers=1 if run.training.recompute else None,
+    )
+    stages = plan_stages(config, run.parallel.pipeline_model_parallel_size)
+    rank = parallel_state.get_pipeline_model_parallel_rank()
+    model = MoRGPTModel(
+        config,
+        backend=run.training.backend,
+        pre_process=rank == 0,
+        post_process=rank == len(stages) - 1,
+        units=stages[rank],
+    )
+    setup_replicas(model, config, stages)
+    mark_embedding_replica(model)
+    return model, config, stages
+
+
+def evaluate(engine, batches: ValidationBatches, stages: list) -> float:
+    """Mean validation LM loss over the held-out batches (same on every rank)."""
+    model = engine.module
+    model.eval()
+    losses: list[torch.Tensor] = []
+    with torch.no_grad():
+        if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+            for batch in batches:
+                tokens = batch["tokens"]
+                per_token = model(tokens, position_ids(tokens), None, labels=batch["labels"])
+                losses.append(lm_loss(per_token, batch["loss_mask"]))
+        else:
+            items = list(batches)
+
+            def forward_step(iterator, module):
+                batch = next(iterator)
+                out = module(batch["tokens"], position_ids(batch["tokens"]), None, labels=batch["labels"])
+
+                def loss_func(per_token):
+                    loss = lm_loss(per_token, batch["loss_mask"])
+                    losses.append(loss.detach().clone())
+                    return loss, {}
+
+                return out, loss_func
+
+            tokens = items[0]["tokens"]
+            shape = [(tokens.shape[1], tokens.shape[0], model.config.hidden_size + extra_channels(model.config))]
+            get_forward_backward_func()(
+                forward_step_func=forward_step, data_iterator=iter(items), model=model,
+                num_microbatches=len(items), seq_length=tokens.shape[1],
+                micro_batch_size=tokens.shape[0], forward_only=True,
+                adjust_tensor_shapes_fn=lambda recv, send: (shape, shape),
+            )
+    model.train()
+    total = torch.stack(losses).mean() if losses else torch.zeros(())
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        dist.broadcast(total, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                       group=parallel_state.get_pipeline_model_parallel_group())
+    if parallel_state.get_data_parallel_world_size() > 1:
+        dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+        total /= parallel_state.get_data_parallel_world_size()
+    return float(total)
+
+
+class _Preemption:
+    """SIGTERM (SLURM preemption, torchrun shutdown) asks for a checkpoint and a clean exit."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handler)
+
+    def _handler(self, signum, frame) -> None:
+        self.requested = True
+
+    def agreed(self) -> bool:
+        """Every rank must stop at the same step: any rank's signal counts for all."""
+        flag = torch.tensor([1.0 if self.requested else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def pretrain(run: RunConfig, log=print) -> dict:
+    """Train as configured; returns the final metrics. Resumes from the newest checkpoint."""
+    t = run.training
+    initialize_parallel(run.parallel.tensor_model_parallel_size, run.parallel.pipeline_model_parallel_size, t.seed)
+    dp = check_layout(run, dist.get_world_size())
+    say = log if _is_logger() else (lambda *a, **k: None)
+    if run.data.tokenizer:
+        check_vocab(load_tokenizer(run.data.tokenizer).vocab_size, run.model.vocab_size)
+
+    model, config, stages = build_model(run)
+    say(describe_stages(config, stages))
+    num_microbatches = t.global_batch_size // (t.micro_batch_size * dp)
+    engine = build_engine(model, t, t.micro_batch_size, num_microbatches)
+
+    state = TrainState()
+    latest = find_latest(run.checkpoint_dir, log=say) if t.resume else None
+    if latest is not None:
+        state = load_checkpoint(engine, model, latest, log=say)
+        say(f"resumed from {latest} at step {state.step}")
+    elif t.init_from:
+        load_weights(model, t.init_from)
+        say(f"initialised weights from {t.init_from}")
+
+    dp_rank = parallel_state.get_data_parallel_rank()
+    data = PretrainingBatches(
+        run.data.train, config.seq_length, t.micro_batch_size, t.global_batch_size,
+        dp_rank=dp_rank, dp_size=dp, seed=t.seed, consumed_samples=state.consumed_samples,
+    )
+    valid = (
+        ValidationBatches(run.data.valid, config.seq_length, t.micro_batch_size, dp_rank=dp_rank,
+                          dp_size=dp, max_microbatches=t.eval_batches)
+        if run.data.valid
+        else None
+    )
+    writer = MetricsWriter(run.logging.dir, run.logging.tensorboard, enabled=_is_logger())
+    flops_per_token = training_flops_per_token(config)
+    peak = peak_tflops(run.logging.peak_tflops)
+    tokens_per_step = t.global_batch_size * config.seq_length
+    preemption = _Preemption()
+    progress = _progress_bar(run, state.step) if _is_logger() else None
+    bad_steps, metrics, started = 0, {}, (time.perf_counter(), state.step)
+
+    def checkpoint() -> None:
+        path = save_checkpoint(engine, model, state, run.checkpoint_dir, run_config_dict(run))
+        prune_checkpoints(run.checkpoint_dir, t.keep_checkpoints)
+        say(f"saved checkpoint {path}")
+
+    while state.step < t.train_steps:
+        start = time.perf_counter()
+        result = train_step(engine, data.next_global_batch(), stages)
+        elapsed = time.perf_counter() - start
+        state.step += 1
+        state.consumed_samples = data.consumed_samples
+        state.consumed_tokens += tokens_per_step
+
+        bad_steps = 0 if result.finite else bad_steps + 1
+        if not result.finite:
+            say(f"step {state.step}: non-finite loss {result.loss} / grad norm {result.grad_norm}: "
+                f"update skipped ({bad_steps} in a row)")
+            if bad_steps >= t.max_bad_steps:
+                raise TrainingError(
+                    f"stopping at step {state.step}: {bad_steps} non-finite steps in a row; lower "
+                    "training.lr or check the data, then resume from the last checkpoint"
+                )
+
+        tflops = flops_per_token * tokens_per_step / elapsed / dist.get_world_size() / 1e12
+        metrics = {
+            "train/loss": result.loss,
+            "train/lr": result.lr,
+            "train/grad_norm": result.grad_norm,
+            "train/tokens_per_s": tokens_per_step / elapsed,
+            "train/tflops_per_device": tflops,
+            "train/step_time_s": elapsed,
+            "train/skipped_steps": float(engine.skipped_steps),
+            **router_metrics(result.router),
+        }
+        if peak:
+            metrics["train/mfu"] = tflops / peak
+        last = state.step == t.train_steps
+        if valid is not None and ((t.eval_interval and state.step % t.eval_interval == 0) or last):
+            metrics["valid/loss"] = evaluate(engine, valid, stages)
+            metrics["valid/perplexity"] = math.exp(min(metrics["valid/loss"], 50.0))
+        if state.step % run.logging.log_interval == 0 or last:
+            writer.write(state.step, metrics)
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{tokens_per_step / elapsed:,.0f}")
+        elif state.step % run.logging.log_interval == 0 or last:
+            say(_progress_line(state.step, t.train_steps, metrics, started))
+        saved = (t.save_interval and state.step % t.save_interval == 0) or last
+        if saved:
+            checkpoint()
+        if preemption.agreed():
+            if not saved:
+                checkpoint()
+            say(f"SIGTERM received: checkpoint written at step {state.step}; relaunch to resume")
+            break
+    if progress is not None:
+        progress.close()
+    writer.close()
+    return metrics
+
+
+def _progress_line(step: int, total: int, metrics: dict, started: tuple[float, int]) -> str:
+    """A log line for non-interactive output (SLURM logs) in place of the progress bar."""
+    rate = (time.perf_counter() - started[0]) / max(1, step - started[1])
+    eta = int(rate * (total - step))
+    line = (
+        f"step {step}/{total} | loss {metrics['train/loss']:.4f} | lr {metrics['train/lr']:.3g} | "
+        f"grad norm {metrics['train/grad_norm']:.3f} | {metrics['train/tokens_per_s']:,.0f} tok/s | "
+        f"ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}"
+    )
+    if "valid/loss" in metrics:
+        line += f" | valid loss {metrics['valid/loss']:.4f}"
+    return line
+
+
+def _progress_bar(run: RunConfig, start: int):
+    """tqdm on an interactive terminal; plain log lines otherwise."""
+    if not run.logging.progress or not sys.stdout.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=run.training.train_steps, initial=start, desc="pretrain", unit="step",
+                file=sys.stdout, dynamic_ncols=True)

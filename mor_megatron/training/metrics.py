@@ -1,0 +1,104 @@
+"""Step metrics: router statistics reduced over ranks, throughput and MFU, TensorBoard + JSONL."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from mor_megatron.model.routing import RouterOutput
+
+# Dense bf16 peak TFLOP/s per GPU, for MFU when logging.peak_tflops is not given.
+GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
+
+
+def router_metrics(outputs: list[RouterOutput]) -> dict[str, float]:
+    """This stage's router statistics for one step: mean over micro-batches, then over
+    data-parallel ranks (with the DP spread of active tokens), then merged across stages."""
+    local: dict[str, float] = {}
+    for output in outputs:
+        for key, value in output.metrics().items():
+            local[key] = local.get(key, 0.0) + value / len(outputs)
+    local = _reduce_over_data_parallel(local)
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        gathered: list = [None] * parallel_state.get_pipeline_model_parallel_world_size()
+        dist.all_gather_object(gathered, local, group=parallel_state.get_pipeline_model_parallel_group())
+        local = {key: value for stage in gathered for key, value in stage.items()}
+    return local
+
+
+def _reduce_over_data_parallel(values: dict[str, float]) -> dict[str, float]:
+    if parallel_state.get_data_parallel_world_size() == 1 or not values:
+        return values
+    group = parallel_state.get_data_parallel_group()
+    keys = sorted(values)
+    local = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    mean, low, high = local.clone(), local.clone(), local.clone()
+    dist.all_reduce(mean, group=group)
+    dist.all_reduce(low, op=dist.ReduceOp.MIN, group=group)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
+    mean /= parallel_state.get_data_parallel_world_size()
+    out = dict(zip(keys, mean.tolist()))
+    for key, lo, hi in zip(keys, low.tolist(), high.tolist()):
+        if key.endswith("/selected_tokens"):
+            out[key + "_dp_min"], out[key + "_dp_max"] = lo, hi
+    return out
+
+
+def dense_matmul_tflops(size: int = 1024, repeats: int = 5) -> float:
+    """Measured dense fp32 `torch.mm` TFLOP/s on this CPU (the MFU reference without a GPU)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        torch.mm(a, b)
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e12
+
+
+def peak_tflops(configured: Optional[float]) -> Optional[float]:
+    """Peak per device for MFU: configured, a GPU table entry, or a CPU matmul probe."""
+    if configured:
+        return configured
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        return next((v for k, v in GPU_PEAK_TFLOPS.items() if k in name), None)
+    return dense_matmul_tflops()
+
+
+class MetricsWriter:
+    """Rank 0 writes every metric to TensorBoard and to `metrics.jsonl` in the run directory."""
+
+    def __init__(self, run_dir: str, tensorboard: bool, enabled: bool) -> None:
+        self.enabled = enabled
+        self.tb = None
+        self.jsonl = None
+        if not enabled:
+            return
+        directory = Path(run_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(directory / "metrics.jsonl", "a")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(directory / "tensorboard"))
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for key, value in metrics.items():
+                self.tb.add_scalar(key, value, step)
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.jsonl is not None:
+            self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()

@@ -1,0 +1,41 @@
+"""Write a model's initial weights in layout-free form, so runs at different TP/PP/DP layouts can
+start from identical weights (`training.init_from=DIR`).
+
+    python tools/init_weights.py --config configs/tiny.yaml --output runs/init [section.key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import warnings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--output", required=True, help="directory to create")
+    parser.add_argument("overrides", nargs="*", help="section.key=value")
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    from mor_megatron.config import ConfigError
+    from mor_megatron.model import MoRGPTModel
+    from mor_megatron.parallel.state import initialize_parallel
+    from mor_megatron.training.checkpoint import save_weights
+    from mor_megatron.training.config import load_run_config
+
+    try:
+        run = load_run_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    initialize_parallel(seed=run.training.seed)
+    config = dataclasses.replace(run.model, tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
+    save_weights(MoRGPTModel(config, backend=run.training.backend), args.output)
+    print(f"initial weights written to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
