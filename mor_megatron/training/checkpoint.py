@@ -77,6 +77,26 @@ def _trained_params(model) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def _link_zero_states(engine, step: Optional[int] = None) -> None:
+    """Make DeepSpeed's per-parameter views of the ZeRO-1/2 AdamW state cover every group.
+
+    DeepSpeed links them once, right after the first group's first update, so later groups are
+    left out; relinking fixes that. With `step` (loading into a fresh engine) the flat states are
+    created first, as AdamW would have after `step` updates.
+    """
+    zero = engine.optimizer
+    if not hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
+        return
+    if step is not None:
+        for flat in zero.single_partition_of_fp32_groups:
+            state = zero.optimizer.state[flat]
+            state["step"] = torch.tensor(float(step))
+            for key in ADAM_STATES:
+                state.setdefault(key, torch.zeros_like(flat))
+    zero._hp_optimizer_states_linked = False
+    zero._lazy_init_hp_params_optimizer_state()
+
+
 def _get_state(engine, param, key: str) -> torch.Tensor:
     if hasattr(param, "_hp_mapping") or hasattr(param, "ds_id"):
         return safe_get_full_optimizer_state(param, key)
@@ -94,6 +114,8 @@ def universal_state(engine, model, with_values: bool = True) -> dict:
     """Sharded state dict of weights and AdamW moments; empty buffers when `with_values` is off
     (the load side)."""
     model_state = model.sharded_state_dict()
+    if with_values:
+        _link_zero_states(engine)
     params = _trained_params(model)
     by_id = get_param_id_to_sharded_param_map(model_state, params)
     optimizer: dict = {}
@@ -118,6 +140,7 @@ def _load_universal(engine, model, directory: Path, step: int) -> None:
         )
     loaded = dist_checkpointing.load(universal_state(engine, model, with_values=False), str(directory))
     model.load_state_dict(loaded["model"], strict=False)
+    _link_zero_states(engine, step)
     params = _trained_params(model)
     for index, param in enumerate(params):
         values = {key: loaded["optimizer"].get(f"{key}.{index}") for key in ("fp32_param",) + ADAM_STATES}

@@ -147,16 +147,16 @@ def pretrain(run: RunConfig, log=print) -> dict:
     model, config, stages = build_model(run)
     say(describe_stages(config, stages))
     num_microbatches = t.global_batch_size // (t.micro_batch_size * dp)
-    engine = build_engine(model, t, t.micro_batch_size, num_microbatches)
-
-    state = TrainState()
     latest = find_latest(run.checkpoint_dir, log=say) if t.resume else None
+    if latest is None and t.init_from:
+        # before the engine exists: ZeRO copies the weights into its fp32 master at creation
+        load_weights(model, t.init_from)
+        say(f"initialised weights from {t.init_from}")
+    engine = build_engine(model, t, t.micro_batch_size, num_microbatches)
+    state = TrainState()
     if latest is not None:
         state = load_checkpoint(engine, model, latest, log=say)
         say(f"resumed from {latest} at step {state.step}")
-    elif t.init_from:
-        load_weights(model, t.init_from)
-        say(f"initialised weights from {t.init_from}")
 
     dp_rank = parallel_state.get_data_parallel_rank()
     data = PretrainingBatches(

@@ -1,0 +1,307 @@
+"""The launch scripts: syntax, the torchrun command lines they build, their input checks, and a
+real two-"node" c10d launch on loopback through launch/torchrun.sh (a gloo all_reduce)."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from slurm_helpers import fake_slurm_env, install_fake_slurm, srun_calls
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN_SH = ROOT / "launch" / "torchrun.sh"
+SBATCH = ROOT / "launch" / "slurm.sbatch"
+QUICKSTART = ROOT / "launch" / "quickstart.sh"
+
+# Variables the scripts read: cleared so the caller's shell cannot steer a test.
+_LAUNCH_VARS = ("NNODES", "NPROC_PER_NODE", "GPUS_PER_NODE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT",
+                "RDZV_ID", "LOCAL_ADDR", "MAX_RESTARTS", "DRY_RUN", "MOR_ENTRY", "DS_ACCELERATOR",
+                "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "CUDA_VISIBLE_DEVICES", "CONFIG", "RUN_DIR", "MOR_REPO",
+                "RDZV_ADDR", "RDZV_PORT", "SRUN_EXTRA_ARGS", "AUTO_REQUEUE")
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS and not k.startswith("SLURM")}
+    env["PYTHON"] = sys.executable
+    env.update(extra)
+    return env
+
+
+def _no_gpu_path(tmp_path: Path) -> str:
+    """PATH without nvidia-smi: a fake one that lists no GPU comes first."""
+    fake = tmp_path / "nogpu"
+    fake.mkdir(exist_ok=True)
+    smi = fake / "nvidia-smi"
+    smi.write_text("#!/bin/sh\nexit 0\n")
+    smi.chmod(0o755)
+    return f"{fake}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
+def _run(cmd: list[str], env: dict[str, str], timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def _parse(line: str) -> tuple[dict[str, str], list[str], list[str]]:
+    """Split a dry-run line into (env assignments, torchrun options, [entry module, trainer args...])."""
+    words = shlex.split(line)
+    env = {}
+    while "=" in words[0] and not words[0].startswith("-") and "/" not in words[0].split("=")[0]:
+        key, value = words.pop(0).split("=", 1)
+        env[key] = value
+    assert words[1:3] == ["-m", "torch.distributed.run"], words
+    rest = words[3:]
+    cut = rest.index("-m")
+    return env, rest[:cut], rest[cut + 1:]
+
+
+def _opts(torchrun_args: list[str]) -> dict[str, str]:
+    return {torchrun_args[i]: torchrun_args[i + 1] for i in range(0, len(torchrun_args), 2)}
+
+
+def _dry(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    return _run(["bash", str(TORCHRUN_SH), "--dry-run", *args], _env(PATH=_no_gpu_path(tmp_path), **env))
+
+
+@pytest.mark.parametrize("script", [TORCHRUN_SH, SBATCH, QUICKSTART], ids=lambda p: p.name)
+def test_bash_syntax(script: Path) -> None:
+    assert script.exists(), script
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    out = _run(["bash", str(script), "-h"], _env())
+    assert out.returncode == 0 and "Usage" in out.stdout, out.stderr
+
+
+def test_torchrun_single_node_cpu(tmp_path: Path) -> None:
+    out = _dry(tmp_path, "--", "--config", "configs/tiny.yaml", "training.train_steps=5", "a b=c d", "--debug")
+    assert out.returncode == 0, out.stderr
+    env, targs, entry = _parse(out.stdout.strip())
+    opts = _opts(targs)
+    assert env["DS_ACCELERATOR"] == "cpu"
+    assert opts["--nnodes"] == "1" and opts["--nproc-per-node"] == "1" and opts["--node-rank"] == "0"
+    assert opts["--rdzv-backend"] == "c10d"
+    assert opts["--rdzv-endpoint"] == "127.0.0.1:29500"  # one node: loopback, never a wildcard
+    assert "--rdzv-conf" not in opts
+    assert entry == ["mor_megatron.pretrain", "--config", "configs/tiny.yaml", "training.train_steps=5",
+                     "a b=c d", "--debug"]
+    assert shlex.split(out.stdout)[len(env)] == sys.executable
+
+
+def test_torchrun_env_fallbacks_and_gpu_count(tmp_path: Path) -> None:
+    fake = tmp_path / "gpus"
+    fake.mkdir()
+    smi = fake / "nvidia-smi"
+    smi.write_text("#!/bin/sh\nfor i in 0 1 2 3; do echo \"GPU $i: NVIDIA H100 (UUID: GPU-$i)\"; done\n")
+    smi.chmod(0o755)
+    path = f"{fake}{os.pathsep}{os.environ['PATH']}"
+    out = _run(["bash", str(TORCHRUN_SH), "--dry-run", "--", "--config", "c.yaml"], _env(PATH=path))
+    env, targs, _ = _parse(out.stdout.strip())
+    assert _opts(targs)["--nproc-per-node"] == "4" and "DS_ACCELERATOR" not in env
+    out = _run(["bash", str(TORCHRUN_SH), "--dry-run", "--"], _env(PATH=path, CUDA_VISIBLE_DEVICES="2,3"))
+    assert _opts(_parse(out.stdout.strip())[1])["--nproc-per-node"] == "2"
+    # Environment instead of flags; a flag beats the environment.
+    out = _run(["bash", str(TORCHRUN_SH), "--dry-run", "--nproc-per-node=3", "--"],
+               _env(PATH=path, NNODES="2", NODE_RANK="1", MASTER_ADDR="10.1.2.3", MASTER_PORT="31000",
+                    GPUS_PER_NODE="8", RDZV_ID="job7"))
+    assert out.returncode == 0, out.stderr
+    opts = _opts(_parse(out.stdout.strip())[1])
+    assert opts == {**opts, "--nnodes": "2", "--node-rank": "1", "--nproc-per-node": "3",
+                    "--rdzv-endpoint": "10.1.2.3:31000", "--rdzv-id": "job7", "--rdzv-conf": "is_host=0"}
+    assert "--local-addr" not in opts
+
+
+def test_torchrun_two_nodes(tmp_path: Path) -> None:
+    common = ["--nnodes", "2", "--nproc-per-node", "2", "--master-addr", "10.0.0.5", "--master-port", "29400",
+              "--rdzv-id", "run42"]
+    lines = {}
+    for rank in (0, 1):
+        out = _dry(tmp_path, *common, "--node-rank", str(rank), "--", "--config", "configs/tiny.yaml", "x=1")
+        assert out.returncode == 0, out.stderr
+        lines[rank] = _parse(out.stdout.strip())
+    for rank, (_, targs, entry) in lines.items():
+        opts = _opts(targs)
+        assert opts["--nnodes"] == "2" and opts["--nproc-per-node"] == "2" and opts["--node-rank"] == str(rank)
+        assert opts["--rdzv-backend"] == "c10d" and opts["--rdzv-endpoint"] == "10.0.0.5:29400"
+        assert opts["--rdzv-id"] == "run42"
+        assert opts["--rdzv-conf"] == f"is_host={int(rank == 0)}"  # node rank 0 hosts the store
+        assert entry == ["mor_megatron.pretrain", "--config", "configs/tiny.yaml", "x=1"]
+    # Rank 0 without an address uses its own (not a wildcard); IPv6 gets brackets.
+    out = _dry(tmp_path, "--nnodes", "2", "--node-rank", "0")
+    endpoint = _opts(_parse(out.stdout.strip())[1])["--rdzv-endpoint"]
+    host = endpoint.rsplit(":", 1)[0]
+    assert out.returncode == 0 and host not in ("0.0.0.0", "", "[::]"), out
+    out = _dry(tmp_path, "--nnodes", "2", "--node-rank", "1", "--master-addr", "fd00::7")
+    assert _opts(_parse(out.stdout.strip())[1])["--rdzv-endpoint"] == "[fd00::7]:29500"
+
+
+def test_torchrun_entry_override(tmp_path: Path) -> None:
+    out = _dry(tmp_path, "--", "--x", MOR_ENTRY="my_pkg.probe")
+    assert _parse(out.stdout.strip())[2] == ["my_pkg.probe", "--x"]
+
+
+@pytest.mark.parametrize(
+    "args, env, message",
+    [
+        (["--nnodes", "two"], {}, "nnodes must be an integer"),
+        (["--nnodes", "0"], {}, "nnodes must be an integer"),
+        (["--nproc-per-node", "1.5"], {}, "nproc per node"),
+        ([], {"GPUS_PER_NODE": "-1"}, "nproc per node"),
+        (["--nnodes", "2", "--node-rank", "2", "--master-addr", "10.0.0.1"], {}, "out of range"),
+        (["--master-port", "70000"], {}, "master port"),
+        (["--master-port", "http"], {}, "master port"),
+        (["--nnodes", "2", "--node-rank", "1"], {}, "--master-addr (or MASTER_ADDR) is required"),
+        (["--master-addr", "0.0.0.0"], {}, "wildcard"),
+        (["--master-addr", "::"], {}, "wildcard"),
+        (["--rdzv-id", "a b"], {}, "rendezvous id"),
+        (["--nnodes"], {}, "--nnodes needs a value"),
+        (["--config", "configs/tiny.yaml"], {}, "unknown option '--config'"),
+        ([], {"MOR_ENTRY": "bad-module;rm"}, "MOR_ENTRY"),
+        ([], {"PYTHON": "/nonexistent/python"}, "no python interpreter"),
+    ],
+)
+def test_torchrun_bad_input(tmp_path: Path, args: list[str], env: dict[str, str], message: str) -> None:
+    out = _dry(tmp_path, *args, **env)
+    assert out.returncode != 0
+    assert out.stdout == ""
+    err = out.stderr.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("torchrun.sh: error:") and message in err, err
+
+
+# ---------------------------------------------------------------------------------------------
+# slurm.sbatch against a fake allocation
+
+HOSTS = {"gpu-a17": "10.20.0.17", "gpu-a18": "10.20.0.18", "gpu-b03": "10.20.1.3"}
+
+
+def _sbatch(tmp_path: Path, *args: str, nodelist: str = "gpu-a[17-18],gpu-b03", nnodes: int = 3,
+            hosts: dict[str, str] = HOSTS, **extra: str) -> tuple[subprocess.CompletedProcess, Path]:
+    bin_dir = install_fake_slurm(tmp_path / "fakebin", hosts)
+    env = fake_slurm_env(bin_dir, nodelist, nnodes, job_id=4242, **extra)
+    env = {k: v for k, v in env.items() if k not in _LAUNCH_VARS or k in extra}
+    env.update(PYTHON=sys.executable, DRY_RUN=extra.get("DRY_RUN", "1"), SLURM_SUBMIT_DIR=str(ROOT))
+    env["PATH"] = f"{bin_dir}{os.pathsep}{_no_gpu_path(tmp_path)}"
+    return _run(["bash", str(SBATCH), *args], env), bin_dir
+
+
+def test_sbatch_dry_run_builds_one_torchrun_per_node(tmp_path: Path) -> None:
+    out, bin_dir = _sbatch(tmp_path, "training.train_steps=10", "--debug", "note=two words",
+                           CONFIG="configs/tiny.yaml")
+    assert out.returncode == 0, out.stderr
+    lines = [line for line in out.stdout.splitlines() if line.strip()]
+    assert len(lines) == 3, out.stdout
+    ranks = []
+    for line in lines:
+        env, targs, entry = _parse(line)
+        opts = _opts(targs)
+        ranks.append(int(opts["--node-rank"]))
+        assert opts["--nnodes"] == "3"
+        assert opts["--rdzv-backend"] == "c10d"
+        assert opts["--rdzv-endpoint"] == f"{HOSTS['gpu-a17']}:{20000 + 4242 % 20000}"  # head node's IP
+        assert opts["--rdzv-id"] == "4242"
+        assert env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "100"
+        assert entry == ["mor_megatron.pretrain", "--config", "configs/tiny.yaml",
+                         "logging.dir=runs/mor-pretrain-4242", "training.train_steps=10", "--debug",
+                         "note=two words"]
+    assert ranks == [0, 1, 2]
+    calls = srun_calls(bin_dir)
+    # First srun asks the head node for its address, the second starts one task on every node.
+    assert calls[0][-2:] == ["hostname", "--ip-address"] and "--nodelist=gpu-a17" in calls[0]
+    assert {"--nodes=3", "--ntasks=3", "--ntasks-per-node=1"} <= set(calls[1])
+    assert not (ROOT / "runs" / "mor-pretrain-4242").exists()  # a dry run creates nothing
+
+
+def test_sbatch_overrides(tmp_path: Path) -> None:
+    out, bin_dir = _sbatch(tmp_path, nodelist="gpu-a17", nnodes=1, hosts={"gpu-a17": "10.20.0.17"},
+                           RUN_DIR="runs/custom", RDZV_ADDR="10.9.9.9", RDZV_PORT="23456",
+                           GPUS_PER_NODE="2", SRUN_EXTRA_ARGS="--cpu-bind=none")
+    assert out.returncode == 0, out.stderr
+    (line,) = out.stdout.strip().splitlines()
+    env, targs, entry = _parse(line)
+    opts = _opts(targs)
+    assert opts["--rdzv-endpoint"] == "10.9.9.9:23456" and opts["--nproc-per-node"] == "2"
+    assert entry[1:] == ["--config", "configs/tiny.yaml", "logging.dir=runs/custom"]
+    calls = srun_calls(bin_dir)
+    assert len(calls) == 1 and "--cpu-bind=none" in calls[0]  # RDZV_ADDR: no address lookup
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"nodelist": "gpu-a[17-18]", "nnodes": 3}, "SLURM_NNODES=3 but"),
+        ({"SLURM_JOB_NODELIST": ""}, "SLURM_JOB_NODELIST is not set"),
+        ({"SLURM_NNODES": "many"}, "SLURM_NNODES must be a positive integer"),
+        ({"CONFIG": "configs/missing.yaml"}, "config 'configs/missing.yaml' not found"),
+        ({"hosts": {"gpu-a17": "", "gpu-a18": "10.20.0.18", "gpu-b03": "10.20.1.3"}}, "IP address of head node"),
+    ],
+)
+def test_sbatch_bad_input(tmp_path: Path, kwargs: dict, message: str) -> None:
+    if "hosts" not in kwargs:
+        kwargs.setdefault("hosts", HOSTS)
+    if "nodelist" in kwargs:
+        kwargs["hosts"] = dict(list(HOSTS.items())[:2])
+    out, _ = _sbatch(tmp_path, **kwargs)
+    assert out.returncode != 0
+    err = out.stderr.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("slurm.sbatch: error:") and message in err, err
+
+
+def test_sbatch_header() -> None:
+    text = SBATCH.read_text()
+    for directive in ("--ntasks-per-node=1", "--requeue", "--signal=B:USR1@120", "--output=logs/%x-%j.out",
+                      "--gpus-per-node=", "--nodes=", "--time="):
+        assert f"#SBATCH {directive}" in text, directive
+
+
+# ---------------------------------------------------------------------------------------------
+# A real c10d rendezvous: two "nodes" on loopback, one gloo process each.
+
+_PROBE = '''
+import os
+import torch
+import torch.distributed as dist
+
+dist.init_process_group("gloo")
+t = torch.tensor([float(dist.get_rank() + 1)])
+dist.all_reduce(t)
+print(f"PROBE rank={dist.get_rank()} world={dist.get_world_size()} sum={t.item():g} "
+      f"ds={os.environ.get('DS_ACCELERATOR')}", flush=True)
+dist.destroy_process_group()
+'''
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.distributed
+def test_two_nodes_on_loopback(tmp_path: Path) -> None:
+    (tmp_path / "launcher_probe.py").write_text(_PROBE)
+    port = _free_port()
+    env = _env(PATH=_no_gpu_path(tmp_path), MOR_ENTRY="launcher_probe", PYTHONPATH=str(tmp_path))
+    procs = []
+    start = time.monotonic()
+    for rank in (0, 1):
+        cmd = ["bash", str(TORCHRUN_SH), "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(rank),
+               "--master-addr", "127.0.0.1", "--master-port", str(port), "--rdzv-id", f"t{port}"]
+        procs.append(subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True, start_new_session=True))
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=max(5.0, 90 - (time.monotonic() - start)))[0])
+    finally:
+        for proc in procs:  # only ours: each runs in its own session, killed by group id
+            if proc.poll() is None:
+                os.killpg(proc.pid, 9)
+                proc.wait()
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    probes = sorted(line for out in outputs for line in out.splitlines() if line.startswith("PROBE"))
+    # c10d assigns the global ranks; together the two nodes hold ranks 0 and 1.
+    assert probes == ["PROBE rank=0 world=2 sum=3 ds=cpu", "PROBE rank=1 world=2 sum=3 ds=cpu"], outputs
