@@ -32,6 +32,7 @@ OVERRIDES=(
     "logging.dir=$RUN_DIR"
     "data.train=${DATA_PREFIX}_train"
     "data.valid=${DATA_PREFIX}_valid"
+    "data.tokenizer=$(dirname "$DATA_PREFIX")/tokenizer"   # written by --train-tokenizer; checked against the vocab
     "training.train_steps=$STEPS"
 )
 # -------------------------------------------------------------------------------------------------
@@ -88,12 +89,12 @@ step "Training $CONFIG for $STEPS steps into $RUN_DIR"
 PYTHON="$PY" launch/torchrun.sh --nnodes 1 --nproc-per-node 1 --master-addr 127.0.0.1 --master-port "$PORT" \
     --rdzv-id quickstart -- --config "$CONFIG" "${OVERRIDES[@]}" "$@"
 
-# 5. Where things are.
+# 5. Where things are (the trainer keeps checkpoints in <logging.dir>/checkpoints).
 step "Done in $((SECONDS - START)) s"
-CKPTS=$(find "$RUN_DIR" -maxdepth 3 \( -iname '*checkpoint*' -o -name 'iter_*' -o -name 'global_step*' \
-        -o -name 'step_*' -o -name 'latest*' -o -name '*.pt' -o -name '*.safetensors' \) 2>/dev/null | sort | head -5)
-EVENTS=$(find "$RUN_DIR" -name 'events.out.tfevents*' -printf '%h\n' 2>/dev/null | sort -u | head -5)
+CKPT_DIR="$RUN_DIR/checkpoints"
+CKPTS=$(find "$CKPT_DIR" -mindepth 1 -maxdepth 1 -type d 2>/dev/null | sort | tail -3)
+EVENTS=$(find "$RUN_DIR" -name 'events.out.tfevents*' -printf '%h\n' 2>/dev/null | sort -u | head -3)
 echo "Run directory:    $RUN_DIR"
-echo "Checkpoint(s):    ${CKPTS:-(none found under $RUN_DIR)}" | sed '2,$s/^/                  /'
+echo "Checkpoints:      ${CKPTS:-(none found in $CKPT_DIR)}" | sed '2,$s/^/                  /'
 echo "TensorBoard logs: ${EVENTS:-(none found under $RUN_DIR)}" | sed '2,$s/^/                  /'
 echo "View them with:   $VENV/bin/tensorboard --logdir $RUN_DIR"

@@ -16,3 +16,33 @@ def corpus(tmp_path_factory):
     from train_helpers import make_corpus
 
     return make_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def _training_setup(router: str, corpus, factory):
+    """Config, init-weights overrides and a single-process 5-step reference run."""
+    import subprocess
+    import sys
+
+    from train_helpers import launch, repo_root, write_config
+
+    root = factory.mktemp(router)
+    config = write_config(root / "run.yaml", corpus, model={"router": router})
+    init = root / "init"
+    subprocess.run(
+        [sys.executable, "tools/init_weights.py", "--config", str(config), "--output", str(init)],
+        check=True, capture_output=True, cwd=repo_root(),
+    )
+    overrides = [f"training.init_from={init}"]
+    reference = root / "single"
+    launch(config, reference, overrides)
+    return config, overrides, reference, root
+
+
+@pytest.fixture(scope="session")
+def expert_setup(corpus, tmp_path_factory):
+    return _training_setup("expert_choice", corpus, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def token_setup(corpus, tmp_path_factory):
+    return _training_setup("token_choice", corpus, tmp_path_factory)

@@ -1,12 +1,15 @@
 """A fake SLURM allocation for testing launch/slurm.sbatch without SLURM.
 
-`install_fake_slurm(bin_dir, hosts)` writes three executables into bin_dir (put it first on PATH):
+`install_fake_slurm(bin_dir, hosts)` writes four executables into bin_dir (put it first on PATH):
 
 * scontrol: `scontrol show hostnames LIST` prints the fake hosts, one a line; `scontrol requeue`
   is recorded and succeeds.
 * srun: runs its command once per selected node (`--nodelist` or the first `--nodes` hosts), one
   after the other, with SLURM_NODEID / SLURM_PROCID / SLURMD_NODENAME set as real srun sets them.
-  Every call's argv goes, one JSON list a line, to bin_dir/srun.calls.
+  Every call's argv goes, one JSON list a line, to bin_dir/srun.calls. With FAKE_SRUN_HOLD=1 a
+  step other than `hostname` runs nothing: it writes its pid to bin_dir/step.pid and waits for
+  SIGTERM (as trainers that checkpoint and exit), then exits 0.
+* scancel: records its arguments in bin_dir/scancel.calls; `--signal=TERM` SIGTERMs the held step.
 * hostname: `--ip-address` / `-I` print the address of the node in SLURMD_NODENAME (so the head
   node's IP can only come from a command that srun ran on that node); no argument prints its name.
 """
@@ -42,7 +45,7 @@ with open(os.path.join(here, "srun.calls"), "a") as f:
 with_value = {"-N": "nodes", "--nodes": "nodes", "-n": "ntasks", "--ntasks": "ntasks",
               "-w": "nodelist", "--nodelist": "nodelist", "--ntasks-per-node": "ntasks_per_node",
               "--kill-on-bad-exit": "kill", "-c": "cpus", "--cpus-per-task": "cpus",
-              "--cpu-bind": "cpu_bind"}
+              "--cpu-bind": "cpu_bind", "-W": "wait", "--wait": "wait"}
 flags = {"--kill-on-bad-exit", "-l", "--label", "--overlap", "--exact"}
 opts, i = {}, 0
 while i < len(args) and args[i].startswith("-"):
@@ -61,6 +64,14 @@ while i < len(args) and args[i].startswith("-"):
 command = args[i:]
 if not command:
     sys.exit("fake srun: no command")
+if os.environ.get("FAKE_SRUN_HOLD") == "1" and command[0] != "hostname":
+    import signal, time
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    with open(os.path.join(here, "step.pid.tmp"), "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(os.path.join(here, "step.pid.tmp"), os.path.join(here, "step.pid"))
+    time.sleep(30)
+    sys.exit(99)
 if "nodelist" in opts:
     selected = opts["nodelist"].split(",")
     unknown = [h for h in selected if h not in hosts]
@@ -74,6 +85,14 @@ for procid, host in enumerate(selected):
                SLURM_LOCALID="0", SLURMD_NODENAME=host, SLURM_STEP_NUM_NODES=str(len(selected)))
     rc = max(rc, subprocess.call(command, env=env))
 sys.exit(rc)
+'''
+
+_SCANCEL = r'''
+import os, signal, sys
+here = os.path.dirname(os.path.abspath(__file__))
+open(os.path.join(here, "scancel.calls"), "a").write(" ".join(sys.argv[1:]) + "\n")
+if "--signal=TERM" in sys.argv[1:]:
+    os.kill(int(open(os.path.join(here, "step.pid")).read()), signal.SIGTERM)
 '''
 
 _HOSTNAME = r'''
@@ -93,10 +112,10 @@ else:
 
 
 def install_fake_slurm(bin_dir: Path, hosts: dict[str, str]) -> Path:
-    """Write fake scontrol/srun/hostname for the allocation `hosts` (name -> IP, in node order)."""
+    """Write fake scontrol/srun/scancel/hostname for the allocation `hosts` (name -> IP, in node order)."""
     bin_dir.mkdir(parents=True, exist_ok=True)
     (bin_dir / "hosts.json").write_text(json.dumps(hosts))
-    for name, body in (("scontrol", _SCONTROL), ("srun", _SRUN), ("hostname", _HOSTNAME)):
+    for name, body in (("scontrol", _SCONTROL), ("srun", _SRUN), ("scancel", _SCANCEL), ("hostname", _HOSTNAME)):
         path = bin_dir / name
         path.write_text(f"#!{sys.executable}\n{body}")
         path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)

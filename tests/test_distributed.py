@@ -4,12 +4,9 @@ Every run starts from the same layout-free initial weights and reads the same gl
 loss and gradient norm (clipping active) must agree within 1e-5 relative for 5 optimizer steps.
 """
 
-import subprocess
-import sys
-
 import pytest
 
-from train_helpers import launch, repo_root, series, write_config
+from train_helpers import launch, series
 
 pytestmark = pytest.mark.distributed
 REL = 1e-5
@@ -22,18 +19,9 @@ def assert_same_series(run_dir, reference_dir, keys=("train/loss", "train/grad_n
         assert ours == pytest.approx(theirs, rel=rel), key
 
 
-@pytest.fixture(scope="module", params=["expert_choice", "token_choice"])
-def setup(request, corpus, tmp_path_factory):
-    root = tmp_path_factory.mktemp(request.param)
-    model = {"router": request.param}
-    config = write_config(root / "run.yaml", corpus, model=model)
-    init = root / "init"
-    subprocess.run([sys.executable, "tools/init_weights.py", "--config", str(config), "--output", str(init)],
-                   check=True, capture_output=True, cwd=repo_root())
-    overrides = [f"training.init_from={init}"]
-    reference = root / "single"
-    launch(config, reference, overrides)
-    return config, overrides, reference, root
+@pytest.fixture(params=["expert_choice", "token_choice"])
+def setup(request):
+    return request.getfixturevalue("expert_setup" if request.param == "expert_choice" else "token_setup")
 
 
 @pytest.mark.parametrize(
@@ -50,3 +38,39 @@ def test_two_process_layout_matches_single_process(setup, layout):
     run_dir = root / "-".join(layout).replace("=", "_")
     launch(config, run_dir, overrides + layout, nproc=2)
     assert_same_series(run_dir, reference)
+
+
+def test_zero_stages_match(expert_setup):
+    """ZeRO-2 (data parallel, partitioned gradients) and ZeRO-0 match the ZeRO-1 reference."""
+    config, overrides, reference, root = expert_setup
+    zero2 = root / "zero2"
+    launch(config, zero2, overrides + ["training.zero_stage=2", "training.micro_batch_size=1"], nproc=2)
+    assert_same_series(zero2, reference)
+    zero0 = root / "zero0"
+    launch(config, zero0, overrides + ["training.zero_stage=0"])
+    assert_same_series(zero0, reference)
+
+
+@pytest.mark.parametrize(
+    "first,first_nproc,second,second_nproc,rel",
+    [
+        ([], 1, [], 1, 0.0),  # same layout: exactly the uninterrupted run
+        (["parallel.tensor_model_parallel_size=2"], 2, ["training.micro_batch_size=1"], 2, REL),
+        (["parallel.pipeline_model_parallel_size=2"], 2, [], 1, REL),
+    ],
+    ids=["same-layout", "tp2-to-dp2", "pp2-to-single"],
+)
+def test_resume_matches_uninterrupted(expert_setup, first, first_nproc, second, second_nproc, rel):
+    config, overrides, reference, root = expert_setup
+    run_dir = root / ("resume-" + "-".join(first + second + ["x"]).replace("=", "_"))
+    launch(config, run_dir, overrides + first + ["training.exit_after_steps=3"], nproc=first_nproc)
+    assert len(series(run_dir, "train/loss")) == 3
+    result = launch(config, run_dir, overrides + second, nproc=second_nproc)
+    assert "resumed from" in result.stdout
+    for key in ("train/loss", "train/grad_norm"):
+        ours, theirs = series(run_dir, key), series(reference, key)
+        assert len(ours) == 5, key
+        if rel == 0.0:
+            assert ours[3:] == theirs[3:], key
+        else:
+            assert ours[3:] == pytest.approx(theirs[3:], rel=rel), key

@@ -250,6 +250,34 @@ def test_sbatch_bad_input(tmp_path: Path, kwargs: dict, message: str) -> None:
     assert len(err.splitlines()) == 1 and err.startswith("slurm.sbatch: error:") and message in err, err
 
 
+@pytest.mark.parametrize("requeue", [True, False], ids=["requeue", "no-requeue"])
+def test_sbatch_time_limit_signal(tmp_path: Path, requeue: bool) -> None:
+    """USR1 (sent by --signal=B:USR1@120) -> SIGTERM to the step via scancel -> requeue."""
+    bin_dir = install_fake_slurm(tmp_path / "fakebin", HOSTS)
+    env = _env(**fake_slurm_env(bin_dir, "gpu-a[17-18],gpu-b03", 3))
+    env.update(FAKE_SRUN_HOLD="1", RUN_DIR=str(tmp_path / "run"), SLURM_SUBMIT_DIR=str(ROOT),
+               AUTO_REQUEUE="1" if requeue else "0")
+    proc = subprocess.Popen(["bash", str(SBATCH)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 15
+        while not (bin_dir / "step.pid").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(10)  # SIGUSR1
+        out, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "got SIGUSR1" in err
+    assert (bin_dir / "scancel.calls").read_text().split() == ["--signal=TERM", "4242"]
+    requeued = (bin_dir / "requeue.calls").read_text() if (bin_dir / "requeue.calls").exists() else ""
+    assert requeued == ("requeue 4242\n" if requeue else "")
+    assert (tmp_path / "run").is_dir()
+
+
 def test_sbatch_header() -> None:
     text = SBATCH.read_text()
     for directive in ("--ntasks-per-node=1", "--requeue", "--signal=B:USR1@120", "--output=logs/%x-%j.out",

@@ -40,8 +40,16 @@ from megatron.core.dist_checkpointing.optimizer import (
     make_sharded_optimizer_tensor,
 )
 
+from mor_megatron.training.checkpoint_files import (
+    LATEST,
+    checkpoint_problem,
+    manifest,
+    read_meta,
+    tag_for,
+    write_atomic,
+)
+
 FORMAT_VERSION = 1
-LATEST = "latest"
 ADAM_STATES = ("exp_avg", "exp_avg_sq")
 
 
@@ -63,10 +71,6 @@ def _layout(engine) -> dict:
         "data_parallel_size": parallel_state.get_data_parallel_world_size(),
         "zero_stage": engine.zero_optimization_stage(),
     }
-
-
-def tag_for(step: int) -> str:
-    return f"step_{step:08d}"
 
 
 # -- layout-free ("universal") state --------------------------------------------------------------
@@ -181,23 +185,6 @@ def _rng_state() -> dict:
     }
 
 
-def _manifest(root: Path) -> dict[str, int]:
-    return {
-        str(path.relative_to(root)): path.stat().st_size
-        for path in sorted(root.rglob("*"))
-        if path.is_file() and path.name != "meta.json"
-    }
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def save_checkpoint(engine, model, state: TrainState, save_dir: str, config: dict) -> Path:
     """Write a complete checkpoint for `state.step`; returns its directory."""
     root = Path(save_dir)
@@ -224,12 +211,12 @@ def save_checkpoint(engine, model, state: TrainState, save_dir: str, config: dic
             "layout": _layout(engine),
             "world_size": dist.get_world_size() if dist.is_initialized() else 1,
             "config": config,
-            "files": _manifest(partial),
+            "files": manifest(partial),
         }
-        _write_atomic(partial / "meta.json", json.dumps(meta, indent=1))
+        write_atomic(partial / "meta.json", json.dumps(meta, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
-        _write_atomic(root / LATEST, tag + "\n")
+        write_atomic(root / LATEST, tag + "\n")
     _barrier()
     return final
 
@@ -244,54 +231,6 @@ def prune_checkpoints(save_dir: str, keep: int) -> None:
 
 
 # -- find and load ------------------------------------------------------------------------------------
-
-
-def checkpoint_problem(directory: Path) -> Optional[str]:
-    """Why `directory` is not a complete checkpoint (one line), or None when it is."""
-    meta_path = directory / "meta.json"
-    if not meta_path.is_file():
-        return f"{meta_path} is missing: the save did not finish"
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return f"{meta_path} is unreadable or truncated"
-    for name, size in meta.get("files", {}).items():
-        path = directory / name
-        if not path.is_file():
-            return f"{path} is missing"
-        if path.stat().st_size != size:
-            return f"{path} is truncated ({path.stat().st_size} of {size} bytes)"
-    return None
-
-
-def read_meta(directory: Path) -> dict:
-    return json.loads((Path(directory) / "meta.json").read_text())
-
-
-def find_latest(save_dir: str, log=print) -> Optional[Path]:
-    """The newest complete checkpoint: the `latest` pointer if it is sound, else the newest older
-    complete one (each rejection is reported in one line)."""
-    root = Path(save_dir)
-    if not root.is_dir():
-        return None
-    candidates = sorted(
-        (p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".partial")),
-        reverse=True,
-    )
-    pointer = root / LATEST
-    if pointer.is_file():
-        named = root / pointer.read_text().strip()
-        if named not in candidates:
-            log(f"checkpoint pointer {pointer} names {named.name}, which does not exist; searching older checkpoints")
-        else:
-            candidates.remove(named)
-            candidates.insert(0, named)
-    for directory in candidates:
-        problem = checkpoint_problem(directory)
-        if problem is None:
-            return directory
-        log(f"skipping incomplete checkpoint: {problem}")
-    return None
 
 
 def load_checkpoint(engine, model, directory: Path, log=print) -> TrainState:

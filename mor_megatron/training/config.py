@@ -61,6 +61,7 @@ class TrainingConfig:
     resume: bool = True  # continue from the newest complete checkpoint in save_dir
     init_from: Optional[str] = None  # layout-free weights to start from (dist-checkpoint dir)
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
+    exit_after_steps: Optional[int] = None  # leave (with a checkpoint) after this many steps of this launch
 
 
 @dataclass

@@ -7,7 +7,6 @@ import math
 import signal
 import sys
 import time
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -24,12 +23,12 @@ from mor_megatron.parallel.state import initialize_parallel
 from mor_megatron.report import training_flops_per_token
 from mor_megatron.training.checkpoint import (
     TrainState,
-    find_latest,
     load_checkpoint,
     load_weights,
     prune_checkpoints,
     save_checkpoint,
 )
+from mor_megatron.training.checkpoint_files import find_latest
 from mor_megatron.training.config import RunConfig, check_layout, run_config_dict
 from mor_megatron.training.engine import build_engine, use_bf16
 from mor_megatron.training.metrics import MetricsWriter, peak_tflops, router_metrics
@@ -176,6 +175,7 @@ def pretrain(run: RunConfig, log=print) -> dict:
     preemption = _Preemption()
     progress = _progress_bar(run, state.step) if _is_logger() else None
     bad_steps, metrics, started = 0, {}, (time.perf_counter(), state.step)
+    stop_at = state.step + t.exit_after_steps if t.exit_after_steps else t.train_steps
 
     def checkpoint() -> None:
         path = save_checkpoint(engine, model, state, run.checkpoint_dir, run_config_dict(run))
@@ -214,6 +214,7 @@ def pretrain(run: RunConfig, log=print) -> dict:
         if peak:
             metrics["train/mfu"] = tflops / peak
         last = state.step == t.train_steps
+        leaving = state.step >= stop_at
         if valid is not None and ((t.eval_interval and state.step % t.eval_interval == 0) or last):
             metrics["valid/loss"] = evaluate(engine, valid, stages)
             metrics["valid/perplexity"] = math.exp(min(metrics["valid/loss"], 50.0))
@@ -224,9 +225,12 @@ def pretrain(run: RunConfig, log=print) -> dict:
             progress.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{tokens_per_step / elapsed:,.0f}")
         elif state.step % run.logging.log_interval == 0 or last:
             say(_progress_line(state.step, t.train_steps, metrics, started))
-        saved = (t.save_interval and state.step % t.save_interval == 0) or last
+        saved = (t.save_interval and state.step % t.save_interval == 0) or last or leaving
         if saved:
             checkpoint()
+        if leaving and not last:
+            say(f"training.exit_after_steps reached at step {state.step}; relaunch to continue")
+            break
         if preemption.agreed():
             if not saved:
                 checkpoint()
