@@ -79,6 +79,10 @@ class MoRConfig(TransformerConfig):
     aux_router: bool = False
     aux_router_loss_coeff: float = 1.0
     kv_mode: str = "recursion_wise"
+    # gated scatter of the block output: "auto" (Triton on CUDA), "triton" or "torch"
+    scatter_kernel: str = "auto"
+    # token-choice: cap each rank's tokens at step r to factor x c_r x tokens (None: no cap)
+    token_choice_capacity_factor: Optional[float] = None
 
     def __post_init__(self) -> None:
         self._validate_mor()
@@ -98,6 +102,7 @@ class MoRConfig(TransformerConfig):
         _choice("sharing", self.sharing, SHARING_STRATEGIES)
         _choice("router", self.router, ROUTERS)
         _choice("kv_mode", self.kv_mode, KV_MODES)
+        _choice("scatter_kernel", self.scatter_kernel, ("auto", "triton", "torch"))
         nr = self.num_recursions
         if not isinstance(nr, int) or nr < 1:
             raise ConfigError(f"num_recursions={nr} must be a positive integer")
@@ -126,6 +131,12 @@ class MoRConfig(TransformerConfig):
         if self.router_alpha is None:
             self.router_alpha = DEFAULT_ALPHA[self.router]
         self._validate_capacities()
+        factor = self.token_choice_capacity_factor
+        if factor is not None and (self.router != "token_choice" or factor <= 0):
+            raise ConfigError(
+                f"token_choice_capacity_factor={factor} needs router token_choice and a positive "
+                "value (e.g. 1.25), or remove it"
+            )
 
     def _validate_attention_shape(self) -> None:
         heads, groups = self.num_attention_heads, self.num_query_groups or self.num_attention_heads

@@ -41,7 +41,8 @@ def test_two_process_layout_matches_single_process(setup, layout):
 
 
 def test_zero_stages_match(expert_setup):
-    """ZeRO-2 (data parallel, partitioned gradients) and ZeRO-0 match the ZeRO-1 reference."""
+    """ZeRO-2 (data parallel, partitioned gradients), ZeRO-0 and ZeRO-3 (with TP=2) match the
+    ZeRO-1 reference."""
     config, overrides, reference, root = expert_setup
     zero2 = root / "zero2"
     launch(config, zero2, overrides + ["training.zero_stage=2", "training.micro_batch_size=1"], nproc=2)
@@ -49,6 +50,9 @@ def test_zero_stages_match(expert_setup):
     zero0 = root / "zero0"
     launch(config, zero0, overrides + ["training.zero_stage=0"])
     assert_same_series(zero0, reference)
+    zero3 = root / "zero3-tp2"  # ZeRO-3 partitions megatron's tensor-parallel linears too
+    launch(config, zero3, overrides + ["training.zero_stage=3", "parallel.tensor_model_parallel_size=2"], nproc=2)
+    assert_same_series(zero3, reference)
 
 
 @pytest.mark.parametrize(

@@ -278,6 +278,12 @@ def test_sbatch_time_limit_signal(tmp_path: Path, requeue: bool) -> None:
     assert (tmp_path / "run").is_dir()
 
 
+def test_sbatch_returns_the_step_status(tmp_path: Path) -> None:
+    out, _ = _sbatch(tmp_path, GPUS_PER_NODE="lots")  # every node's torchrun.sh rejects it
+    assert out.returncode == 2
+    assert out.stderr.count("torchrun.sh: error: nproc per node must be an integer") == 3, out.stderr
+
+
 def test_sbatch_header() -> None:
     text = SBATCH.read_text()
     for directive in ("--ntasks-per-node=1", "--requeue", "--signal=B:USR1@120", "--output=logs/%x-%j.out",

@@ -220,3 +220,45 @@ def test_router_statistics_structure():
     assert metrics["router/r1/dead_token_ratio"] == 0.0
     assert 0.0 <= metrics["router/r3/sampling_accuracy"] <= 1.0
     assert metrics["router/aux_loss"] == pytest.approx(0.001 * metrics["router/loss_bce"], rel=1e-5)
+
+
+def test_token_choice_capacity_factor_caps_work_and_logs_drops():
+    config = tiny_config(router="token_choice", token_choice_capacity_factor=0.5, seq_length=30)
+    model = build(config)
+    tokens, positions = batch(config, batch_size=2)
+    logits(model, tokens, positions)
+    out = model.router_output
+    for step in range(1, config.num_recursions):
+        limit = -(-0.5 * config.capacities[step] * 60 // 1)
+        assert out.selections[step].sum() <= limit
+    assert len(out.drop_rate) == config.num_recursions - 1
+    assert "router/r2/drop_rate" in out.metrics()
+    uncapped = build(tiny_config(router="token_choice", seq_length=30))
+    logits(uncapped, tokens, positions)
+    assert sum(int(s.sum()) for s in out.selections) <= sum(
+        int(s.sum()) for s in uncapped.router_output.selections
+    )
+
+
+def test_capacity_factor_needs_token_choice():
+    from mor_megatron.config import ConfigError
+
+    with pytest.raises(ConfigError, match="needs router token_choice"):
+        tiny_config(token_choice_capacity_factor=1.5)
+
+
+def test_triton_scatter_kernel_in_the_model_matches_torch(monkeypatch):
+    """The model with the Triton gated scatter (CPU interpreter) == with the PyTorch reference."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    config = tiny_config(seq_length=12)
+    runs = []
+    for kernel in ("torch", "triton"):
+        model = build(tiny_config(seq_length=12, scatter_kernel=kernel))
+        tokens, positions = batch(config)
+        out = model(tokens, positions, None, labels=torch.roll(tokens, -1, dims=1))
+        out.mean().backward()
+        runs.append((out.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    torch.testing.assert_close(runs[0][0], runs[1][0], rtol=0, atol=1e-6)
+    for name, grad in runs[0][1].items():
+        torch.testing.assert_close(grad, runs[1][1][name], rtol=1e-5, atol=1e-7, msg=name)

@@ -14,6 +14,7 @@ scatters the result back:
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -192,8 +193,8 @@ class MoRDecoder(TransformerBlock):
             else TokenSet.packed(decision.selected)
         )
         block_out = self._run_block_on(tokens, hidden, rotary, kv_store, step)
-        gate = tokens.gather_values(router.gate(logits)).unsqueeze(-1)
-        hidden = tokens.scatter_add(hidden, gate * block_out)
+        gate = tokens.gather_values(router.gate(logits))
+        hidden = tokens.gated_scatter_add(hidden, gate, block_out, config.scatter_kernel)
 
         step_losses = expert_choice_losses(
             config, logits, aux_logits, candidates, decision.selected, self._dp_group()
@@ -217,6 +218,8 @@ class MoRDecoder(TransformerBlock):
             out.depth_histogram, out.max_vio = counts, max_vio
             state = RoutingState(state.hidden, h1=state.hidden, depth=depth, gate=gate)
         active = state.depth >= step
+        if self.config.token_choice_capacity_factor is not None and step > 0:
+            active, state.depth = self._apply_capacity(step, active, state, out)
         tokens = TokenSet.packed(active)
         running = tokens.scatter(state.hidden, self._run_block_on(tokens, state.hidden, rotary, kv_store, step))
         out.selected_tokens.append(active.sum())
@@ -224,6 +227,23 @@ class MoRDecoder(TransformerBlock):
         if step == self.config.num_recursions - 1:
             return RoutingState(state.h1 + state.gate.unsqueeze(-1) * running)
         return RoutingState(running, h1=state.h1, depth=state.depth, gate=state.gate)
+
+    def _apply_capacity(
+        self, step: int, active: Tensor, state: RoutingState, out: RouterOutput
+    ) -> tuple[Tensor, Tensor]:
+        """Keep at most factor x c_r x tokens at this step (highest router probability first);
+        the others exit now, as if their chosen depth were this step's predecessor."""
+        limit = math.ceil(
+            self.config.token_choice_capacity_factor * self.config.capacities[step] * active.numel()
+        )
+        assigned = int(active.sum())
+        out.drop_rate.append(torch.tensor(max(0, assigned - limit) / max(1, assigned)))
+        if assigned <= limit:
+            return active, state.depth
+        score = state.gate.detach().masked_fill(~active, float("-inf")).reshape(-1)
+        keep = torch.zeros_like(score, dtype=torch.bool).scatter(0, score.topk(limit).indices, True)
+        keep = keep.view_as(active)
+        return keep, torch.where(active & ~keep, step - 1, state.depth)
 
     # -- forward --------------------------------------------------------------------------------
 

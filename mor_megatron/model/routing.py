@@ -44,6 +44,7 @@ class RouterOutput:
     candidate_tokens: list[Tensor] = field(default_factory=list)
     sampling_accuracy: list[Tensor] = field(default_factory=list)
     dead_token_ratio: list[Tensor] = field(default_factory=list)
+    drop_rate: list[Tensor] = field(default_factory=list)  # token-choice capacity drops
     selections: list[Tensor] = field(default_factory=list)
     depth_histogram: Optional[Tensor] = None
     max_vio: Optional[Tensor] = None
@@ -56,6 +57,7 @@ class RouterOutput:
             "selected_tokens": self.selected_tokens,
             "sampling_accuracy": self.sampling_accuracy,
             "dead_token_ratio": self.dead_token_ratio,
+            "drop_rate": self.drop_rate,
         }
         for name, values in per_step.items():
             for step, value in enumerate(values, start=self.first_step + 1):

@@ -12,6 +12,7 @@ from typing import Optional
 
 from torch import Tensor
 
+from kernels import gated_scatter_add
 from mor_megatron.model.attention import ActiveTokens
 
 
@@ -48,12 +49,15 @@ class TokenSet:
             return values.gather(0, self.index)
         return values.reshape(-1)[self.index].unsqueeze(1)
 
-    def scatter_add(self, hidden: Tensor, update: Tensor) -> Tensor:
-        """Out of place: `hidden` with `update` added at this set's tokens."""
+    def gated_scatter_add(self, hidden: Tensor, gate: Tensor, update: Tensor, backend: str = "auto") -> Tensor:
+        """Out of place: `hidden` plus `gate * update` at this set's tokens (the MoR residual update).
+
+        Dense sets use the fused kernel (`kernels.gated_scatter_add`: Triton on CUDA, its PyTorch
+        reference elsewhere, or as `backend` forces)."""
         if self.layout == "dense":
-            index = self.index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
-            return hidden.scatter_add(0, index, update)
-        flat = hidden.reshape(-1, hidden.shape[-1]).index_add(0, self.index, update.squeeze(1))
+            return gated_scatter_add(hidden, self.index, gate, update, backend=backend)
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        flat = flat.index_add(0, self.index, (gate.unsqueeze(-1) * update).squeeze(1))
         return flat.view_as(hidden)
 
     def scatter(self, hidden: Tensor, update: Tensor) -> Tensor:

@@ -1,0 +1,158 @@
+"""Pretraining as a user runs it: loss goes down on 1 and 2 processes and leaves checkpoints,
+TensorBoard events and metrics; a SIGKILLed rank is survived by relaunching the same command; a
+two-"node" launch through launch/torchrun.sh trains."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from train_helpers import launch, metrics, repo_root, series, write_config
+
+pytestmark = pytest.mark.distributed
+LEARN = {"train_steps": 12, "lr": 0.01, "grad_clip": 1.0, "warmup_steps": 1}
+
+
+def _mean(values):
+    return sum(values) / len(values)
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_loss_goes_down_and_artifacts_appear(corpus, tmp_path, nproc):
+    config = write_config(tmp_path / "run.yaml", corpus,
+                          training=dict(LEARN, save_interval=6, eval_interval=6, micro_batch_size=2))
+    run_dir = tmp_path / "run"
+    launch(config, run_dir, nproc=nproc)
+    losses = series(run_dir, "train/loss")
+    assert len(losses) == 12
+    assert _mean(losses[-3:]) < _mean(losses[:3]) - 0.1, losses
+    rows = metrics(run_dir)
+    assert "valid/loss" in rows[5] and "valid/perplexity" in rows[-1]
+    for key in ("train/lr", "train/grad_norm", "train/tokens_per_s", "train/tflops_per_device",
+                "router/r2/selected_tokens", "router/r3/sampling_accuracy", "router/loss_bce"):
+        assert key in rows[-1], key
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_00000006", "step_00000012"]
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def _pretrain_workers(root_pid: int) -> list[int]:
+    workers, frontier = [], [root_pid]
+    while frontier:
+        pid = frontier.pop()
+        for child in _children(pid):
+            try:
+                command = Path(f"/proc/{child}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"mor_megatron.pretrain" in command and child != root_pid:
+                workers.append(child)
+            frontier.append(child)
+    return workers
+
+
+def test_sigkill_one_rank_then_relaunch_resumes_exactly(corpus, tmp_path):
+    config = write_config(tmp_path / "run.yaml", corpus, training=dict(LEARN, train_steps=8, save_interval=2,
+                                                                       micro_batch_size=1))
+    reference = tmp_path / "uninterrupted"
+    launch(config, reference, nproc=2)
+
+    run_dir = tmp_path / "killed"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(_free_port()), "-m", "mor_megatron.pretrain", "--config", str(config), f"logging.dir={run_dir}"]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    process = subprocess.Popen(command, cwd=repo_root(), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if (run_dir / "metrics.jsonl").exists() and len(series(run_dir, "train/loss")) >= 5:
+            break
+        time.sleep(0.2)
+    workers = _pretrain_workers(process.pid)
+    assert len(workers) == 2, workers
+    os.kill(max(workers), signal.SIGKILL)
+    process.communicate(timeout=120)
+    assert process.returncode != 0
+    done = len(series(run_dir, "train/loss"))
+    assert done < 8
+
+    result = launch(config, run_dir, nproc=2)
+    assert "resumed from" in result.stdout
+    resumed_at = int(result.stdout.split("at step ")[1].split()[0])
+    assert resumed_at % 2 == 0 and resumed_at <= done
+    after = series(run_dir, "train/loss")[done:]
+    assert after == series(reference, "train/loss")[resumed_at:]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_nodes_through_torchrun_sh(corpus, tmp_path):
+    config = write_config(tmp_path / "run.yaml", corpus, training=dict(LEARN, train_steps=3, micro_batch_size=1))
+    run_dir = tmp_path / "two-nodes"
+    port = str(_free_port())
+    env = dict(os.environ, PYTHON=sys.executable, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    nodes = [
+        subprocess.Popen(
+            ["bash", "launch/torchrun.sh", "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(rank),
+             "--master-addr", "127.0.0.1", "--master-port", port, "--rdzv-id", "two-node-test", "--",
+             "--config", str(config), f"logging.dir={run_dir}"],
+            cwd=repo_root(), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), outputs[0][-3000:] + outputs[1][-3000:]
+    assert len(series(run_dir, "train/loss")) == 3
+
+
+BAD_INPUTS = {
+    "missing data path": (["data.train=/nonexistent/shard"], "/nonexistent/shard"),
+    "unknown config key": (["training.micro_batchsize=2"], "did you mean 'micro_batch_size'"),
+    "wrong type": (["training.train_steps=many"], "training.train_steps has the wrong type"),
+    "batch not divisible": (["training.global_batch_size=3"], "not divisible by micro_batch_size"),
+    "tokenizer vocabulary too large": (["model.vocab_size=256"], "vocab"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_INPUTS))
+def test_bad_input_is_one_line(corpus, tmp_path, name):
+    overrides, expected = BAD_INPUTS[name]
+    config = write_config(tmp_path / "run.yaml", corpus)
+    result = launch(config, tmp_path / "run", overrides, check=False, timeout=120)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
+    assert expected in lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_empty_shard_is_one_line(corpus, tmp_path):
+    from mor_megatron.data.shards import ShardWriter
+
+    empty = tmp_path / "empty"
+    ShardWriter(str(empty), vocab_size=512, eos_id=0).close()  # a shard with no documents
+    config = write_config(tmp_path / "run.yaml", corpus)
+    result = launch(config, tmp_path / "run", [f"data.train={empty}"], check=False, timeout=120)
+    assert result.returncode != 0
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
+    assert "Traceback" not in result.stderr
