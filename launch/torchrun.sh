@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Launch mor_megatron.pretrain with torchrun (c10d rendezvous) on one node or on each of N nodes.
 # Run the same command on every node; only --node-rank differs. See `launch/torchrun.sh -h`.
+# shellcheck disable=SC2015  # `check && check || die` is meant: die when either check fails
 set -euo pipefail
 
 usage() {

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from mor_megatron.errors import UserError
 from mor_megatron.sharing import (
     ROUTABLE_STRATEGIES,
     SHARING_STRATEGIES,
@@ -29,7 +30,7 @@ ROUTER_ACTIVATIONS = {"expert_choice": ("sigmoid", "tanh"), "token_choice": ("so
 DEFAULT_ALPHA = {"expert_choice": 0.1, "token_choice": 1.0}
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration problem, stated in one line that names the fix."""
 
 

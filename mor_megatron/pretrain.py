@@ -11,9 +11,6 @@ import os
 import sys
 import warnings
 
-USER_ERRORS = ("ConfigError", "DataError", "CheckpointError", "TrainingError", "BackendUnavailableError")
-
-
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="mor-pretrain", description="Pretrain a Mixture-of-Recursions model."
@@ -29,20 +26,21 @@ def main(argv: list[str] | None = None) -> int:
     if not args.debug:
         warnings.filterwarnings("ignore")
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
+    from mor_megatron.errors import UserError
+
     try:
+        if not os.path.isfile(args.config):
+            raise UserError(f"config file {args.config} not found: pass an existing YAML file (see configs/)")
         from mor_megatron.training.config import load_run_config
         from mor_megatron.training.loop import pretrain
 
-        if not os.path.isfile(args.config):
-            print(f"error: config file {args.config} not found: pass an existing YAML file (see configs/)", file=sys.stderr)
-            return 2
-        run = load_run_config(args.config, args.overrides)
-        pretrain(run)
+        pretrain(load_run_config(args.config, args.overrides))
         return 0
-    except Exception as err:  # one line for the user's mistakes, a traceback for ours
-        if args.debug or type(err).__name__ not in USER_ERRORS:
+    except UserError as err:  # one line for the user's mistakes; ours keep their traceback
+        if args.debug:
             raise
-        print(f"error: {err}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {err}", file=sys.stderr)
         return 2
 
 

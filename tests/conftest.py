@@ -18,7 +18,7 @@ def corpus(tmp_path_factory):
     return make_corpus(tmp_path_factory.mktemp("corpus"))
 
 
-def _training_setup(router: str, corpus, factory):
+def training_setup(router: str, corpus, factory, **model):
     """Config, init-weights overrides and a single-process 5-step reference run."""
     import subprocess
     import sys
@@ -26,7 +26,7 @@ def _training_setup(router: str, corpus, factory):
     from train_helpers import launch, repo_root, write_config
 
     root = factory.mktemp(router)
-    config = write_config(root / "run.yaml", corpus, model={"router": router})
+    config = write_config(root / "run.yaml", corpus, model={"router": router, **model})
     init = root / "init"
     subprocess.run(
         [sys.executable, "tools/init_weights.py", "--config", str(config), "--output", str(init)],
@@ -40,9 +40,9 @@ def _training_setup(router: str, corpus, factory):
 
 @pytest.fixture(scope="session")
 def expert_setup(corpus, tmp_path_factory):
-    return _training_setup("expert_choice", corpus, tmp_path_factory)
+    return training_setup("expert_choice", corpus, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def token_setup(corpus, tmp_path_factory):
-    return _training_setup("token_choice", corpus, tmp_path_factory)
+    return training_setup("token_choice", corpus, tmp_path_factory)

@@ -108,3 +108,33 @@ def test_te_backend_on_cpu_is_one_clear_error():
         get_mor_layer_spec("te")
     with pytest.raises(ValueError, match="unknown backend"):
         get_mor_layer_spec("fast")
+
+
+@pytest.mark.parametrize("num_recursions,depth", [(2, 8), (3, 8), (4, 10)])
+def test_pipeline_plan_balances_recursion_steps(num_recursions, depth):
+    from mor_megatron.parallel.pipeline import plan_stages, stage_flops, unit_forward_flops
+    from mor_megatron.model.units import decoder_units
+
+    cfg = config(effective_layers=depth, num_recursions=num_recursions, seq_length=256, vocab_size=512)
+    stages = plan_stages(cfg, 2)
+    assert [u for stage in stages for u in stage] == decoder_units(cfg)
+    assert all(stages)
+    flops = stage_flops(cfg, stages)
+    # no other split point does better
+    units = decoder_units(cfg)
+    head = 2 * cfg.hidden_size * cfg.vocab_size * cfg.seq_length
+    for cut in range(1, len(units)):
+        first = sum(unit_forward_flops(cfg, u) for u in units[:cut])
+        second = sum(unit_forward_flops(cfg, u) for u in units[cut:]) + head
+        assert max(flops) <= max(first, second) + 1e-6
+
+
+def test_pipeline_plan_keeps_shared_kv_recursions_together():
+    from mor_megatron.parallel.pipeline import plan_stages
+
+    cfg = config(kv_mode="share_first", seq_length=64)
+    stages = plan_stages(cfg, 2)
+    holders = [i for i, stage in enumerate(stages) if any(u.kind == "recursion" for u in stage)]
+    assert len(holders) == 1
+    with pytest.raises(ValueError, match="at most 3 stages"):
+        plan_stages(cfg, 4)

@@ -6,7 +6,7 @@ loss and gradient norm (clipping active) must agree within 1e-5 relative for 5 o
 
 import pytest
 
-from train_helpers import launch, series
+from train_helpers import launch, metrics, series
 
 pytestmark = pytest.mark.distributed
 REL = 1e-5
@@ -38,6 +38,13 @@ def test_two_process_layout_matches_single_process(setup, layout):
     run_dir = root / "-".join(layout).replace("=", "_")
     launch(config, run_dir, overrides + layout, nproc=2)
     assert_same_series(run_dir, reference)
+    if layout == ["training.micro_batch_size=1"]:
+        row = metrics(run_dir)[-1]
+        spread = [(row[f"router/r{r}/selected_tokens_dp_min"], row[f"router/r{r}/selected_tokens_dp_max"])
+                  for r in (1, 2, 3)]
+        if root.name.startswith("expert_choice"):  # expert-choice: equal work on every DP rank
+            assert all(low == high for low, high in spread), spread
+        assert all(low <= high for low, high in spread)
 
 
 def test_zero_stages_match(expert_setup):
@@ -78,3 +85,16 @@ def test_resume_matches_uninterrupted(expert_setup, first, first_nproc, second, 
             assert ours[3:] == theirs[3:], key
         else:
             assert ours[3:] == pytest.approx(theirs[3:], rel=rel), key
+
+
+@pytest.mark.parametrize("num_recursions,depth", [(2, 8), (4, 10)])
+def test_pipeline_parallel_with_two_and_four_recursions(corpus, tmp_path_factory, num_recursions, depth):
+    from conftest import training_setup
+
+    config, overrides, reference, root = training_setup(
+        "expert_choice", corpus, tmp_path_factory, num_recursions=num_recursions, effective_layers=depth
+    )
+    run_dir = root / "pp2"
+    result = launch(config, run_dir, overrides + ["parallel.pipeline_model_parallel_size=2"], nproc=2)
+    assert "pipeline stage 1:" in result.stdout
+    assert_same_series(run_dir, reference)

@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 
 from mor_megatron.config import ConfigError
 from mor_megatron.report import model_report
+from mor_megatron.sizing import Layout, memory_report
 from mor_megatron.yaml_config import load_model_config
 
 
@@ -23,6 +24,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         "overrides", nargs="*", help="section.key=value overrides, e.g. model.seq_length=4096"
     )
+    layout = parser.add_argument_group("layout for the per-GPU memory estimate")
+    layout.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    layout.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    layout.add_argument("--dp", type=int, default=1, help="data-parallel size")
+    layout.add_argument("--zero", type=int, default=1, choices=(0, 1, 2, 3), help="ZeRO stage")
+    layout.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch")
+    layout.add_argument("--recompute", action="store_true", help="full activation recomputation")
+    layout.add_argument("--fp32", action="store_true", help="fp32 training instead of bf16")
     return parser.parse_args(argv)
 
 
@@ -33,7 +42,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    report = {"config": args.config, "overrides": list(args.overrides), **model_report(config)}
+    layout = Layout(args.tp, args.pp, args.dp, args.zero, args.micro_batch, args.recompute, not args.fp32)
+    try:
+        memory = memory_report(config, layout)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    report = {
+        "config": args.config,
+        "overrides": list(args.overrides),
+        **model_report(config),
+        "memory_per_gpu": memory,
+    }
     print(json.dumps(report, indent=2))
     return 0
 

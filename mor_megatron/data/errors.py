@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from mor_megatron.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError, ValueError):
     """Bad data input or settings; the message is one line: what is wrong, then '; fix: ...'."""

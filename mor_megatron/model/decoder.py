@@ -91,7 +91,6 @@ class MoRDecoder(TransformerBlock):
             self.router = TokenChoiceRouter(config)
         self.routing_mode = "topk"
         self.router_output: Optional[RouterOutput] = None
-        self.is_last_stage = post_process
 
     def _build_layers(self) -> None:
         offset = get_transformer_layer_offset(
@@ -289,7 +288,7 @@ class MoRDecoder(TransformerBlock):
             out.aux_loss = weighted_aux_loss(self.config, losses) if losses else out.aux_loss
             self.router_output = out
 
-        if self.is_last_stage:
+        if self.post_process:
             output = state.hidden
             if self.final_layernorm is not None:
                 output = self.final_layernorm(output)

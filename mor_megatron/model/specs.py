@@ -15,12 +15,13 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
+from mor_megatron.errors import UserError
 from mor_megatron.model.attention import ActiveTokenAttention
 
 BACKENDS = ("local", "te")
 
 
-class BackendUnavailableError(RuntimeError):
+class BackendUnavailableError(UserError, RuntimeError):
     """The requested backend cannot run on this machine."""
 
 

@@ -40,6 +40,8 @@ from megatron.core.dist_checkpointing.optimizer import (
     make_sharded_optimizer_tensor,
 )
 
+from mor_megatron.errors import UserError
+from mor_megatron.training.engine import sync_learning_rate
 from mor_megatron.training.checkpoint_files import (
     LATEST,
     checkpoint_problem,
@@ -53,7 +55,7 @@ FORMAT_VERSION = 1
 ADAM_STATES = ("exp_avg", "exp_avg_sq")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used, in one line naming the file and the fix."""
 
 
@@ -143,7 +145,7 @@ def _load_universal(engine, model, directory: Path, step: int) -> None:
             "resume with the layout it was saved at, or use zero_stage 1 or 2"
         )
     loaded = dist_checkpointing.load(universal_state(engine, model, with_values=False), str(directory))
-    model.load_state_dict(loaded["model"], strict=False)
+    model.load_state_dict(loaded["model"])
     _link_zero_states(engine, step)
     params = _trained_params(model)
     for index, param in enumerate(params):
@@ -164,9 +166,6 @@ def _load_universal(engine, model, directory: Path, step: int) -> None:
     for state in engine.basic_optimizer.state.values():
         if "step" in state:
             state["step"] = torch.full_like(torch.as_tensor(state["step"], dtype=torch.float32), step)
-    scheduler = engine.lr_scheduler
-    scheduler.last_epoch = step - 1
-    scheduler.step()
 
 
 # -- save -------------------------------------------------------------------------------------------
@@ -256,6 +255,7 @@ def load_checkpoint(engine, model, directory: Path, log=print) -> TrainState:
             f"layout-free form into {_layout(engine)}"
         )
         _load_universal(engine, model, directory / "universal", state.step)
+    sync_learning_rate(engine, state.step)
     return state
 
 
@@ -275,7 +275,7 @@ def load_weights(model, directory: str) -> None:
     if not path.is_dir():
         raise CheckpointError(f"training.init_from={directory} does not exist: give a checkpoint directory")
     loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path), strict="assume_ok_unexpected")
-    model.load_state_dict(loaded["model"], strict=False)
+    model.load_state_dict(loaded["model"])
 
 
 def save_weights(model, directory: str) -> None:

@@ -96,3 +96,16 @@ def build_engine(model: nn.Module, cfg: TrainingConfig, micro_batch_size: int, n
         dist_init_required=False,
     )
     return engine
+
+
+def sync_learning_rate(engine, step: int) -> None:
+    """Set the scheduler to `step` and the optimizer's LR to this run's schedule at that step.
+
+    A resumed run may change the schedule (e.g. more `train_steps`); the LR stored with the
+    optimizer belongs to the old one.
+    """
+    scheduler = engine.lr_scheduler
+    scheduler.last_epoch = step
+    for group, base, schedule in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * schedule(step)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]

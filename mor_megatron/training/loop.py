@@ -15,6 +15,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from mor_megatron.config import MoRConfig
 from mor_megatron.data import PretrainingBatches, ValidationBatches, check_vocab, load_tokenizer
+from mor_megatron.errors import UserError
 from mor_megatron.model import MoRGPTModel
 from mor_megatron.model.units import extra_channels
 from mor_megatron.parallel.pipeline import describe_stages, plan_stages
@@ -35,7 +36,7 @@ from mor_megatron.training.metrics import MetricsWriter, peak_tflops, router_met
 from mor_megatron.training.step import lm_loss, position_ids, train_step
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """The run cannot go on; the message says why and what to do."""
 
 

@@ -1,0 +1,74 @@
+"""Read and write HF weight folders: `model.safetensors`, or shards plus
+`model.safetensors.index.json` above a size threshold."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from mor_megatron.hf.layouts import ConversionError
+
+INDEX = "model.safetensors.index.json"
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(size: str | int) -> int:
+    """Bytes of `5GB`, `500MB`, `2GiB` or a plain integer."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?I?B?)\s*", size.upper())
+    if not match or match.group(2) not in _UNITS:
+        raise ConversionError(f"--max-shard-size {size!r} is not a size: use e.g. 5GB, 500MB or a byte count")
+    return int(float(match.group(1)) * _UNITS[match.group(2)])
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], output: Path, max_shard_bytes: int) -> list[str]:
+    """Write `tensors` (in name order) into `output`; returns the file names."""
+    from safetensors.torch import save_file
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().contiguous().cpu()
+        if shards[-1] and size + _nbytes(tensor) > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += _nbytes(tensor)
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(output / "model.safetensors"), metadata=metadata)
+        return ["model.safetensors"]
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for name, shard in zip(names, shards):
+        save_file(shard, str(output / name), metadata=metadata)
+        weight_map.update({key: name for key in shard})
+    total = sum(_nbytes(t) for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (output / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return names
+
+
+def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of an HF folder (single file or sharded with an index)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if (folder / INDEX).is_file():
+        files = sorted(set(json.loads((folder / INDEX).read_text())["weight_map"].values()))
+    elif (folder / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise ConversionError(f"{folder} has no model.safetensors or {INDEX}: give a Hugging Face model folder")
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        state.update(load_file(str(folder / name)))
+    return state
