@@ -28,10 +28,11 @@ def training_setup(router: str, corpus, factory, **model):
     root = factory.mktemp(router)
     config = write_config(root / "run.yaml", corpus, model={"router": router, **model})
     init = root / "init"
-    subprocess.run(
+    made = subprocess.run(
         [sys.executable, "tools/init_weights.py", "--config", str(config), "--output", str(init)],
-        check=True, capture_output=True, cwd=repo_root(),
+        capture_output=True, text=True, cwd=repo_root(),
     )
+    assert made.returncode == 0, made.stderr[-3000:]
     overrides = [f"training.init_from={init}"]
     reference = root / "single"
     launch(config, reference, overrides)

@@ -40,7 +40,7 @@ def report(tmp_path_factory):
     proc = subprocess.run(
         [sys.executable, "tools/bench_train.py", "--config", str(config), "--batch-size", "2",
          "--seq-length", "16", "--steps", "2", "--warmup", "0", "--threads", "1",
-         "--recursions", "2,4", "--probe-size", "128", "--probe-repeats", "3", "--json", str(out)],
+         "--recursions", "4", "--probe-size", "128", "--probe-repeats", "3", "--json", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -50,10 +50,10 @@ def report(tmp_path_factory):
 
 def test_models_and_keys(report):
     models = report["models"]
-    # L=4: Nr=2 keeps L=4; Nr=4 needs L'=2+4*1=6 and a vanilla of that depth
-    assert set(models) == {"vanilla L=4", "mor nr=2", "mor nr=4", "vanilla L=6", "transformers L=4"}
+    # L=4, Nr=4: (4-2) % 4 != 0, so L' = 2 + 4*1 = 6, compared with a vanilla of that depth
+    assert set(models) == {"vanilla L=4", "mor nr=4", "vanilla L=6", "transformers L=4"}
     assert models["mor nr=4"]["effective_layers"] == 6
-    assert models["mor nr=2"]["unique_layers"] == 3  # 1 + 1 shared + 1
+    assert models["mor nr=4"]["unique_layers"] == 3  # 1 + 1 shared + 1
     for name, record in models.items():
         for key in MODEL_KEYS:
             assert key in record, (name, key)
@@ -79,7 +79,7 @@ def test_ratios_come_from_measurements(report):
             record["achieved_tflops"] / report["probe"]["tflops"]
         )
     rows = {row["mor"]: row for row in comparisons["mor_vs_vanilla"]}
-    assert set(rows) == {"mor nr=2", "mor nr=4"}
+    assert set(rows) == {"mor nr=4"}
     assert rows["mor nr=4"]["vanilla"] == "vanilla L=6"
     for name, row in rows.items():
         mor, vanilla = models[name], models[row["vanilla"]]

@@ -58,7 +58,9 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -67,6 +69,7 @@ if str(REPO) not in sys.path:  # `python tools/bench_train.py` from anywhere
     sys.path.insert(0, str(REPO))
 
 RESULT_TAG = "BENCH_RESULT "
+READY_TAG = "BENCH_READY"
 DTYPE_NAMES = ("float32", "bfloat16")
 OVERHEAD_TARGET = 1.05
 TRANSFORMERS_TARGET = 0.9
@@ -184,17 +187,16 @@ def run_worker(spec: dict) -> dict[str, Any]:
     if not cuda:
         torch.set_num_threads(spec["threads"])
     dtype = getattr(torch, spec["dtype"])
-    if spec["kind"] == "megatron" or spec.get("with_shims"):
+    if spec["kind"] == "megatron":
         from mor_megatron.parallel.state import initialize_parallel
 
-        initialize_parallel(seed=spec["seed"])
+        initialize_parallel(seed=spec["seed"])  # world of one; on CPU this installs the shims
+    elif spec.get("with_shims"):
+        from mor_megatron.parallel.cpu_shims import apply_cpu_shims
+
+        apply_cpu_shims()
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    # import the model code now, so that the memory measured below is the model's, not imports'
-    if spec["kind"] == "megatron":
-        import mor_megatron.model  # noqa: F401
-        import mor_megatron.yaml_config  # noqa: F401
-    else:
-        import transformers.models.llama.modeling_llama  # noqa: F401
+    _import_model_code(spec["kind"])  # (already done in a worker) not counted in the memory
 
     generator = torch.Generator().manual_seed(spec["seed"] + 1)
     batch, seq, vocab = spec["batch_size"], spec["seq_length"], spec["vocab_size"]
@@ -219,7 +221,7 @@ def run_worker(spec: dict) -> dict[str, Any]:
     param_dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec["lr"])
 
-    def step() -> float:
+    def step():
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(tokens, positions, labels)
         loss.backward()
@@ -257,28 +259,86 @@ def run_worker(spec: dict) -> dict[str, Any]:
     }
 
 
-def _worker_main(spec_json: str) -> int:
-    result = run_worker(json.loads(spec_json))
+def _import_model_code(kind: str) -> None:
+    """The imports a worker of `kind` needs (torch, megatron or transformers): done before the
+    worker says it is ready, so that they neither count in its memory nor overlap a timed run."""
+    import torch  # noqa: F401
+
+    if kind == "megatron":
+        import mor_megatron.model  # noqa: F401
+        import mor_megatron.parallel.state  # noqa: F401
+        import mor_megatron.yaml_config  # noqa: F401
+    else:
+        import transformers.models.llama.modeling_llama  # noqa: F401
+
+
+def _worker_main(kind: str) -> int:
+    """Import, say READY, wait for the spec on stdin, run it, print the tagged result."""
+    _import_model_code(kind)
+    print(READY_TAG, flush=True)
+    line = sys.stdin.readline()
+    if not line.strip():  # the parent went away or cancelled
+        return 1
+    result = run_worker(json.loads(line))
     sys.stdout.flush()
     print(RESULT_TAG + json.dumps(result), flush=True)
     return 0
 
 
-def launch_worker(spec: dict, verbose: bool = False) -> dict[str, Any]:
-    """Run `spec` in a fresh Python process; its last tagged stdout line is the result."""
-    env = dict(os.environ)
-    env.setdefault("PYTHONWARNINGS", "ignore")
-    env["OMP_NUM_THREADS"] = str(spec["threads"])
-    env["MKL_NUM_THREADS"] = str(spec["threads"])
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
-    proc = subprocess.run(command, capture_output=True, text=True, cwd=str(REPO), env=env)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith(RESULT_TAG)]
-    if proc.returncode != 0 or not lines:
-        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-25:])
-        raise RuntimeError(f"benchmark worker for {spec['name']} failed (rc {proc.returncode}):\n{tail}")
-    if verbose:
-        sys.stderr.write(proc.stderr)
-    return json.loads(lines[-1][len(RESULT_TAG):])
+class Worker:
+    """One model's fresh Python process. All the workers of a round are started together so that
+    their (single-threaded, slow) imports overlap; each then blocks on stdin, idle, until `run`
+    hands it its spec, so timed runs never overlap anything of ours."""
+
+    def __init__(self, kind: str, threads: int) -> None:
+        env = dict(os.environ)
+        env.setdefault("PYTHONWARNINGS", "ignore")
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+        self.stderr = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--worker", kind],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True,
+            cwd=str(REPO), env=env,
+        )
+        self.ready = False
+        self.early: list[str] = []
+
+    def wait_ready(self) -> None:
+        for line in self.proc.stdout:
+            if line.strip() == READY_TAG:
+                self.ready = True
+                return
+            self.early.append(line)
+        # stdout closed before READY: the import failed; `run` reports it
+
+    def _failure(self, name: str, stdout: str) -> RuntimeError:
+        self.stderr.seek(0)
+        text = "".join(self.early) + stdout + self.stderr.read()
+        tail = "\n".join(text.strip().splitlines()[-25:])
+        return RuntimeError(f"benchmark worker for {name} failed (rc {self.proc.returncode}):\n{tail}")
+
+    def run(self, spec: dict, verbose: bool = False) -> dict[str, Any]:
+        if not self.ready:
+            self.proc.wait()
+            raise self._failure(spec["name"], "")
+        stdout, _ = self.proc.communicate(json.dumps(spec) + "\n")
+        lines = [l for l in stdout.splitlines() if l.startswith(RESULT_TAG)]
+        if self.proc.returncode != 0 or not lines:
+            raise self._failure(spec["name"], stdout)
+        if verbose:
+            self.stderr.seek(0)
+            sys.stderr.write(self.stderr.read())
+        self.stderr.close()
+        return json.loads(lines[-1][len(RESULT_TAG):])
+
+    def cancel(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.communicate("\n", timeout=30)
+            except (subprocess.TimeoutExpired, OSError, ValueError):
+                self.proc.kill()
+                self.proc.wait()
+        self.stderr.close()
 
 
 # -- dense matmul probe ------------------------------------------------------------------------------
@@ -458,7 +518,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def render(report: dict[str, Any]) -> str:
     s = report["settings"]
     lines = [
-        f"device: {report['device']}  threads: {s['threads']}  dtype: {s['dtype']}  "
+        f"device: {report['device']}  dtype: {s['dtype']}  "
         f"batch {s['batch_size']} x seq {s['seq_length']} = {s['tokens_per_step']} tokens/step  "
         f"steps {s['steps']} (+{s['warmup']} warm-up) x {s['rounds']} round(s)",
         f"shape: hidden {s['hidden_size']}, heads {s['num_attention_heads']}, query groups "
@@ -473,13 +533,14 @@ def render(report: dict[str, Any]) -> str:
     for name, r in report["models"].items():
         rows.append([
             name, r["effective_layers"], r.get("unique_layers", "-"), f"{r['params'] / 1e6:.2f}M",
-            f"{r['step_time_s'] * 1e3:.1f}", f"{r['tokens_per_s']:.0f}",
+            f"{r['step_time_s'] * 1e3:.1f}", f"{min(r['step_times_s']) * 1e3:.1f}",
+            f"{r['tokens_per_s']:.0f}",
             f"{r['peak_memory_bytes'] / 2**20:.0f}",
             f"{r['training_flops_per_token'] / 1e6:.1f}",
             f"{r['achieved_tflops'] * 1e3:.1f}", f"{100 * r['fraction_of_probe']:.0f}%",
         ])
     lines.append(_table(
-        ["model", "L", "unique", "params", "step ms", "tok/s", "peak MiB", "MFLOP/tok",
+        ["model", "L", "unique", "params", "median ms", "min ms", "tok/s", "peak MiB", "MFLOP/tok",
          "GFLOP/s", "of probe"], rows))
     lines.append("")
     c = report["comparisons"]
@@ -503,13 +564,25 @@ def render(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _cpu_name(threads: int) -> str:
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU {name} ({os.cpu_count()} logical cores, {threads} torch threads)"
+
+
 # -- main -----------------------------------------------------------------------------------------
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(REPO / "configs" / "tiny.yaml"),
+    parser.add_argument("--config", default="configs/tiny.yaml",
                         help="YAML config whose model shape is benchmarked (default configs/tiny.yaml)")
     parser.add_argument("--seq-length", type=int, help="sequence length (default: the config's)")
     parser.add_argument("--batch-size", type=int, default=4)
@@ -531,13 +604,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--json", help="write every number to this JSON file")
     parser.add_argument("--verbose", action="store_true", help="show the workers' stderr")
     parser.add_argument("overrides", nargs="*", help="model.key=value overrides of the config")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=("megatron", "transformers"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     for name in ("batch_size", "steps", "rounds", "threads", "probe_repeats"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.warmup < 0:
         parser.error("--warmup must be at least 0")
+    if not Path(args.config).exists() and (REPO / args.config).exists():
+        args.config = str(REPO / args.config)  # repo-relative, from any working directory
     return args
 
 
@@ -548,9 +623,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     import torch
 
-    from mor_megatron.config import ConfigError
-    from mor_megatron.report import training_flops_per_token
-    from mor_megatron.yaml_config import load_model_config
+    with warnings.catch_warnings():  # megatron's "Apex/TE not installed" notes on import
+        warnings.simplefilter("ignore")
+        from mor_megatron.config import ConfigError
+        from mor_megatron.report import training_flops_per_token
+        from mor_megatron.yaml_config import load_model_config
 
     overrides = list(args.overrides)
     if args.seq_length:
@@ -566,7 +643,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cuda = torch.cuda.is_available()
     if not cuda:
         torch.set_num_threads(args.threads)
-    device = torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()})"
+    device = torch.cuda.get_device_name() if cuda else _cpu_name(args.threads)
     probe_size = args.probe_size or (8192 if cuda else 2048)
     seq, batch = base.seq_length, args.batch_size
     tokens_per_step = seq * batch
@@ -613,17 +690,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"[round {round_index + 1}] dense mm probe: {probe['median_tflops'] * 1e3:.1f} GFLOP/s",
               file=sys.stderr, flush=True)
         order = specs if round_index % 2 == 0 else specs[::-1]
-        for entry, spec in order:
-            result = launch_worker(spec, args.verbose)
-            record = models[entry["name"]]
-            record["rounds"].append(result)
-            record["step_times_s"].extend(result["step_times_s"])
-            record["params"] = result["params"]
-            done += 1
-            print(f"[{done}/{total}] {entry['name']}: median step "
-                  f"{statistics.median(result['step_times_s']) * 1e3:.1f} ms, loss "
-                  f"{result['loss_first']:.3f} -> {result['loss_last']:.3f}",
-                  file=sys.stderr, flush=True)
+        workers = [Worker(spec["kind"], args.threads) for _, spec in order]
+        try:
+            for worker in workers:
+                worker.wait_ready()
+            for worker, (entry, spec) in zip(workers, order):
+                try:
+                    result = worker.run(spec, args.verbose)
+                except RuntimeError as err:
+                    print(f"error: {err}", file=sys.stderr)
+                    return 1
+                record = models[entry["name"]]
+                record["rounds"].append(result)
+                record["step_times_s"].extend(result["step_times_s"])
+                record["params"] = result["params"]
+                done += 1
+                print(f"[{done}/{total}] {entry['name']}: median step "
+                      f"{statistics.median(result['step_times_s']) * 1e3:.1f} ms, loss "
+                      f"{result['loss_first']:.3f} -> {result['loss_last']:.3f}",
+                      file=sys.stderr, flush=True)
+        finally:
+            for worker in workers:
+                worker.cancel()
     probe_tflops = max(p["median_tflops"] for p in probes)
 
     comparisons = summarize(models, [e for e, _ in specs if e["kind"] == "megatron"],

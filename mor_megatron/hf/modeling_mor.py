@@ -209,7 +209,6 @@ class MoRPreTrainedModel(PreTrainedModel):
 class MoRModelOutput(ModelOutput):
     last_hidden_state: Optional[torch.Tensor] = None
     cache: Optional[MoRCache] = None
-    past_key_values: Optional[MoRCache] = None
     selections: Optional[tuple] = None  # per recursion step, the [B, n] mask of tokens it ran on
 
 
@@ -218,7 +217,6 @@ class MoRCausalLMOutput(ModelOutput):
     loss: Optional[torch.Tensor] = None
     logits: Optional[torch.Tensor] = None
     cache: Optional[MoRCache] = None
-    past_key_values: Optional[MoRCache] = None
     selections: Optional[tuple] = None
 
 
@@ -335,7 +333,7 @@ class MoRModel(MoRPreTrainedModel):
         work.seen_tokens += n
         work.mask = mask
         out_cache = work if use_cache else None
-        return MoRModelOutput(self.norm(hidden), out_cache, out_cache, tuple(selections))
+        return MoRModelOutput(self.norm(hidden), out_cache, tuple(selections))
 
     @staticmethod
     def _padding_mask(attention_mask, cache: MoRCache, batch: int, n: int, device) -> torch.Tensor:
@@ -409,7 +407,7 @@ class MoRForCausalLM(MoRPreTrainedModel, GenerationMixin):
                 labels[:, 1:].reshape(-1).to(logits.device),
                 ignore_index=-100,
             )
-        return MoRCausalLMOutput(loss, logits, out.cache, out.cache, out.selections)
+        return MoRCausalLMOutput(loss, logits, out.cache, out.selections)
 
     def prepare_inputs_for_generation(
         self,

@@ -3,19 +3,12 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
 from mor_megatron.parallel.cpu_shims import apply_cpu_shims
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def initialize_parallel(
@@ -26,19 +19,19 @@ def initialize_parallel(
     """Start torch.distributed (gloo on CPU, nccl on GPU) and megatron-core's parallel state.
 
     Under torchrun the rendezvous comes from the environment; a plain `python` process becomes a
-    world of one on a free loopback port. Safe to call again: an existing setup is reused when the
+    world of one over an in-memory store. Safe to call again: an existing setup is reused when the
     sizes agree.
     """
     apply_cpu_shims()
     if not dist.is_initialized():
-        if "RANK" not in os.environ:
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend)
+        if "RANK" in os.environ:
+            dist.init_process_group(backend=backend)
+        else:  # a world of one needs no rendezvous (and no port that another job could take)
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
     if parallel_state.model_parallel_is_initialized():
         same = (
             parallel_state.get_tensor_model_parallel_world_size() == tensor_model_parallel_size

@@ -1,0 +1,35 @@
+"""MoR inference: static KV caches, causal incremental decoding, a depth-wise batching engine."""
+
+from mor_megatron.inference.cache import (
+    CacheOverflowError,
+    KVCacheSet,
+    MemoryReport,
+    StaticKVCache,
+    expected_recursion_ratio,
+    kv_bytes_per_row,
+)
+from mor_megatron.inference.decode import (
+    DecodeOutput,
+    IncrementalDecoder,
+    ModelStages,
+    generate_sequential,
+)
+from mor_megatron.inference.engine import Completion, Engine, EngineStats
+from mor_megatron.inference.sampling import SamplingParams
+
+__all__ = [
+    "CacheOverflowError",
+    "Completion",
+    "DecodeOutput",
+    "Engine",
+    "EngineStats",
+    "IncrementalDecoder",
+    "KVCacheSet",
+    "MemoryReport",
+    "ModelStages",
+    "SamplingParams",
+    "StaticKVCache",
+    "expected_recursion_ratio",
+    "generate_sequential",
+    "kv_bytes_per_row",
+]

@@ -1,0 +1,302 @@
+"""Static, preallocated KV caches for MoR decoding (gpt-fast style), and their memory report.
+
+One `StaticKVCache` is a pair of `[max_batch, slots, kv_heads, head_dim]` buffers allocated once,
+plus per-row lengths and the original position of every stored entry. A row's entries need not
+be contiguous in position: a recursion-wise cache of step r stores only the tokens that were
+active at step r, so its attention masks by stored position, not by slot.
+
+`KVCacheSet` holds every cache the model needs (MOR_SPEC 5):
+- a unique layer (every token): one cache per unit of the decoder (`("unit", u)`);
+- a shared layer, recursion-wise: one cache per (recursion step, layer) (`("block", layer, r)`),
+  step r stores only the tokens active at step r;
+- a shared layer, share_first: one cache per layer written at step 1 (all tokens); later steps
+  read it (`block(layer, r)` returns the step-1 cache for every r).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mor_megatron.config import MoRConfig
+from mor_megatron.errors import UserError
+from mor_megatron.model.units import decoder_units
+
+SLOT_MODES = ("full", "capacity")
+
+
+class CacheOverflowError(UserError, RuntimeError):
+    """A row needs more KV slots than its static cache holds."""
+
+
+def ranks_within_rows(rows: Tensor) -> Tensor:
+    """For each token, how many tokens of the same row come before it in `rows` (stable)."""
+    count = rows.numel()
+    if count <= 1:
+        return torch.zeros_like(rows)
+    order = torch.argsort(rows, stable=True)
+    ordered = rows[order]
+    index = torch.arange(count, device=rows.device)
+    first = torch.ones(count, dtype=torch.bool, device=rows.device)
+    first[1:] = ordered[1:] != ordered[:-1]
+    start = torch.cummax(torch.where(first, index, torch.zeros_like(index)), dim=0).values
+    ranks = torch.empty_like(rows)
+    ranks[order] = index - start
+    return ranks
+
+
+class StaticKVCache:
+    """K/V buffers `[max_batch, slots, kv_heads, head_dim]` with per-row lengths and positions."""
+
+    def __init__(
+        self,
+        max_batch: int,
+        slots: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: Union[str, torch.device] = "cpu",
+        name: str = "cache",
+    ) -> None:
+        self.name = name
+        self.slots = slots
+        self.k = torch.zeros(max_batch, slots, kv_heads, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.positions = torch.zeros(max_batch, slots, dtype=torch.long, device=device)
+        self.lengths = torch.zeros(max_batch, dtype=torch.long, device=device)
+
+    @property
+    def entry_bytes(self) -> int:
+        """Bytes of K plus V for one token."""
+        return 2 * self.k[0, 0].numel() * self.k.element_size()
+
+    @property
+    def allocated_bytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+    @property
+    def used_bytes(self) -> int:
+        return int(self.lengths.sum()) * self.entry_bytes
+
+    def reset(self, rows: Optional[Tensor] = None) -> None:
+        """Forget the entries of `rows` (all rows when None)."""
+        if rows is None:
+            self.lengths.zero_()
+        else:
+            self.lengths[rows] = 0
+
+    def append(self, rows: Tensor, positions: Tensor, key: Tensor, value: Tensor) -> None:
+        """Store `key`/`value` `[T, kv_heads, head_dim]` of tokens at (`rows`, `positions`)."""
+        if rows.numel() == 0:
+            return
+        slot = self.lengths[rows] + ranks_within_rows(rows)
+        if int(slot.max()) >= self.slots:
+            raise CacheOverflowError(
+                f"KV cache {self.name} is full ({self.slots} slots per row): allocate with "
+                "kv_slots='full', a larger capacity margin, or a larger max_seq"
+            )
+        self.k[rows, slot] = key.to(self.k.dtype)
+        self.v[rows, slot] = value.to(self.v.dtype)
+        self.positions[rows, slot] = positions
+        self.lengths.index_add_(0, rows, torch.ones_like(rows))
+
+    def attend(self, query: Tensor, rows: Tensor, positions: Tensor, scale: Optional[float]) -> Tensor:
+        """Causal attention of `query` `[T, heads, head_dim]` over its row's stored entries at
+        positions <= its own; returns `[T, heads, head_dim]`."""
+        count, heads, head_dim = query.shape
+        unique, inverse = torch.unique(rows, return_inverse=True)
+        ranks = ranks_within_rows(rows)
+        width = int(ranks.max()) + 1 if count else 1
+        n = unique.numel()
+        q = query.new_zeros(n, width, heads, head_dim)
+        q[inverse, ranks] = query
+        # padding queries see every stored entry (their output is dropped)
+        q_pos = torch.full((n, width), torch.iinfo(torch.long).max, device=rows.device)
+        q_pos[inverse, ranks] = positions
+        lengths = self.lengths[unique]
+        span = int(lengths.max())
+        k, v = self.k[unique, :span], self.v[unique, :span]  # [n, L, g, hd]
+        stored = self.positions[unique, :span]
+        valid = torch.arange(span, device=rows.device).unsqueeze(0) < lengths.unsqueeze(1)
+        mask = valid.unsqueeze(1) & (stored.unsqueeze(1) <= q_pos.unsqueeze(2))  # [n, W, L]
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2).to(q.dtype),
+            v.transpose(1, 2).to(q.dtype),
+            attn_mask=mask.unsqueeze(1),
+            scale=scale,
+            enable_gqa=k.shape[2] != heads,
+        ).transpose(1, 2)  # [n, W, heads, hd]
+        return out[inverse, ranks]
+
+
+@dataclass
+class MemoryReport:
+    """KV bytes of the realised routing against a vanilla model of the same effective depth.
+
+    `used`: entries actually stored; `allocated`: the static buffers. The vanilla model caches
+    every token at each of `effective_layers` layers. `recursion_*` counts the shared (recursion)
+    layers only, where MOR_SPEC 5 states the ratios.
+    """
+
+    entry_bytes: int
+    tokens: int
+    used_bytes: int
+    allocated_bytes: int
+    vanilla_used_bytes: int
+    vanilla_allocated_bytes: int
+    recursion_used_bytes: int
+    recursion_vanilla_bytes: int
+
+    @property
+    def used_ratio(self) -> float:
+        return self.used_bytes / max(1, self.vanilla_used_bytes)
+
+    @property
+    def allocated_ratio(self) -> float:
+        return self.allocated_bytes / max(1, self.vanilla_allocated_bytes)
+
+    @property
+    def recursion_ratio(self) -> float:
+        return self.recursion_used_bytes / max(1, self.recursion_vanilla_bytes)
+
+    def summary(self) -> str:
+        mib = 2.0**20
+        return (
+            f"KV cache: {self.tokens} tokens, used {self.used_bytes / mib:.3f} MiB vs vanilla "
+            f"{self.vanilla_used_bytes / mib:.3f} MiB ({self.used_ratio:.3f}x; recursion layers "
+            f"{self.recursion_ratio:.3f}x), allocated {self.allocated_bytes / mib:.3f} MiB vs "
+            f"{self.vanilla_allocated_bytes / mib:.3f} MiB ({self.allocated_ratio:.3f}x)"
+        )
+
+
+def expected_recursion_ratio(config: MoRConfig) -> float:
+    """MOR_SPEC 5 on the recursion layers when step r keeps a share c_r of the tokens:
+    recursion-wise sum(c_r)/Nr ((Nr+1)/(2Nr) at the default capacities); share_first 1/Nr."""
+    nr = config.num_recursions
+    if config.router == "none" or nr == 1:
+        return 1.0
+    if config.kv_mode == "share_first":
+        return 1.0 / nr
+    return sum(config.capacities) / nr
+
+
+def step_slots(config: MoRConfig, max_seq: int, mode: str, margin: float) -> list[int]:
+    """Slots per row of each recursion step's caches: all `max_seq` ("full"), or the step's
+    capacity share times `margin` ("capacity": static memory shrinks as MOR_SPEC 5 says)."""
+    if mode not in SLOT_MODES:
+        raise ValueError(f"unknown kv_slots '{mode}': choose one of {', '.join(SLOT_MODES)}")
+    nr = config.num_recursions
+    if mode == "full" or config.router == "none":
+        return [max_seq] * nr
+    return [min(max_seq, max(1, math.ceil(c * max_seq * margin - 1e-9))) for c in config.capacities]
+
+
+class KVCacheSet:
+    """Every KV cache of one model for `max_batch` rows of up to `max_seq` tokens."""
+
+    def __init__(
+        self,
+        config: MoRConfig,
+        max_batch: int,
+        max_seq: int,
+        kv_slots: str = "full",
+        capacity_margin: float = 1.25,
+        dtype: Optional[torch.dtype] = None,
+        device: Union[str, torch.device] = "cpu",
+    ) -> None:
+        self.config = config
+        self.max_batch, self.max_seq = max_batch, max_seq
+        self.share_first = config.kv_mode == "share_first" and config.router != "none"
+        dtype = dtype or config.params_dtype
+        groups = config.num_query_groups or config.num_attention_heads
+        groups //= config.tensor_model_parallel_size
+        head_dim = config.head_dim
+        plan = config.recursion_plan
+        self.units = decoder_units(config)
+        self.slots = step_slots(config, max_seq, kv_slots, capacity_margin)
+        self.caches: dict[tuple, StaticKVCache] = {}
+        for position, unit in enumerate(self.units):
+            if unit.kind == "layer":
+                self.caches[("unit", position)] = StaticKVCache(
+                    max_batch, max_seq, groups, head_dim, dtype, device, f"unit {position}"
+                )
+        if config.router != "none":
+            steps = 1 if self.share_first else plan.num_recursions
+            for layer in plan.block:
+                for step in range(steps):
+                    self.caches[("block", layer, step)] = StaticKVCache(
+                        max_batch, self.slots[step], groups, head_dim, dtype, device,
+                        f"layer {layer} step {step + 1}",
+                    )
+        self.row_tokens = torch.zeros(max_batch, dtype=torch.long, device=device)
+
+    def unit(self, position: int) -> StaticKVCache:
+        return self.caches[("unit", position)]
+
+    def block(self, layer: int, step: int) -> StaticKVCache:
+        """The cache a shared layer reads at recursion `step` (0-based)."""
+        return self.caches[("block", layer, 0 if self.share_first else step)]
+
+    def writes(self, step: int) -> bool:
+        """Whether recursion `step` stores K/V (share_first: only the first step)."""
+        return not self.share_first or step == 0
+
+    def reset(self, rows: Optional[Tensor] = None) -> None:
+        for cache in self.caches.values():
+            cache.reset(rows)
+        if rows is None:
+            self.row_tokens.zero_()
+        else:
+            self.row_tokens[rows] = 0
+
+    def count_tokens(self, rows: Tensor) -> None:
+        """Record tokens entering the model (the vanilla comparison caches all of them)."""
+        self.row_tokens.index_add_(0, rows, torch.ones_like(rows))
+
+    @property
+    def allocated_bytes(self) -> int:
+        return sum(cache.allocated_bytes for cache in self.caches.values())
+
+    def memory_report(self) -> MemoryReport:
+        config = self.config
+        any_cache = next(iter(self.caches.values()))
+        entry = any_cache.entry_bytes
+        tokens = int(self.row_tokens.sum())
+        depth = config.effective_layers
+        plan = config.recursion_plan
+        recursion_layers = len(plan.block) * plan.num_recursions if config.router != "none" else 0
+        recursion_used = sum(
+            cache.used_bytes for key, cache in self.caches.items() if key[0] == "block"
+        )
+        return MemoryReport(
+            entry_bytes=entry,
+            tokens=tokens,
+            used_bytes=sum(cache.used_bytes for cache in self.caches.values()),
+            allocated_bytes=self.allocated_bytes,
+            vanilla_used_bytes=depth * tokens * entry,
+            vanilla_allocated_bytes=depth * self.max_batch * self.max_seq * entry,
+            recursion_used_bytes=recursion_used,
+            recursion_vanilla_bytes=recursion_layers * tokens * entry,
+        )
+
+
+def kv_bytes_per_row(config: MoRConfig, max_seq: int, kv_slots: str = "full", capacity_margin: float = 1.25,
+                     dtype: Optional[torch.dtype] = None) -> int:
+    """Static KV bytes one row of a `KVCacheSet` allocates (without allocating it)."""
+    dtype = dtype or config.params_dtype
+    groups = (config.num_query_groups or config.num_attention_heads) // config.tensor_model_parallel_size
+    entry = 2 * groups * config.head_dim * torch.empty((), dtype=dtype).element_size()
+    plan = config.recursion_plan
+    units = decoder_units(config)
+    total = sum(max_seq for unit in units if unit.kind == "layer")
+    if config.router != "none":
+        slots = step_slots(config, max_seq, kv_slots, capacity_margin)
+        steps = 1 if config.kv_mode == "share_first" else plan.num_recursions
+        total += len(plan.block) * sum(slots[:steps])
+    return total * entry

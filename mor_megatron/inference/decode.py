@@ -1,0 +1,259 @@
+"""Incremental MoR decoding with causal routing: the model's stages over flat token batches.
+
+`ModelStages` splits a `MoRGPTModel` into what a decoder calls: embedding, unique layers before
+the recursions (`prefix`), one recursion step of the shared block over tokens that may sit at
+different steps (`block`), the routers, the unique layers after the recursions (`suffix`), final
+norm and LM head. Routing is the model's `routing_mode="threshold"` rule, causal per token:
+- expert-choice: at step r a token that ran step r-1 continues when sigmoid(logit_r) >= 0.5
+  (auxiliary router logits when the model has them; a step of capacity 1 keeps every token);
+  H <- H + g * f(H) with g = alpha * act(logit_r);
+- token-choice: depth = argmax of the router on the stream entering recursion 1; the token runs
+  the block ungated while its depth lasts, then H = H_1 + g * F_depth(H_1).
+
+`IncrementalDecoder` runs all stages in order on any set of new tokens (prefill or one token per
+row), appending to static KV caches: the reference path, sequence-wise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Union
+
+import torch
+from torch import Tensor
+
+from mor_megatron.inference.cache import KVCacheSet, StaticKVCache, ranks_within_rows
+from mor_megatron.inference.layers import TokenBatch, layer_forward, softmax_scale
+
+# depth_override(rows [T], positions [T]) -> recursion depth per token, 1..Nr (tests, demos)
+DepthOverride = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass
+class Routed:
+    """Tokens that continue to the next recursion step, and their gate (expert-choice)."""
+
+    keep: Tensor  # [T] bool
+    gate: Tensor  # [T]
+
+
+class ModelStages:
+    """The stages of one `MoRGPTModel` (TP=1, PP=1) over flat `[T, 1, D]` token batches."""
+
+    def __init__(self, model, caches: KVCacheSet, depth_override: Optional[DepthOverride] = None) -> None:
+        model.eval()
+        self.model, self.config, self.decoder = model, model.config, model.decoder
+        self.caches = caches
+        self.plan = self.config.recursion_plan
+        self.router = self.config.router
+        self.num_recursions = self.plan.num_recursions if self.router != "none" else 0
+        self.depth_override = depth_override
+        units = caches.units
+        steps = [i for i, unit in enumerate(units) if unit.kind == "recursion"]
+        first, last = (steps[0], steps[-1]) if steps else (len(units), len(units))
+        self.prefix = [(i, units[i].index) for i in range(first)]
+        self.suffix = [(i, units[i].index) for i in range(last + 1, len(units))]
+        self.rope_table = model.rotary_pos_emb(caches.max_seq)  # [max_seq, 1, 1, rot_dim]
+        self.scale = softmax_scale(next(iter(self.decoder.layers)))
+
+    # -- pieces ---------------------------------------------------------------------------------
+
+    def batch(self, rows: Tensor, positions: Tensor) -> TokenBatch:
+        if positions.numel() and int(positions.max()) >= self.caches.max_seq:
+            raise ValueError(f"position {int(positions.max())} is beyond max_seq={self.caches.max_seq}")
+        return TokenBatch(rows, positions, self.rope_table[positions])
+
+    def embed(self, tokens: Tensor, batch: TokenBatch) -> Tensor:
+        """Token ids `[T]` -> `[T, 1, D]` (the model's word embedding)."""
+        self.caches.count_tokens(batch.rows)
+        return self.model.embedding(input_ids=tokens.unsqueeze(0), position_ids=batch.positions.unsqueeze(0))
+
+    def _cached(self, cache: StaticKVCache, batch: TokenBatch, write: bool):
+        def attend(query: Tensor, key: Tensor, value: Tensor) -> Tensor:
+            if write:
+                cache.append(batch.rows, batch.positions, key, value)
+            return cache.attend(query, batch.rows, batch.positions, self.scale)
+
+        return attend
+
+    def run_units(self, units: list[tuple[int, int]], hidden: Tensor, batch: TokenBatch) -> Tensor:
+        """Unique layers (every token, full caches)."""
+        for position, layer in units:
+            cache = self.caches.unit(position)
+            hidden = layer_forward(self.decoder.layers[layer], hidden, batch, self._cached(cache, batch, True))
+        return hidden
+
+    def block(self, hidden: Tensor, batch: TokenBatch, steps: Tensor) -> Tensor:
+        """f(hidden): the shared block once, each token at its own recursion step `steps` [T]
+        (attention through that step's cache); tokens of different steps share the matmuls."""
+        present = [int(s) for s in torch.unique(steps)]
+        groups = [(s, (steps == s).nonzero().squeeze(1)) for s in present]
+        for layer in self.plan.block:
+
+            def attend(query: Tensor, key: Tensor, value: Tensor, layer: int = layer) -> Tensor:
+                if len(groups) == 1:
+                    step = groups[0][0]
+                    cache = self.caches.block(layer, step)
+                    return self._cached(cache, batch, self.caches.writes(step))(query, key, value)
+                out = torch.empty_like(query)
+                for step, index in groups:
+                    sub = batch.select(index)
+                    cache = self.caches.block(layer, step)
+                    out[index] = self._cached(cache, sub, self.caches.writes(step))(
+                        query[index], key[index], value[index]
+                    )
+                return out
+
+            hidden = layer_forward(self.decoder.layers[layer], hidden, batch, attend)
+        return hidden
+
+    def expert_route(self, step: int, hidden: Tensor, batch: TokenBatch) -> Routed:
+        """Expert-choice decision of recursion `step` for tokens that ran the previous step."""
+        router = self.decoder.routers[str(step)]
+        logits, aux = router(hidden)
+        logits = logits.reshape(-1)
+        gate = router.gate(logits)
+        if self.depth_override is not None:
+            keep = self.depth_override(batch.rows, batch.positions) > step
+        elif self.config.capacities[step] >= 1.0:
+            keep = torch.ones_like(logits, dtype=torch.bool)
+        else:
+            decide = aux.reshape(-1) if aux is not None else logits
+            keep = decide >= 0
+        return Routed(keep, gate)
+
+    def token_route(self, hidden: Tensor, batch: TokenBatch) -> tuple[Tensor, Tensor]:
+        """Token-choice: 0-based depth `[T]` and gate `[T]` from the stream entering recursion 1."""
+        router = self.decoder.router
+        depth, gate, logits = router(hidden)
+        depth, gate = depth.reshape(-1), gate.reshape(-1)
+        if self.depth_override is not None:
+            depth = (self.depth_override(batch.rows, batch.positions) - 1).to(depth.dtype)
+            probs = logits.softmax(-1) if router.activation == "softmax" else logits.sigmoid()
+            gate = router.alpha * probs.reshape(depth.numel(), -1).gather(1, depth.unsqueeze(1)).squeeze(1)
+        return depth, gate
+
+    def head(self, hidden: Tensor) -> Tensor:
+        """Final RMSNorm and LM head: `[T, 1, D]` -> logits `[T, V]`."""
+        if self.decoder.final_layernorm is not None:
+            hidden = self.decoder.final_layernorm(hidden)
+        weight = self.model.shared_embedding_or_output_weight() if self.model.share_embeddings_and_output_weights else None
+        logits, _ = self.model.output_layer(hidden, weight=weight)
+        return logits[:, 0]
+
+    # -- all stages, sequence-wise -----------------------------------------------------------------
+
+    def forward(self, tokens: Tensor, batch: TokenBatch) -> tuple[Tensor, Tensor]:
+        """Every stage in order: logits `[T, V]` and recursion depth `[T]` of each token."""
+        hidden = self.run_units(self.prefix, self.embed(tokens, batch), batch)
+        depth = torch.zeros_like(tokens)
+        if self.router == "expert_choice":
+            active = torch.arange(tokens.numel(), device=tokens.device)
+            for step in range(self.num_recursions):
+                routed = self.expert_route(step, hidden[active], batch.select(active))
+                active = active[routed.keep]
+                if active.numel() == 0:
+                    break
+                sub = batch.select(active)
+                out = self.block(hidden[active], sub, torch.full_like(active, step))
+                gate = routed.gate[routed.keep]
+                hidden = hidden.index_add(0, active, gate.view(-1, 1, 1) * out)
+                depth[active] += 1
+        elif self.router == "token_choice":
+            chosen, gate = self.token_route(hidden, batch)
+            running = hidden
+            for step in range(self.num_recursions):
+                active = (chosen >= step).nonzero().squeeze(1)
+                if active.numel() == 0:
+                    break
+                out = self.block(running[active], batch.select(active), torch.full_like(active, step))
+                running = running.index_copy(0, active, out)
+            hidden = hidden + gate.view(-1, 1, 1) * running
+            depth = chosen + 1
+        hidden = self.run_units(self.suffix, hidden, batch)
+        return self.head(hidden), depth
+
+
+@dataclass
+class DecodeOutput:
+    logits: Tensor  # [T, V]
+    depths: Tensor  # [T] recursion steps each token ran (0 without a router)
+
+
+class IncrementalDecoder:
+    """Prefill and token-by-token decoding of up to `max_batch` rows through static KV caches.
+
+    kv_slots: "full" (every cache holds `max_seq` entries per row) or "capacity" (recursion
+    step r holds c_r x max_seq x capacity_margin, the static saving of MOR_SPEC 5; a row that
+    routes more tokens deeper than that raises `CacheOverflowError`).
+    """
+
+    def __init__(
+        self,
+        model,
+        max_batch: int = 1,
+        max_seq: Optional[int] = None,
+        kv_slots: str = "full",
+        capacity_margin: float = 1.25,
+        depth_override: Optional[DepthOverride] = None,
+        device: Union[str, torch.device, None] = None,
+    ) -> None:
+        config = model.config
+        device = device or next(model.parameters()).device
+        self.device = torch.device(device)
+        self.caches = KVCacheSet(
+            config, max_batch, max_seq or config.seq_length, kv_slots, capacity_margin, device=device
+        )
+        self.stages = ModelStages(model, self.caches, depth_override)
+        self.lengths = torch.zeros(max_batch, dtype=torch.long, device=device)
+
+    def reset(self, rows: Optional[Tensor] = None) -> None:
+        """Forget `rows` (all rows when None)."""
+        self.caches.reset(rows)
+        if rows is None:
+            self.lengths.zero_()
+        else:
+            self.lengths[rows] = 0
+
+    @torch.no_grad()
+    def forward_flat(self, tokens: Tensor, rows: Tensor, positions: Optional[Tensor] = None) -> DecodeOutput:
+        """Append tokens `[T]` to their `rows` `[T]` (in order within a row); positions default
+        to each row's next positions."""
+        tokens, rows = tokens.to(self.device), rows.to(self.device)
+        if positions is None:
+            positions = self.lengths[rows] + ranks_within_rows(rows)
+        positions = positions.to(self.device)
+        logits, depths = self.stages.forward(tokens, self.stages.batch(rows, positions))
+        self.lengths.index_add_(0, rows, torch.ones_like(rows))
+        return DecodeOutput(logits, depths)
+
+    def forward(self, tokens: Tensor, rows: Optional[Tensor] = None) -> Tensor:
+        """`[B, T]` new tokens for rows `rows` (default 0..B-1) -> logits `[B, T, V]`."""
+        batch, count = tokens.shape
+        rows = torch.arange(batch) if rows is None else rows
+        flat_rows = rows.to(self.device).repeat_interleave(count)
+        out = self.forward_flat(tokens.reshape(-1), flat_rows)
+        return out.logits.view(batch, count, -1)
+
+    def memory_report(self):
+        return self.caches.memory_report()
+
+
+@torch.no_grad()
+def generate_sequential(
+    model, prompt: list[int], params=None, max_seq: Optional[int] = None, tokenizer=None
+) -> list[int]:
+    """One request alone, prefill then one token at a time (the reference for the engine)."""
+    from mor_megatron.inference.sampling import SamplingParams, make_generator, sample, stop_reason
+
+    params = params or SamplingParams()
+    decoder = IncrementalDecoder(model, max_batch=1, max_seq=max_seq)
+    generator = make_generator(params, decoder.device)
+    decode = tokenizer.decode if tokenizer is not None else None
+    logits = decoder.forward(torch.tensor([prompt]))[0, -1]
+    generated: list[int] = []
+    while True:
+        generated.append(sample(logits, params, generator))
+        if stop_reason(generated, params, decode) or int(decoder.lengths[0]) >= decoder.caches.max_seq:
+            return generated
+        logits = decoder.forward(torch.tensor([[generated[-1]]]))[0, -1]

@@ -1,0 +1,360 @@
+"""`Engine`: a request queue served with continuous depth-wise batching (MOR_SPEC 6).
+
+Every in-flight token is in one of three places:
+- entering: sampled (or prompt) tokens waiting for the embedding and the unique layers before the
+  recursions; they are routed for recursion 1 right away;
+- the block pool: tokens waiting for their next recursion step. Each tick the shared block runs
+  once on the pool, mixing tokens of every depth (each attends through its own step's cache);
+  a token the router lets go leaves the pool at once, so its slot goes to the next token;
+- exited: tokens done recursing, collected for the unique layers after the recursions, the final
+  norm and the LM head. A row's exited tokens move on together once none of its tokens is still
+  recursing (a prompt's tokens exit at different depths; the suffix layer must see them in order).
+
+A sampled token re-enters at the next tick; a finished sequence frees its cache row and the
+queue fills it. Without a router (a vanilla model) the same loop is sequence-wise continuous
+batching: every layer runs at entry. Decisions are per token and causal (`ModelStages`), so
+greedy tokens equal decoding each request alone.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from mor_megatron.inference.cache import KVCacheSet
+from mor_megatron.inference.decode import DepthOverride, ModelStages
+from mor_megatron.inference.sampling import (
+    SamplingParams,
+    cut_at_stop,
+    make_generator,
+    sample,
+    stop_reason,
+)
+
+
+@dataclass
+class Completion:
+    """A finished request. `depths`: recursion steps run by each token fed to the model
+    (prompt, then every generated token but the last)."""
+
+    request_id: int
+    prompt: list[int]
+    token_ids: list[int]
+    finish_reason: str
+    depths: list[int] = field(default_factory=list)
+    text: Optional[str] = None
+
+
+@dataclass
+class _Request:
+    request_id: int
+    prompt: list[int]
+    params: SamplingParams
+
+
+@dataclass
+class _Row:
+    request: _Request
+    generator: Optional[torch.Generator]
+    next_position: int = 0
+    pending: list[int] = field(default_factory=list)
+    generated: list[int] = field(default_factory=list)
+    depths: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Tokens:
+    """A flat set of in-flight tokens (all tensors share the first axis)."""
+
+    rows: Tensor
+    positions: Tensor
+    hidden: Tensor  # [n, 1, D]: expert-choice stream, or token-choice running state
+    step: Tensor  # next recursion step (pool) / steps run (exited)
+    gate: Tensor  # expert-choice: gate of the next step; token-choice: final gate
+    h1: Optional[Tensor] = None  # token-choice: stream entering recursion 1
+    depth: Optional[Tensor] = None  # token-choice: chosen 0-based depth
+
+    def take(self, index: Tensor) -> "_Tokens":
+        pick = lambda t: None if t is None else t[index]  # noqa: E731
+        return _Tokens(*(pick(getattr(self, name)) for name in _FIELDS))
+
+    @property
+    def count(self) -> int:
+        return self.rows.numel()
+
+
+_FIELDS = ("rows", "positions", "hidden", "step", "gate", "h1", "depth")
+
+
+def _cat(parts: list[_Tokens]) -> Optional[_Tokens]:
+    parts = [p for p in parts if p is not None and p.count]
+    if not parts:
+        return None
+    if len(parts) == 1:
+        return parts[0]
+    values = []
+    for name in _FIELDS:
+        items = [getattr(p, name) for p in parts]
+        values.append(None if items[0] is None else torch.cat(items))
+    return _Tokens(*values)
+
+
+@dataclass
+class EngineStats:
+    ticks: int = 0
+    block_calls: int = 0
+    block_tokens: int = 0
+    mixed_depth_calls: int = 0  # block calls whose tokens sat at more than one recursion step
+    entered_tokens: int = 0
+    generated_tokens: int = 0
+
+    @property
+    def mean_block_tokens(self) -> float:
+        return self.block_tokens / max(1, self.block_calls)
+
+
+class Engine:
+    """Serve requests with continuous depth-wise batching over `max_batch` cache rows.
+
+    max_block_tokens: cap on the tokens one shared-block call takes (deepest rows first; a row's
+    tokens are never split); None runs the whole pool each tick.
+    kv_slots / capacity_margin: see `IncrementalDecoder`.
+    tokenizer: anything with `decode(ids) -> str`; needed for stop strings and `Completion.text`.
+    """
+
+    def __init__(
+        self,
+        model,
+        max_batch: int = 8,
+        max_seq: Optional[int] = None,
+        kv_slots: str = "full",
+        capacity_margin: float = 1.25,
+        max_block_tokens: Optional[int] = None,
+        tokenizer=None,
+        depth_override: Optional[DepthOverride] = None,
+        device: Union[str, torch.device, None] = None,
+    ) -> None:
+        config = model.config
+        device = torch.device(device or next(model.parameters()).device)
+        self.device, self.max_batch = device, max_batch
+        self.max_seq = max_seq or config.seq_length
+        self.caches = KVCacheSet(config, max_batch, self.max_seq, kv_slots, capacity_margin, device=device)
+        self.stages = ModelStages(model, self.caches, depth_override)
+        self.max_block_tokens = max_block_tokens
+        self.tokenizer = tokenizer
+        self.queue: deque[_Request] = deque()
+        self.rows: dict[int, _Row] = {}
+        self.pool: Optional[_Tokens] = None
+        self.exited: Optional[_Tokens] = None
+        self.stats = EngineStats()
+        self._waited: dict[int, int] = {}  # row -> block calls it sat out
+        self._ids = itertools.count()
+
+    # -- requests --------------------------------------------------------------------------------
+
+    def add_request(self, prompt: Sequence[int], params: Optional[SamplingParams] = None) -> int:
+        """Queue a prompt (token ids); returns its request id."""
+        prompt = [int(t) for t in prompt]
+        if not prompt:
+            raise ValueError("empty prompt: give at least one token")
+        if len(prompt) >= self.max_seq:
+            raise ValueError(f"prompt of {len(prompt)} tokens leaves no room in max_seq={self.max_seq}")
+        request = _Request(next(self._ids), prompt, params or SamplingParams())
+        self.queue.append(request)
+        return request.request_id
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.queue or self.rows)
+
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: Union[SamplingParams, Sequence[SamplingParams], None] = None
+    ) -> list[Completion]:
+        """Queue `prompts`, run until all are done; completions in prompt order."""
+        if params is None or isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        ids = [self.add_request(prompt, p) for prompt, p in zip(prompts, params)]
+        done = {c.request_id: c for c in self.run()}
+        return [done[i] for i in ids]
+
+    def run(self) -> list[Completion]:
+        """Step until the queue and every row are empty."""
+        finished: list[Completion] = []
+        while self.busy:
+            finished.extend(self.step())
+        return finished
+
+    # -- one tick --------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self) -> list[Completion]:
+        """Admit, enter, one shared-block call, exit; returns the requests finished now."""
+        self.stats.ticks += 1
+        self._admit()
+        self._enter()
+        self._run_block()
+        return self._leave()
+
+    def _admit(self) -> None:
+        free = [row for row in range(self.max_batch) if row not in self.rows]
+        for row in free:
+            if not self.queue:
+                break
+            request = self.queue.popleft()
+            self.caches.reset(torch.tensor([row], device=self.device))
+            state = _Row(request, make_generator(request.params, self.device))
+            state.pending = list(request.prompt)
+            self.rows[row] = state
+
+    def _enter(self) -> None:
+        entering = [(row, state) for row, state in self.rows.items() if state.pending]
+        if not entering:
+            return
+        tokens, rows, positions = [], [], []
+        for row, state in entering:
+            count = len(state.pending)
+            tokens += state.pending
+            rows += [row] * count
+            positions += range(state.next_position, state.next_position + count)
+            state.next_position += count
+            state.pending = []
+        as_long = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
+        tokens, rows, positions = as_long(tokens), as_long(rows), as_long(positions)
+        self.stats.entered_tokens += tokens.numel()
+        stages = self.stages
+        batch = stages.batch(rows, positions)
+        hidden = stages.run_units(stages.prefix, stages.embed(tokens, batch), batch)
+        zeros = torch.zeros_like(rows)
+        fresh = _Tokens(rows, positions, hidden, zeros, hidden.new_zeros(rows.shape))
+        if stages.router == "none":
+            self.exited = _cat([self.exited, fresh])
+        elif stages.router == "expert_choice":
+            routed = stages.expert_route(0, hidden, batch)
+            fresh.gate = routed.gate
+            self.pool = _cat([self.pool, fresh.take(routed.keep)])
+            self.exited = _cat([self.exited, fresh.take(~routed.keep)])
+        else:
+            depth, gate = stages.token_route(hidden, batch)
+            fresh.gate, fresh.h1, fresh.depth = gate, hidden, depth
+            self.pool = _cat([self.pool, fresh])
+
+    def _pick(self, pool: _Tokens) -> Tensor:
+        """Boolean mask of the pool tokens the next block call takes: rows by priority (recursion
+        step plus ticks already waited, so deep tokens go first and nobody starves), greedily
+        while they fit under `max_block_tokens`; the first row is always taken."""
+        cap = self.max_block_tokens
+        if cap is None or pool.count <= cap:
+            self._waited.clear()
+            return torch.ones_like(pool.rows, dtype=torch.bool)
+        rows, counts = torch.unique(pool.rows, return_counts=True)
+        step = torch.zeros(self.max_batch, dtype=torch.long, device=self.device)
+        step[pool.rows] = pool.step
+        priority = {
+            row: int(step[row]) + self._waited.get(row, 0) for row in rows.tolist()
+        }
+        taken, used = [], 0
+        for row, count in sorted(zip(rows.tolist(), counts.tolist()), key=lambda rc: -priority[rc[0]]):
+            if not taken or used + count <= cap:
+                taken.append(row)
+                used += count
+        for row in rows.tolist():
+            self._waited[row] = 0 if row in taken else self._waited.get(row, 0) + 1
+        return torch.isin(pool.rows, torch.tensor(taken, device=self.device))
+
+    def _run_block(self) -> None:
+        pool = self.pool
+        if pool is None or pool.count == 0:
+            return
+        chosen = self._pick(pool)
+        waiting = pool.take(~chosen)
+        run = pool.take(chosen)
+        stages = self.stages
+        batch = stages.batch(run.rows, run.positions)
+        out = stages.block(run.hidden, batch, run.step)
+        self.stats.block_calls += 1
+        self.stats.block_tokens += run.count
+        self.stats.mixed_depth_calls += int(torch.unique(run.step).numel() > 1)
+        nxt = run.step + 1
+        last = stages.num_recursions
+        if stages.router == "expert_choice":
+            run.hidden = run.hidden + run.gate.view(-1, 1, 1) * out
+            keep = torch.zeros_like(nxt, dtype=torch.bool)
+            for step in [int(s) for s in torch.unique(nxt) if int(s) < last]:
+                index = (nxt == step).nonzero().squeeze(1)
+                routed = stages.expert_route(step, run.hidden[index], batch.select(index))
+                keep[index] = routed.keep
+                run.gate[index] = routed.gate
+            run.step = nxt
+            leaving = run.take(~keep)
+            staying = run.take(keep)
+        else:
+            run.hidden = out
+            keep = (run.depth >= nxt) & (nxt < last)
+            run.step = nxt
+            staying = run.take(keep)
+            leaving = run.take(~keep)
+            leaving.hidden = leaving.h1 + leaving.gate.view(-1, 1, 1) * leaving.hidden
+        self.pool = _cat([waiting, staying])
+        self.exited = _cat([self.exited, leaving])
+
+    def _leave(self) -> list[Completion]:
+        exited = self.exited
+        if exited is None or exited.count == 0:
+            return []
+        ready = torch.ones_like(exited.rows, dtype=torch.bool)
+        if self.pool is not None and self.pool.count:
+            ready = ~torch.isin(exited.rows, self.pool.rows)
+        if not bool(ready.any()):
+            return []
+        done = exited.take(ready)
+        self.exited = exited.take(~ready)
+        stages = self.stages
+        batch = stages.batch(done.rows, done.positions)
+        hidden = stages.run_units(stages.suffix, done.hidden, batch)
+        # the last token of each row: larger position wins
+        key = done.rows * (self.max_seq + 1) + done.positions
+        order = torch.argsort(key)
+        rows_sorted = done.rows[order]
+        is_last = torch.ones_like(rows_sorted, dtype=torch.bool)
+        is_last[:-1] = rows_sorted[1:] != rows_sorted[:-1]
+        last = order[is_last]
+        logits = stages.head(hidden[last])
+        for row, position, depth in zip(done.rows.tolist(), done.positions.tolist(), done.step.tolist()):
+            self.rows[row].depths[position] = depth
+        finished = []
+        for index, row in enumerate(done.rows[last].tolist()):
+            completion = self._sample(row, logits[index])
+            if completion is not None:
+                finished.append(completion)
+        return finished
+
+    def _sample(self, row: int, logits: Tensor) -> Optional[Completion]:
+        state = self.rows[row]
+        params = state.request.params
+        token = sample(logits, params, state.generator)
+        state.generated.append(token)
+        self.stats.generated_tokens += 1
+        decode = self.tokenizer.decode if self.tokenizer is not None else None
+        reason = stop_reason(state.generated, params, decode)
+        if reason is None and state.next_position >= self.max_seq:
+            reason = "length"
+        if reason is None:
+            state.pending = [token]
+            return None
+        del self.rows[row]
+        text = None
+        if self.tokenizer is not None:
+            text = cut_at_stop(self.tokenizer.decode(state.generated), params)
+        depths = [state.depths[p] for p in sorted(state.depths)]
+        return Completion(
+            state.request.request_id, state.request.prompt, state.generated, reason, depths, text
+        )
+
+    def memory_report(self):
+        """KV bytes of the tokens now cached (see `KVCacheSet.memory_report`)."""
+        return self.caches.memory_report()

@@ -1,0 +1,85 @@
+"""Faults during training: SIGTERM saves and exits, non-finite steps are skipped and counted and
+stop the run after `max_bad_steps` in a row, recomputation changes nothing but memory."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from train_helpers import launch, metrics, repo_root, series, write_config
+
+pytestmark = pytest.mark.distributed
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_cleanly(corpus, tmp_path):
+    config = write_config(tmp_path / "run.yaml", corpus, training={"train_steps": 500})
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mor_megatron.pretrain", "--config", str(config), f"logging.dir={run_dir}"],
+        cwd=repo_root(), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if (run_dir / "metrics.jsonl").exists() and len(series(run_dir, "train/loss")) >= 2:
+            break
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 0, output[-3000:]
+    step = len(series(run_dir, "train/loss"))
+    assert "SIGTERM received: checkpoint written at step" in output
+    assert (run_dir / "checkpoints" / f"step_{step:08d}" / "meta.json").is_file()
+
+
+def test_recomputation_gives_the_same_training(expert_setup):
+    config, overrides, reference, root = expert_setup
+    run_dir = root / "recompute"
+    launch(config, run_dir, overrides + ["training.recompute=true"])
+    for key in ("train/loss", "train/grad_norm"):
+        assert series(run_dir, key) == pytest.approx(series(reference, key), rel=1e-6)
+
+
+def _run_in_process(config, run_dir, overrides, nan_steps, monkeypatch):
+    """pretrain() in this process with the LM loss poisoned at the given (1-based) steps."""
+    from mor_megatron.training import step as step_module
+    from mor_megatron.training.config import load_run_config
+    from mor_megatron.training.loop import pretrain
+
+    calls = {"step": 0, "micro": 0}
+    original = step_module.lm_loss
+    original_train_step = step_module.train_step
+
+    def counting_train_step(*args, **kwargs):
+        calls["step"] += 1
+        return original_train_step(*args, **kwargs)
+
+    def poisoned(per_token, mask):
+        loss = original(per_token, mask)
+        return loss * float("nan") if calls["step"] in nan_steps else loss
+
+    monkeypatch.setattr(step_module, "lm_loss", poisoned)
+    monkeypatch.setattr("mor_megatron.training.loop.train_step", counting_train_step)
+    run = load_run_config(config, [f"logging.dir={run_dir}", *overrides])
+    return pretrain(run, log=lambda message: None)
+
+
+def test_non_finite_steps_are_skipped_and_counted(corpus, tmp_path, monkeypatch, parallel):
+    config = write_config(tmp_path / "run.yaml", corpus, training={"train_steps": 6})
+    run_dir = tmp_path / "nan"
+    _run_in_process(config, run_dir, [], nan_steps={2, 3}, monkeypatch=monkeypatch)
+    rows = metrics(run_dir)
+    assert [row["train/skipped_steps"] for row in rows] == [0, 1, 2, 2, 2, 2]
+    assert all(torch.isfinite(torch.tensor(row["train/loss"])) for row in rows[3:])
+
+
+def test_too_many_non_finite_steps_stop_the_run(corpus, tmp_path, monkeypatch, parallel):
+    from mor_megatron.training.loop import TrainingError
+
+    config = write_config(tmp_path / "run.yaml", corpus, training={"train_steps": 8, "max_bad_steps": 3})
+    with pytest.raises(TrainingError, match="stopping at step 4: 3 non-finite steps in a row"):
+        _run_in_process(config, tmp_path / "stop", [], nan_steps={2, 3, 4, 5}, monkeypatch=monkeypatch)

@@ -1,0 +1,49 @@
+"""Import a Hugging Face Llama-family folder as layout-free weights for a mor-megatron config.
+
+    python tools/convert_from_hf.py --hf HF_DIR --config configs/NAME.yaml --init stepwise --output DIR
+
+then train with `training.init_from=DIR` at any TP/PP layout. A MoR config's shared layers are
+filled by `--init` (stepwise, average, lower, upper or random; see mor_megatron/hf/importer.py);
+its first/last unique layers take the base's first/last layers, routers start fresh. Problems are
+one line with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from typing import Optional, Sequence
+
+INITS = ("stepwise", "average", "lower", "upper", "random")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hf", required=True, help="Hugging Face model folder (config.json + safetensors)")
+    parser.add_argument("--config", required=True, help="run YAML whose model: section is the target")
+    parser.add_argument("--init", default="stepwise", choices=INITS, help="shared-layer initialisation")
+    parser.add_argument("--output", required=True, help="weights folder to write")
+    parser.add_argument("--seed", type=int, default=1234, help="seed of the fresh parts (routers, random)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides of the config")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    args = parser.parse_args(argv)
+    if not args.debug:
+        warnings.filterwarnings("ignore")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from mor_megatron.errors import UserError
+    from mor_megatron.hf.importer import import_hf
+
+    try:
+        import_hf(args.hf, args.config, args.output, args.init, args.overrides, args.seed)
+    except UserError as err:
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""Export a mor-megatron checkpoint (saved at any TP/PP/DP layout) as a Hugging Face model folder.
+
+    python tools/convert_to_hf.py --checkpoint runs/NAME/checkpoints --output hf/NAME [--tokenizer DIR]
+    python tools/convert_to_hf.py --checkpoint runs/init --config configs/tiny.yaml --output hf/init
+
+`--checkpoint` is a `step_N` directory, the folder holding them (the newest complete one is used),
+or a bare weights folder (`tools/init_weights.py` output) with `--config`. A vanilla model becomes
+`LlamaForCausalLM`; a MoR model `MoRForCausalLM`, loaded with `trust_remote_code=True`. Problems
+are one line with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from typing import Optional, Sequence
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="checkpoint, checkpoints folder or weights folder")
+    parser.add_argument("--output", required=True, help="HF folder to write")
+    parser.add_argument("--config", help="run YAML giving the model (needed for a bare weights folder)")
+    parser.add_argument("--tokenizer", help="tokenizer folder to include (default: the run's data.tokenizer)")
+    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (e.g. 5GB, 500MB)")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    args = parser.parse_args(argv)
+    if not args.debug:
+        warnings.filterwarnings("ignore")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from mor_megatron.errors import UserError
+    from mor_megatron.hf.export import export
+
+    try:
+        export(args.checkpoint, args.output, args.config, args.tokenizer, args.max_shard_size)
+    except UserError as err:
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
