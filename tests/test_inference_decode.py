@@ -87,7 +87,7 @@ def test_rows_of_different_lengths_and_positions(parallel):
 @pytest.mark.parametrize("sharing", ["none", "middle_cycle"])
 def test_models_without_router(parallel, sharing):
     """Vanilla (every layer unique) and a shared block without a router (every unit its own cache)."""
-    config = tiny_config(router="none", sharing=sharing, num_recursions=1 if sharing == "none" else 3)
+    config = tiny_config(router="none", sharing=sharing, num_recursions=1 if sharing == "none" else 3, seq_length=12)
     model = build(config)
     tokens, _ = batch(config, batch_size=2)
     full = full_logits(model, tokens)

@@ -62,8 +62,10 @@ def test_rows_are_refilled_from_the_queue(parallel):
         engine.add_request(prompt, SamplingParams(max_tokens=n))
     held, finished = [], []
     while engine.busy:
-        finished += engine.step()
-        held.append({state.request.request_id for state in engine.rows.values()})
+        now = engine.step()
+        finished += now
+        # requests in flight during this step: still held, or finished by it
+        held.append({state.request.request_id for state in engine.rows.values()} | {c.request_id for c in now})
     assert max(len(h) for h in held) == 2 and len(finished) == len(LENGTHS)
     # the first finished request's row goes to request 2 while the other first request decodes
     other = 1 - finished[0].request_id

@@ -72,7 +72,8 @@ class StaticKVCache:
 
     @property
     def entry_bytes(self) -> int:
-        """Bytes of K plus V for one token."""
+        """Bytes of K plus V for one token (the reports count K/V; the position index,
+        8 bytes per slot, is bookkeeping)."""
         return 2 * self.k[0, 0].numel() * self.k.element_size()
 
     @property

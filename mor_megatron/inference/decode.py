@@ -41,6 +41,11 @@ class ModelStages:
     """The stages of one `MoRGPTModel` (TP=1, PP=1) over flat `[T, 1, D]` token batches."""
 
     def __init__(self, model, caches: KVCacheSet, depth_override: Optional[DepthOverride] = None) -> None:
+        config = model.config
+        if config.tensor_model_parallel_size != 1 or config.pipeline_model_parallel_size != 1:
+            raise ValueError("MoR decoding runs a single-process model: build it with TP=1 and PP=1")
+        if not (model.pre_process and model.post_process):
+            raise ValueError("MoR decoding needs the whole model (embedding to LM head) in one process")
         model.eval()
         self.model, self.config, self.decoder = model, model.config, model.decoder
         self.caches = caches

@@ -112,6 +112,8 @@ class EngineStats:
     mixed_depth_calls: int = 0  # block calls whose tokens sat at more than one recursion step
     entered_tokens: int = 0
     generated_tokens: int = 0
+    peak_kv_used_bytes: int = 0  # with track_memory: most KV bytes held at once
+    peak_kv_vanilla_bytes: int = 0  # what a vanilla model of the same depth held then
 
     @property
     def mean_block_tokens(self) -> float:
@@ -125,6 +127,7 @@ class Engine:
     tokens are never split); None runs the whole pool each tick.
     kv_slots / capacity_margin: see `IncrementalDecoder`.
     tokenizer: anything with `decode(ids) -> str`; needed for stop strings and `Completion.text`.
+    track_memory: record the peak KV bytes in `stats` (reads every cache's lengths each tick).
     """
 
     def __init__(
@@ -138,9 +141,11 @@ class Engine:
         tokenizer=None,
         depth_override: Optional[DepthOverride] = None,
         device: Union[str, torch.device, None] = None,
+        track_memory: bool = False,
     ) -> None:
         config = model.config
         device = torch.device(device or next(model.parameters()).device)
+        self.track_memory = track_memory
         self.device, self.max_batch = device, max_batch
         self.max_seq = max_seq or config.seq_length
         self.caches = KVCacheSet(config, max_batch, self.max_seq, kv_slots, capacity_margin, device=device)
@@ -198,6 +203,11 @@ class Engine:
         self._admit()
         self._enter()
         self._run_block()
+        if self.track_memory:
+            report = self.caches.memory_report()
+            if report.used_bytes > self.stats.peak_kv_used_bytes:
+                self.stats.peak_kv_used_bytes = report.used_bytes
+                self.stats.peak_kv_vanilla_bytes = report.vanilla_used_bytes
         return self._leave()
 
     def _admit(self) -> None:

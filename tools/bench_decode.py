@@ -1,0 +1,238 @@
+"""Decode throughput: MoR with continuous depth-wise batching vs vanilla with sequence-wise
+continuous batching (MOR_SPEC 6), and our vanilla engine vs transformers `generate()`.
+
+    python tools/bench_decode.py                                  # CPU-sized defaults
+    python tools/bench_decode.py --hidden 960 --heads 15 --kv-heads 5 --ffn 2560 --vocab 49152 \\
+        --effective-layers 32 --recursions 2 3 4 --batch 32 --memory-budget-mib 60000 \\
+        --prompt-len 64 --gen-len 256 --dtype bf16                 # the paper's 360M shape, one GPU
+
+Every model has the same effective depth L (vanilla: L unique layers; MoR-Nr: middle-cycle,
+1 + (L-2)/Nr x Nr + 1, so (L-2) must divide by every Nr). Each runs the same random prompts,
+greedy, a fixed number of new tokens (no early stop), through `mor_megatron.inference.Engine`:
+1. at a fixed batch (`--batch` sequences in flight);
+2. at the largest batch whose weights + static KV caches fit `--memory-budget-mib` (MoR caches
+   are sized by capacity, so they are smaller and the batch grows).
+Throughput ratios against vanilla are measured in this one run. Routing of the randomly
+initialised MoR models: `--routing capacity` (default) forces depth Nr - (position mod Nr), which
+realises the default capacities exactly, as a trained router does on average; `--routing router`
+uses the untrained routers' threshold decisions. Finally the vanilla engine and transformers'
+`LlamaForCausalLM.generate(cache_implementation="static")` decode the same batch with the same
+weights (their greedy tokens are compared too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class Result:
+    name: str
+    batch: int
+    tokens: int
+    seconds: float
+    kv_row_bytes: int
+    peak_kv_bytes: int
+    peak_kv_vanilla_bytes: int
+    mean_block_tokens: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--ffn", type=int, default=352)
+    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--effective-layers", type=int, default=14, help="L; (L-2) must divide by every Nr")
+    parser.add_argument("--recursions", type=int, nargs="+", default=[2, 3, 4])
+    parser.add_argument("--router", default="expert_choice", choices=("expert_choice", "token_choice"))
+    parser.add_argument("--kv-mode", default="recursion_wise", choices=("recursion_wise", "share_first"))
+    parser.add_argument("--routing", default="capacity", choices=("capacity", "router"))
+    parser.add_argument("--kv-slots", default="capacity", choices=("capacity", "full"),
+                        help="MoR recursion caches sized by capacity (static saving) or full length")
+    parser.add_argument("--capacity-margin", type=float, default=1.0)
+    parser.add_argument("--batch", type=int, default=8, help="fixed batch (sequences in flight)")
+    parser.add_argument("--requests", type=int, default=0, help="requests at the fixed batch (default 2 x batch)")
+    parser.add_argument("--memory-budget-mib", type=float, default=64.0, help="weights + KV caches")
+    parser.add_argument("--max-batch-cap", type=int, default=128, help="upper bound on the budget batch")
+    parser.add_argument("--prompt-len", type=int, default=16)
+    parser.add_argument("--gen-len", type=int, default=32)
+    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def make_config(args, nr: Optional[int]):
+    """Vanilla (nr None) or MoR-nr of the benchmark shape."""
+    from mor_megatron.config import MoRConfig
+
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    shape = dict(
+        hidden_size=args.hidden, num_attention_heads=args.heads, num_query_groups=args.kv_heads,
+        ffn_hidden_size=args.ffn, vocab_size=args.vocab, seq_length=args.prompt_len + args.gen_len,
+        effective_layers=args.effective_layers, params_dtype=dtype, bf16=dtype == torch.bfloat16,
+    )
+    if nr is None:
+        return MoRConfig(**shape, sharing="none", router="none", num_recursions=1)
+    return MoRConfig(**shape, sharing="middle_cycle", router=args.router, kv_mode=args.kv_mode, num_recursions=nr)
+
+
+def weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_engine(model, prompts: list[list[int]], args, batch: int, name: str, device: torch.device) -> Result:
+    """Greedy decoding of `prompts`, `args.gen_len` tokens each, `batch` rows; timed after a warm-up."""
+    from mor_megatron.inference import Engine, SamplingParams, kv_bytes_per_row
+
+    config = model.config
+    nr = config.num_recursions
+    override = None
+    if config.router != "none" and args.routing == "capacity":
+        override = lambda rows, positions: nr - positions % nr  # noqa: E731
+    max_seq = args.prompt_len + args.gen_len
+    slots = args.kv_slots if config.router != "none" else "full"
+
+    def engine() -> Engine:
+        return Engine(model, max_batch=batch, max_seq=max_seq, kv_slots=slots, capacity_margin=args.capacity_margin,
+                      depth_override=override, device=device, track_memory=True)
+
+    params = SamplingParams(max_tokens=args.gen_len)
+    engine().generate(prompts[: min(len(prompts), batch)], SamplingParams(max_tokens=2))  # warm-up
+    timed = engine()
+    _sync(device)
+    start = time.perf_counter()
+    timed.generate(prompts, params)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    stats = timed.stats
+    return Result(
+        name, batch, stats.generated_tokens, seconds,
+        kv_bytes_per_row(config, max_seq, slots, args.capacity_margin),
+        stats.peak_kv_used_bytes, stats.peak_kv_vanilla_bytes, stats.mean_block_tokens,
+    )
+
+
+def budget_batch(model, args) -> int:
+    from mor_megatron.inference import kv_bytes_per_row
+
+    config = model.config
+    slots = args.kv_slots if config.router != "none" else "full"
+    per_row = kv_bytes_per_row(config, args.prompt_len + args.gen_len, slots, args.capacity_margin)
+    free = args.memory_budget_mib * 2**20 - weight_bytes(model)
+    return max(0, min(args.max_batch_cap, int(free // per_row)))
+
+
+def hf_compare(model, prompts: list[list[int]], args, device: torch.device) -> Optional[tuple[float, float, float]]:
+    """(our tok/s, transformers tok/s, share of equal greedy tokens) on one batch of `prompts`."""
+    try:
+        from transformers import LlamaForCausalLM
+
+        from mor_megatron.hf.export import hf_config
+        from mor_megatron.hf.layouts import Dims, megatron_to_hf
+    except ImportError as err:
+        print(f"transformers comparison skipped: {err}")
+        return None
+    from mor_megatron.inference import Engine, SamplingParams
+
+    config = model.config
+    hf = LlamaForCausalLM(hf_config(config, {}))
+    hf.load_state_dict(megatron_to_hf(model.state_dict(), Dims.from_mor(config)), strict=False)
+    hf.tie_weights()
+    hf = hf.to(device=device, dtype=config.params_dtype).eval()
+    ids = torch.tensor(prompts, device=device)
+    kwargs = dict(
+        attention_mask=torch.ones_like(ids), max_new_tokens=args.gen_len, min_new_tokens=args.gen_len,
+        do_sample=False, cache_implementation="static", pad_token_id=0,
+    )
+    with torch.no_grad():
+        hf.generate(ids, **dict(kwargs, max_new_tokens=2, min_new_tokens=2))  # warm-up
+        _sync(device)
+        start = time.perf_counter()
+        out = hf.generate(ids, **kwargs)
+        _sync(device)
+        hf_seconds = time.perf_counter() - start
+    ours = run_engine(model, prompts, args, len(prompts), "vanilla", device)
+    engine = Engine(model, max_batch=len(prompts), max_seq=args.prompt_len + args.gen_len, device=device)
+    mine = engine.generate(prompts, SamplingParams(max_tokens=args.gen_len))
+    theirs = out[:, ids.shape[1]:].tolist()
+    same = sum(a == b for m, t in zip(mine, theirs) for a, b in zip(m.token_ids, t))
+    total = len(prompts) * args.gen_len
+    return ours.tokens_per_s, total / hf_seconds, same / total
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from mor_megatron.errors import UserError
+    from mor_megatron.model import MoRGPTModel
+    from mor_megatron.parallel.state import initialize_parallel
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        configs = [("vanilla", make_config(args, None))] + [(f"MoR-{nr}", make_config(args, nr)) for nr in args.recursions]
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    initialize_parallel(seed=args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
+    requests = args.requests or 2 * args.batch
+    pool = torch.randint(0, args.vocab, (max(requests, 2 * args.max_batch_cap), args.prompt_len), generator=generator)
+    print(
+        f"shape: d={args.hidden} heads={args.heads}/{args.kv_heads} ffn={args.ffn} vocab={args.vocab} "
+        f"L={args.effective_layers}; prompt {args.prompt_len} + {args.gen_len} new tokens; {args.dtype} on {device}; "
+        f"router {args.router}, {args.kv_mode}, routing '{args.routing}', KV slots '{args.kv_slots}'"
+    )
+    fixed, budget, models = [], [], {}
+    for name, config in configs:
+        torch.manual_seed(args.seed)
+        model = MoRGPTModel(config).to(device).eval()
+        models[name] = model
+        fixed.append(run_engine(model, pool[:requests].tolist(), args, args.batch, name, device))
+        rows = budget_batch(model, args)
+        if rows:
+            budget.append(run_engine(model, pool[: 2 * rows].tolist(), args, rows, name, device))
+        print(f"  {name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
+              f"{len(config.recursion_plan.unrolled)} effective / {config.num_layers} unique layers, budget batch {rows}")
+    mib = 2.0**20
+    for title, results in (("fixed batch", fixed), (f"max batch in {args.memory_budget_mib:g} MiB", budget)):
+        if not results:
+            continue
+        base = next((r for r in results if r.name == "vanilla"), None)
+        print(f"\n{title}")
+        print(f"{'model':<9}{'batch':>6}{'tok/s':>10}{'vs vanilla':>11}{'KV/row KiB':>12}"
+              f"{'peak KV MiB':>13}{'vs vanilla':>11}{'block toks':>11}")
+        for r in results:
+            speed = r.tokens_per_s / base.tokens_per_s if base else float("nan")
+            kv = r.peak_kv_bytes / max(1, r.peak_kv_vanilla_bytes)
+            print(f"{r.name:<9}{r.batch:>6}{r.tokens_per_s:>10.1f}{speed:>10.2f}x{r.kv_row_bytes / 1024:>12.1f}"
+                  f"{r.peak_kv_bytes / mib:>13.3f}{kv:>10.3f}x{r.mean_block_tokens:>11.1f}")
+    if not args.no_hf:
+        hf_batch = pool[: args.batch].tolist()
+        compared = hf_compare(models["vanilla"], hf_batch, args, device)
+        if compared:
+            ours, theirs, same = compared
+            print(f"\nvanilla, batch {args.batch}: our engine {ours:.1f} tok/s, transformers generate() with a "
+                  f"static cache {theirs:.1f} tok/s: {ours / theirs:.2f}x; equal greedy tokens {same:.1%}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
