@@ -107,10 +107,13 @@ def test_remote_code_is_self_contained(parallel, tmp_path):
             assert roots <= allowed, (name, roots)
 
 
-def test_vanilla_exports_as_llama(parallel, tmp_path):
-    config, model, out = export_tiny(tmp_path, sharing="none", router="none", num_recursions=1, effective_layers=3)
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_vanilla_exports_as_llama(parallel, tmp_path, tied):
+    config, model, out = export_tiny(
+        tmp_path, sharing="none", router="none", num_recursions=1, effective_layers=3, tie_embeddings=tied
+    )
     saved = json.loads((out / "config.json").read_text())
-    assert saved["model_type"] == "llama" and "auto_map" not in saved
+    assert saved["model_type"] == "llama" and "auto_map" not in saved and saved["tie_word_embeddings"] == tied
     assert not list(out.glob("*.py"))
     hf = AutoModelForCausalLM.from_pretrained(str(out)).eval()
     assert isinstance(hf, LlamaForCausalLM)

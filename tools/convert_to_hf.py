@@ -44,4 +44,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # conversion runs on CPU (gloo, CPU tensors) everywhere
     sys.exit(main())

@@ -13,13 +13,16 @@ import dataclasses
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
 from mor_megatron.config import MoRConfig
 from mor_megatron.hf.layouts import ConversionError, Dims, megatron_to_hf
 from mor_megatron.hf.safetensors_io import parse_size, write_safetensors
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 HERE = Path(__file__).resolve().parent
 REMOTE_CODE = ("configuration_mor.py", "modeling_mor.py")
@@ -165,7 +168,7 @@ def _dtype_name(config: MoRConfig) -> str:
     return str(config.params_dtype).removeprefix("torch.")
 
 
-def hf_config(config: MoRConfig, special: dict):
+def hf_config(config: MoRConfig, special: dict) -> "PretrainedConfig":
     """`LlamaConfig` for a vanilla model, else the remote-code `MoRConfig` (every MoR setting)."""
     from mor_megatron.yaml_config import dump_model_config
 
@@ -219,9 +222,10 @@ def hf_config(config: MoRConfig, special: dict):
 
 
 def _tokenizer_tokens(tokenizer: Optional[str], output: Path, explicit: bool, log) -> dict:
-    """Save the tokenizer into `output`; its special token ids for the configs."""
+    """Save the tokenizer into `output`; its special token ids for the configs (None without)."""
+    none = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
     if not tokenizer:
-        return {}
+        return none
     from transformers import AutoTokenizer
 
     try:
@@ -230,7 +234,7 @@ def _tokenizer_tokens(tokenizer: Optional[str], output: Path, explicit: bool, lo
         if explicit:
             raise ConversionError(f"cannot load tokenizer {tokenizer} ({type(err).__name__}): give a tokenizer folder") from None
         log(f"warning: the run's tokenizer {tokenizer} could not be loaded ({type(err).__name__}); exported without one")
-        return {}
+        return none
     tok.save_pretrained(str(output))
     return {
         "bos_token_id": tok.bos_token_id,

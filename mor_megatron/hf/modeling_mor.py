@@ -244,7 +244,9 @@ class MoRModel(MoRPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
 
-    def _run(self, layers, hidden, tag, active, base: StepContext, cache: MoRCache) -> torch.Tensor:
+    def _run(
+        self, layers: list, hidden: torch.Tensor, tag: tuple, active: torch.Tensor, base: StepContext, cache: MoRCache
+    ) -> torch.Tensor:
         """`layers` (unique indices) in order on every token; keys only from `active` tokens."""
         share = self.config.kv_mode == "share_first" and tag[0] == "step"
         for j, index in enumerate(layers):
@@ -256,7 +258,9 @@ class MoRModel(MoRPreTrainedModel):
             hidden = self.layers[index](hidden, ctx)
         return hidden
 
-    def _expert_choice(self, hidden, base: StepContext, cache: MoRCache, selections: list) -> torch.Tensor:
+    def _expert_choice(
+        self, hidden: torch.Tensor, base: StepContext, cache: MoRCache, selections: list
+    ) -> torch.Tensor:
         config = self.config
         candidates = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
         act = torch.sigmoid if config.router_activation == "sigmoid" else torch.tanh
@@ -274,7 +278,9 @@ class MoRModel(MoRPreTrainedModel):
             selections.append(selected)
         return hidden
 
-    def _token_choice(self, hidden, base: StepContext, cache: MoRCache, selections: list) -> torch.Tensor:
+    def _token_choice(
+        self, hidden: torch.Tensor, base: StepContext, cache: MoRCache, selections: list
+    ) -> torch.Tensor:
         config = self.config
         logits = self.router(hidden)
         probs = logits.softmax(dim=-1) if config.router_activation == "softmax" else logits.sigmoid()
@@ -336,7 +342,9 @@ class MoRModel(MoRPreTrainedModel):
         return MoRModelOutput(self.norm(hidden), out_cache, tuple(selections))
 
     @staticmethod
-    def _padding_mask(attention_mask, cache: MoRCache, batch: int, n: int, device) -> torch.Tensor:
+    def _padding_mask(
+        attention_mask: Optional[torch.Tensor], cache: MoRCache, batch: int, n: int, device: torch.device
+    ) -> torch.Tensor:
         total = cache.seen_tokens + n
         if attention_mask is not None:
             mask = attention_mask.to(device=device, dtype=torch.bool)
