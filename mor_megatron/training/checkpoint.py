@@ -248,7 +248,7 @@ def load_checkpoint(engine, model, directory: Path, log=print) -> TrainState:
             raise CheckpointError(f"{directory}: DeepSpeed found no checkpoint files for this rank")
         rng_file = directory / "rng" / f"rank_{rank}.pt"
         if rng_file.is_file():
-            _restore_rng(torch.load(rng_file, weights_only=False))
+            _restore_rng(torch.load(rng_file, weights_only=True))
     else:
         log(
             f"checkpoint {directory.name} was saved at layout {meta['layout']}; loading its "
