@@ -18,7 +18,7 @@ from tools.bench_train import paper_depth  # noqa: E402
 MODEL_KEYS = (
     "kind", "effective_layers", "unique_layers", "params", "step_times_s", "step_time_s",
     "tokens_per_s", "training_flops_per_token", "achieved_tflops", "fraction_of_probe",
-    "peak_memory_bytes", "rounds",
+    "peak_memory_bytes", "min_step_time_s", "losses",
 )
 
 
@@ -40,7 +40,7 @@ def report(tmp_path_factory):
     proc = subprocess.run(
         [sys.executable, "tools/bench_train.py", "--config", str(config), "--batch-size", "2",
          "--seq-length", "16", "--steps", "2", "--warmup", "0", "--threads", "1",
-         "--recursions", "4", "--probe-size", "128", "--probe-repeats", "3", "--json", str(out)],
+         "--recursions", "4", "--probe-size", "128", "--json", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -61,7 +61,7 @@ def test_models_and_keys(report):
         for key in ("params", "step_time_s", "tokens_per_s", "training_flops_per_token",
                     "achieved_tflops", "fraction_of_probe", "peak_memory_bytes"):
             assert record[key] > 0, (name, key)
-    assert report["probe"]["tflops"] > 0
+    assert report["probe"]["tflops"] > 0 and len(report["probe"]["samples_tflops"]) == 2
     assert report["settings"]["tokens_per_step"] == 32
 
 
@@ -71,6 +71,7 @@ def test_ratios_come_from_measurements(report):
     for record in models.values():
         times = sorted(record["step_times_s"])
         assert record["step_time_s"] == pytest.approx((times[0] + times[1]) / 2)
+        assert record["min_step_time_s"] == times[0]
         assert record["tokens_per_s"] == pytest.approx(tokens / record["step_time_s"])
         assert record["achieved_tflops"] == pytest.approx(
             record["training_flops_per_token"] * record["tokens_per_s"] / 1e12
@@ -90,6 +91,9 @@ def test_ratios_come_from_measurements(report):
         assert 0 < row["flops_ratio"] < 1
         assert row["overhead"] == pytest.approx(row["step_time_ratio"] / row["flops_ratio"])
         assert row["verdict"] == ("PASS" if row["overhead"] <= row["target"] else "MISS")
+        assert row["min_overhead"] == pytest.approx(
+            mor["min_step_time_s"] / vanilla["min_step_time_s"] / row["flops_ratio"]
+        )
     vs = comparisons["ours_vs_transformers"]
     assert vs["tokens_per_s_ratio"] == pytest.approx(
         models["vanilla L=4"]["tokens_per_s"] / models["transformers L=4"]["tokens_per_s"]
@@ -100,3 +104,7 @@ def test_ratios_come_from_measurements(report):
     ]
     assert models["vanilla L=4"]["params"] == models["transformers L=4"]["params"]
     assert {row["model"] for row in comparisons["model_flops_utilization"]} == set(models)
+    probe = report["probe"]
+    size = probe["size"]
+    samples = sorted(2 * size**3 / t / 1e12 for t in probe["step_times_s"])
+    assert probe["tflops"] == pytest.approx((samples[0] + samples[1]) / 2)

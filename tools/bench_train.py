@@ -4,46 +4,50 @@ Usage::
 
     python tools/bench_train.py [--config configs/tiny.yaml] [--seq-length S] [--batch-size B]
         [--steps N] [--warmup W] [--threads T] [--dtype float32|bfloat16] [--recursions 2,3,4]
-        [--rounds R] [--no-transformers] [--json PATH] [model.key=value ...]
+        [--sequential] [--no-transformers] [--json PATH] [model.key=value ...]
 
-What runs (each model in a fresh subprocess, one after another, `--rounds` times interleaved):
+Models (each in its own fresh Python process):
 
 - `vanilla L=..`: the config's shape (width, heads, query groups, FFN, vocabulary, tied
   embeddings) with L unique layers, no sharing, no router.
 - `mor nr=N`: expert-choice routing, middle-cycle sharing, default capacities (N-r+1)/N, at the
   paper's depth rule: L' = L if (L-2) % N == 0, else L' = 2 + N * ceil((L-2)/N). Each MoR model is
   compared with the vanilla model of its own L' (which is run too when L' != L).
-- `transformers L=..`: `transformers.LlamaForCausalLM` of the vanilla shape, random init, built
-  locally from a `LlamaConfig` (sdpa attention, tied embeddings, `use_cache=False`).
+- `transformers L=..`: `transformers.LlamaForCausalLM` of the base vanilla shape, random init,
+  built locally from a `LlamaConfig` (sdpa attention, tied embeddings, `use_cache=False`).
+- `dense mm probe`: a square `torch.mm` (`--probe-size`) in the same dtype and thread count.
 
 One training step = zero_grad + forward + loss (mean token cross-entropy, labels = inputs shifted
-by one) + backward + `torch.optim.AdamW.step()`, on one fixed batch of random tokens. The step
-time is the median over the timed steps of all rounds (warm-up steps are not timed; on CUDA each
-step is bracketed by `torch.cuda.synchronize()`). tokens/s = batch x seq / median step time.
+by one) + backward + `torch.optim.AdamW.step()`, on one fixed batch of random tokens (same batch,
+dtype and threads for every model). Warm-up steps are not timed; on CUDA every step is bracketed
+by `torch.cuda.synchronize()`. By default all models are built first and then timed step by step
+in turns (one step of each model per cycle, the starting model rotating), so that load changes on
+a shared machine hit every model alike; only one process computes at any time. `--sequential`
+runs one model after another instead (only one model in memory at a time).
 
-Ratios are computed from the measured medians of this run, never from stored numbers:
+Figures, all from this run's measurements (nothing stored):
+- step time: median over the timed steps (the fastest step is reported beside it);
+  tokens/s = batch x seq / median step time.
 - MoR/vanilla FLOPs ratio: `mor_megatron.report.training_flops_per_token` (the paper's
-  accounting) of the MoR config over that of its vanilla counterpart of the same L';
-  step-time ratio: measured MoR median / measured vanilla median; overhead = step-time ratio /
-  FLOPs ratio (target <= 1.05: routing, gather and scatter cost under 5%).
+  accounting) of the MoR config over that of the vanilla model of the same L'; step-time ratio:
+  measured MoR median / measured vanilla median; overhead = step-time ratio / FLOPs ratio
+  (target <= 1.05: routing, gather and scatter cost under 5%).
 - ours / transformers tokens/s (vanilla megatron model vs LlamaForCausalLM; target >= 0.9).
-- achieved model FLOP/s = training FLOPs per token x tokens/s, as a fraction of a dense `torch.mm`
-  probe of the same dtype and thread count measured in this run (target >= 0.5). The probe is a
-  square matmul (`--probe-size`); its TFLOP/s is the best of its per-round medians, so a noisy
-  neighbour lowers the fraction rather than inflating it.
+- achieved model FLOP/s = training FLOPs per token x tokens/s, as a fraction of the probe's median
+  TFLOP/s (target >= 0.5). The probe is timed in the same cycles as the models.
 
 Memory. CUDA: `torch.cuda.max_memory_allocated()` of the worker (weights, gradients, AdamW state,
-activations). CPU: the worker's peak resident set growth, from just before the model is built to
-the end of the run (Linux `VmHWM` after resetting it through /proc/self/clear_refs, or
+activations, the batch). CPU: the worker's peak resident set growth from just before the model is
+built to the end of its run (Linux `VmHWM` after resetting it through /proc/self/clear_refs, or
 `ru_maxrss` where that reset is refused). It is approximate: it also counts allocator caching and
-one-time buffers (thread pools, kernels), and not memory that was freed and reused.
+one-time buffers (thread pools, kernels).
 
 On CPU the megatron workers run under the project's CPU shims (a process-wide
 `TorchFunctionMode` maps `device="cuda"` to CPU), which every torch call pays; the transformers
 worker runs without them unless `--transformers-with-shims` is given (to isolate that cost).
 
-Targets are reported PASS/MISS; the run never fails on a missed target. `--json PATH` writes every
-number (settings, per-step times, medians, ratios).
+Targets are reported PASS/MISS (from the medians); the run never fails on a missed target.
+`--json PATH` writes every number (settings, per-step times and losses, medians, ratios).
 """
 
 from __future__ import annotations
@@ -68,8 +72,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # `python tools/bench_train.py` from anywhere
     sys.path.insert(0, str(REPO))
 
-RESULT_TAG = "BENCH_RESULT "
-READY_TAG = "BENCH_READY"
+TAG = "@bench"
 DTYPE_NAMES = ("float32", "bfloat16")
 OVERHEAD_TARGET = 1.05
 TRANSFORMERS_TARGET = 0.9
@@ -179,118 +182,150 @@ def _build_transformers(spec: dict, device, dtype):
     return model, loss_fn
 
 
-def run_worker(spec: dict) -> dict[str, Any]:
-    """Build one model, train it for warmup + steps on one batch, time each timed step."""
-    import torch
+class _Session:
+    """One model (or the matmul probe) set up in a worker: `step()` runs one timed step."""
 
-    cuda = torch.cuda.is_available()
-    if not cuda:
-        torch.set_num_threads(spec["threads"])
-    dtype = getattr(torch, spec["dtype"])
-    if spec["kind"] == "megatron":
-        from mor_megatron.parallel.state import initialize_parallel
+    def __init__(self, spec: dict) -> None:
+        import torch
 
-        initialize_parallel(seed=spec["seed"])  # world of one; on CPU this installs the shims
-    elif spec.get("with_shims"):
-        from mor_megatron.parallel.cpu_shims import apply_cpu_shims
+        self.torch = torch
+        self.spec = spec
+        self.cuda = torch.cuda.is_available()
+        if not self.cuda:
+            torch.set_num_threads(spec["threads"])
+        dtype = getattr(torch, spec["dtype"])
+        if spec["kind"] == "megatron":
+            from mor_megatron.parallel.state import initialize_parallel
 
-        apply_cpu_shims()
-    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    _import_model_code(spec["kind"])  # (already done in a worker) not counted in the memory
+            initialize_parallel(seed=spec["seed"])  # world of one; on CPU this installs the shims
+        elif spec.get("with_shims"):
+            from mor_megatron.parallel.cpu_shims import apply_cpu_shims
 
-    generator = torch.Generator().manual_seed(spec["seed"] + 1)
-    batch, seq, vocab = spec["batch_size"], spec["seq_length"], spec["vocab_size"]
-    sample = torch.randint(0, vocab, (batch, seq + 1), generator=generator)
-    tokens, labels = sample[:, :-1].contiguous().to(device), sample[:, 1:].contiguous().to(device)
-    positions = torch.arange(seq, device=device).unsqueeze(0).expand(batch, -1)
+            apply_cpu_shims()
+        device = torch.device("cuda", torch.cuda.current_device()) if self.cuda else torch.device("cpu")
+        self.memory = None
+        if spec["kind"] == "probe":
+            size = spec["probe_size"]
+            self.a = torch.randn(size, size, device=device).to(dtype)
+            self.b = torch.randn(size, size, device=device).to(dtype)
+            self.info: dict[str, Any] = {"probe_size": size}
+        else:
+            self._build(spec, device, dtype)
+        for _ in range(spec["warmup"]):
+            self.step()
 
-    memory = None
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        memory = _CpuPeakMemory()
-        memory.start()
+    def _build(self, spec: dict, device, dtype) -> None:
+        torch = self.torch
+        generator = torch.Generator().manual_seed(spec["seed"] + 1)
+        batch, seq, vocab = spec["batch_size"], spec["seq_length"], spec["vocab_size"]
+        sample = torch.randint(0, vocab, (batch, seq + 1), generator=generator)
+        self.tokens = sample[:, :-1].contiguous().to(device)
+        self.labels = sample[:, 1:].contiguous().to(device)
+        self.positions = torch.arange(seq, device=device).unsqueeze(0).expand(batch, -1)
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self.memory = _CpuPeakMemory()
+            self.memory.start()
+        if spec["kind"] == "megatron":
+            self.model, self.loss_fn = _build_megatron(spec, device)
+        else:
+            self.model, self.loss_fn = _build_transformers(spec, device, dtype)
+        self.model.train()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=spec["lr"])
+        self.info = {
+            "params": sum(p.numel() for p in self.model.parameters()),
+            "param_dtypes": sorted({str(p.dtype).removeprefix("torch.") for p in self.model.parameters()}),
+        }
 
-    if spec["kind"] == "megatron":
-        model, loss_fn = _build_megatron(spec, device)
-    else:
-        model, loss_fn = _build_transformers(spec, device, dtype)
-    model.train()
-    params = sum(p.numel() for p in model.parameters())
-    param_dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
-    optimizer = torch.optim.AdamW(model.parameters(), lr=spec["lr"])
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(tokens, positions, labels)
+    def _run_once(self):
+        if self.spec["kind"] == "probe":
+            self.torch.mm(self.a, self.b)
+            return None
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss_fn(self.tokens, self.positions, self.labels)
         loss.backward()
-        optimizer.step()
+        self.optimizer.step()
         return loss.detach()
 
-    times, losses = [], []
-    for index in range(spec["warmup"] + spec["steps"]):
-        if cuda:
-            torch.cuda.synchronize()
+    def step(self) -> tuple[float, Optional[float]]:
+        """(seconds, loss) of one step; the probe's step is one `torch.mm`."""
+        if self.cuda:
+            self.torch.cuda.synchronize()
         start = time.perf_counter()
-        loss = step()
-        if cuda:
-            torch.cuda.synchronize()
+        loss = self._run_once()
+        if self.cuda:
+            self.torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
-        losses.append(float(loss))
-        if index >= spec["warmup"]:
-            times.append(elapsed)
+        return elapsed, (float(loss) if loss is not None else None)
 
-    if cuda:
-        mem = {
-            "peak_memory_bytes": int(torch.cuda.max_memory_allocated()),
-            "memory_method": "torch.cuda.max_memory_allocated",
-        }
-    else:
-        mem = memory.stop()
-    return {
-        "step_times_s": times,
-        "loss_first": losses[0],
-        "loss_last": losses[-1],
-        "params": params,
-        "param_dtypes": param_dtypes,
-        "torch_threads": torch.get_num_threads(),
-        **mem,
-    }
+    def finish(self) -> dict[str, Any]:
+        out = dict(self.info, torch_threads=self.torch.get_num_threads())
+        if self.spec["kind"] == "probe":
+            return out
+        if self.cuda:
+            out.update(peak_memory_bytes=int(self.torch.cuda.max_memory_allocated()),
+                       memory_method="torch.cuda.max_memory_allocated")
+        else:
+            out.update(self.memory.stop())
+        return out
 
 
 def _import_model_code(kind: str) -> None:
     """The imports a worker of `kind` needs (torch, megatron or transformers): done before the
-    worker says it is ready, so that they neither count in its memory nor overlap a timed run."""
+    worker says it is ready, so that they neither count in its memory nor overlap a timed step."""
     import torch  # noqa: F401
 
     if kind == "megatron":
         import mor_megatron.model  # noqa: F401
         import mor_megatron.parallel.state  # noqa: F401
         import mor_megatron.yaml_config  # noqa: F401
-    else:
+    elif kind == "transformers":
         import transformers.models.llama.modeling_llama  # noqa: F401
 
 
+def _say(*words: object) -> None:
+    print(TAG, *words, flush=True)
+
+
 def _worker_main(kind: str) -> int:
-    """Import, say READY, wait for the spec on stdin, run it, print the tagged result."""
+    """Worker protocol (one line each way): READY; <- spec JSON; WARM; then per "step": STEP
+    seconds loss; on "done": RESULT json. An empty line or end of input cancels."""
     _import_model_code(kind)
-    print(READY_TAG, flush=True)
+    _say("READY")
     line = sys.stdin.readline()
-    if not line.strip():  # the parent went away or cancelled
+    if not line.strip():
         return 1
-    result = run_worker(json.loads(line))
-    sys.stdout.flush()
-    print(RESULT_TAG + json.dumps(result), flush=True)
-    return 0
+    session = _Session(json.loads(line))
+    _say("WARM")
+    for line in sys.stdin:
+        command = line.strip()
+        if command == "step":
+            seconds, loss = session.step()
+            _say("STEP", repr(seconds), repr(loss))
+        elif command == "done":
+            _say("RESULT", json.dumps(session.finish()))
+            return 0
+        else:
+            return 1
+    return 1
+
+
+class WorkerError(RuntimeError):
+    pass
 
 
 class Worker:
-    """One model's fresh Python process. All the workers of a round are started together so that
-    their (single-threaded, slow) imports overlap; each then blocks on stdin, idle, until `run`
-    hands it its spec, so timed runs never overlap anything of ours."""
+    """One model's fresh Python process, driven line by line over stdin/stdout.
 
-    def __init__(self, kind: str, threads: int) -> None:
+    All workers start together so that their slow, single-threaded imports overlap; a worker then
+    blocks on stdin (idle) except while the parent has it build its model or run one step, so
+    at most one of them computes at any time.
+    """
+
+    def __init__(self, name: str, kind: str, threads: int) -> None:
+        self.name = name
         env = dict(os.environ)
         env.setdefault("PYTHONWARNINGS", "ignore")
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
@@ -300,71 +335,110 @@ class Worker:
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True,
             cwd=str(REPO), env=env,
         )
-        self.ready = False
-        self.early: list[str] = []
+        self.stdout: list[str] = []
 
-    def wait_ready(self) -> None:
+    def _send(self, line: str) -> None:
+        try:
+            self.proc.stdin.write(line + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            raise self._failure() from None
+
+    def _expect(self, word: str) -> str:
+        """The rest of the next tagged line, which must start with `word`."""
         for line in self.proc.stdout:
-            if line.strip() == READY_TAG:
-                self.ready = True
-                return
-            self.early.append(line)
-        # stdout closed before READY: the import failed; `run` reports it
+            if line.startswith(TAG + " "):
+                got, _, rest = line[len(TAG) + 1:].rstrip("\n").partition(" ")
+                if got == word:
+                    return rest
+            self.stdout.append(line)
+        raise self._failure()
 
-    def _failure(self, name: str, stdout: str) -> RuntimeError:
+    def _failure(self) -> WorkerError:
+        self.proc.wait()
         self.stderr.seek(0)
-        text = "".join(self.early) + stdout + self.stderr.read()
+        text = "".join(self.stdout) + self.stderr.read()
         tail = "\n".join(text.strip().splitlines()[-25:])
-        return RuntimeError(f"benchmark worker for {name} failed (rc {self.proc.returncode}):\n{tail}")
+        return WorkerError(f"benchmark worker for {self.name} failed (rc {self.proc.returncode}):\n{tail}")
 
-    def run(self, spec: dict, verbose: bool = False) -> dict[str, Any]:
-        if not self.ready:
-            self.proc.wait()
-            raise self._failure(spec["name"], "")
-        stdout, _ = self.proc.communicate(json.dumps(spec) + "\n")
-        lines = [l for l in stdout.splitlines() if l.startswith(RESULT_TAG)]
-        if self.proc.returncode != 0 or not lines:
-            raise self._failure(spec["name"], stdout)
+    def ready(self) -> None:
+        self._expect("READY")
+
+    def setup(self, spec: dict) -> None:
+        self._send(json.dumps(spec))
+        self._expect("WARM")
+
+    def step(self) -> tuple[float, Optional[float]]:
+        self._send("step")
+        seconds, loss = self._expect("STEP").split()
+        return float(seconds), (None if loss == "None" else float(loss))
+
+    def finish(self, verbose: bool = False) -> dict[str, Any]:
+        self._send("done")
+        result = json.loads(self._expect("RESULT"))
+        self.proc.stdin.close()
+        self.proc.wait()
         if verbose:
             self.stderr.seek(0)
             sys.stderr.write(self.stderr.read())
-        self.stderr.close()
-        return json.loads(lines[-1][len(RESULT_TAG):])
+        return result
 
-    def cancel(self) -> None:
+    def close(self) -> None:
         if self.proc.poll() is None:
             try:
-                self.proc.communicate("\n", timeout=30)
-            except (subprocess.TimeoutExpired, OSError, ValueError):
+                self.proc.stdin.close()  # end of input: the worker exits
+                self.proc.wait(timeout=30)
+            except (subprocess.TimeoutExpired, OSError):
                 self.proc.kill()
                 self.proc.wait()
         self.stderr.close()
 
 
-# -- dense matmul probe ------------------------------------------------------------------------------
+def run_workers(jobs: list[tuple[str, dict]], steps: int, threads: int, sequential: bool,
+                verbose: bool = False) -> dict[str, dict]:
+    """Run every (name, spec) job for `steps` timed steps; returns per job step times, losses and
+    the worker's final figures. Interleaved (default): all models are built first, then each
+    cycle times one step of every model, the starting model rotating from cycle to cycle, so that
+    load changes on a shared machine hit all models alike. Sequential: one model after another
+    (only one model in memory at a time)."""
+    workers = [Worker(name, spec["kind"], threads) for name, spec in jobs]
+    out = {name: {"step_times_s": [], "losses": []} for name, _ in jobs}
+
+    def record(worker: Worker) -> None:
+        seconds, loss = worker.step()
+        out[worker.name]["step_times_s"].append(seconds)
+        if loss is not None:
+            out[worker.name]["losses"].append(loss)
+
+    try:
+        for worker in workers:
+            worker.ready()
+        if sequential:
+            for worker, (name, spec) in zip(workers, jobs):
+                worker.setup(spec)
+                for _ in range(steps):
+                    record(worker)
+                out[name].update(worker.finish(verbose))
+                _progress(f"{name}: median step {statistics.median(out[name]['step_times_s']) * 1e3:.1f} ms")
+        else:
+            for worker, (name, spec) in zip(workers, jobs):
+                worker.setup(spec)
+                _progress(f"{name}: built and warmed up")
+            for cycle in range(steps):
+                shift = cycle % len(workers)
+                for worker in workers[shift:] + workers[:shift]:
+                    record(worker)
+                _progress(f"cycle {cycle + 1}/{steps} done")
+            for worker, (name, _) in zip(workers, jobs):
+                out[name].update(worker.finish(verbose))
+    finally:
+        for worker in workers:
+            worker.close()
+    return out
 
 
-def matmul_probe(size: int, dtype_name: str, repeats: int) -> dict[str, Any]:
-    """Median TFLOP/s of a dense square `torch.mm` in `dtype` (this process's thread setting)."""
-    import torch
-
-    cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
-    dtype = getattr(torch, dtype_name)
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
-    for _ in range(2):
-        torch.mm(a, b)
-    samples = []
-    for _ in range(repeats):
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        torch.mm(a, b)
-        if cuda:
-            torch.cuda.synchronize()
-        samples.append(2 * size**3 / (time.perf_counter() - start) / 1e12)
-    return {"median_tflops": statistics.median(samples), "samples_tflops": samples}
+def _progress(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
 # -- planning -------------------------------------------------------------------------------------
@@ -444,16 +518,17 @@ def _verdict(ok: bool) -> str:
     return "PASS" if ok else "MISS"
 
 
-def summarize(models: dict[str, dict], entries: list[dict], probe_tflops: float,
+def summarize(models: dict[str, dict], entries: list[dict], probe: dict,
               transformers_name: Optional[str], tokens_per_step: int) -> dict[str, Any]:
-    """Medians, throughput, FLOP/s and every ratio, from the raw per-step times."""
+    """Medians, throughput, FLOP/s and every ratio, from the raw per-step times (in place)."""
+    probe["tflops"] = statistics.median(probe["samples_tflops"])
     for record in models.values():
         times = record["step_times_s"]
         record["step_time_s"] = statistics.median(times)
+        record["min_step_time_s"] = min(times)
         record["tokens_per_s"] = tokens_per_step / record["step_time_s"]
         record["achieved_tflops"] = record["training_flops_per_token"] * record["tokens_per_s"] / 1e12
-        record["fraction_of_probe"] = record["achieved_tflops"] / probe_tflops
-        record["peak_memory_bytes"] = max(r["peak_memory_bytes"] for r in record["rounds"])
+        record["fraction_of_probe"] = record["achieved_tflops"] / probe["tflops"]
 
     mor_vs_vanilla = []
     for entry in entries:
@@ -471,6 +546,9 @@ def summarize(models: dict[str, dict], entries: list[dict], probe_tflops: float,
             "flops_ratio": flops_ratio,
             "step_time_ratio": time_ratio,
             "overhead": overhead,
+            # the same from the fastest step of each: less sensitive to a noisy neighbour
+            "min_step_time_ratio": mor["min_step_time_s"] / vanilla["min_step_time_s"],
+            "min_overhead": mor["min_step_time_s"] / vanilla["min_step_time_s"] / flops_ratio,
             "memory_ratio": (mor["peak_memory_bytes"] / vanilla["peak_memory_bytes"]
                              if vanilla["peak_memory_bytes"] else None),
             "target": OVERHEAD_TARGET,
@@ -488,6 +566,7 @@ def summarize(models: dict[str, dict], entries: list[dict], probe_tflops: float,
             "ours_tokens_per_s": ours["tokens_per_s"],
             "transformers_tokens_per_s": theirs["tokens_per_s"],
             "tokens_per_s_ratio": ratio,
+            "min_step_time_ratio": theirs["min_step_time_s"] / ours["min_step_time_s"],
             "target": TRANSFORMERS_TARGET,
             "verdict": _verdict(ratio >= TRANSFORMERS_TARGET),
         }
@@ -495,7 +574,7 @@ def summarize(models: dict[str, dict], entries: list[dict], probe_tflops: float,
         {
             "model": name,
             "achieved_tflops": record["achieved_tflops"],
-            "probe_tflops": probe_tflops,
+            "probe_tflops": probe["tflops"],
             "fraction": record["fraction_of_probe"],
             "target": MFU_TARGET,
             "verdict": _verdict(record["fraction_of_probe"] >= MFU_TARGET),
@@ -510,32 +589,37 @@ def summarize(models: dict[str, dict], entries: list[dict], probe_tflops: float,
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(c)) for c in column) for column in zip(header, *rows)]
-    line = lambda cells: "  ".join(str(c).rjust(w) if i else str(c).ljust(w)
-                                   for i, (c, w) in enumerate(zip(cells, widths)))
+
+    def line(cells):
+        return "  ".join(str(c).rjust(w) if i else str(c).ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
 def render(report: dict[str, Any]) -> str:
-    s = report["settings"]
+    s, probe = report["settings"], report["probe"]
     lines = [
-        f"device: {report['device']}  dtype: {s['dtype']}  "
-        f"batch {s['batch_size']} x seq {s['seq_length']} = {s['tokens_per_step']} tokens/step  "
-        f"steps {s['steps']} (+{s['warmup']} warm-up) x {s['rounds']} round(s)",
+        f"device: {report['device']}  dtype: {s['dtype']}",
         f"shape: hidden {s['hidden_size']}, heads {s['num_attention_heads']}, query groups "
         f"{s['num_query_groups']}, ffn {s['ffn_hidden_size']}, vocab {s['vocab_size']}, "
         f"base L={s['effective_layers']} (config {s['config']})",
-        f"dense mm probe ({s['dtype']}, {s['probe_size']}^2): {report['probe']['tflops'] * 1e3:.1f} "
-        "GFLOP/s (best of per-round medians)",
+        f"batch {s['batch_size']} x seq {s['seq_length']} = {s['tokens_per_step']} tokens/step; "
+        f"{s['steps']} timed steps per model after {s['warmup']} warm-up, "
+        + ("one model at a time" if s["sequential"] else "interleaved step by step across models"),
+        f"dense mm probe ({s['dtype']}, {probe['size']}x{probe['size']}, "
+        + ("timed before the models" if s["sequential"] else "timed in the same cycles")
+        + f"): median {probe['tflops'] * 1e3:.1f} GFLOP/s, best "
+        f"{max(probe['samples_tflops']) * 1e3:.1f}",
         f"memory: {report['memory_method']}",
         "",
     ]
     rows = []
     for name, r in report["models"].items():
         rows.append([
-            name, r["effective_layers"], r.get("unique_layers", "-"), f"{r['params'] / 1e6:.2f}M",
-            f"{r['step_time_s'] * 1e3:.1f}", f"{min(r['step_times_s']) * 1e3:.1f}",
-            f"{r['tokens_per_s']:.0f}",
-            f"{r['peak_memory_bytes'] / 2**20:.0f}",
+            name, r["effective_layers"], r["unique_layers"], f"{r['params'] / 1e6:.2f}M",
+            f"{r['step_time_s'] * 1e3:.1f}", f"{r['min_step_time_s'] * 1e3:.1f}",
+            f"{r['tokens_per_s']:.0f}", f"{r['peak_memory_bytes'] / 2**20:.0f}",
             f"{r['training_flops_per_token'] / 1e6:.1f}",
             f"{r['achieved_tflops'] * 1e3:.1f}", f"{100 * r['fraction_of_probe']:.0f}%",
         ])
@@ -545,22 +629,24 @@ def render(report: dict[str, Any]) -> str:
     lines.append("")
     c = report["comparisons"]
     rows = [[m["mor"], f"{m['effective_layers']}", m["vanilla"], f"{m['flops_ratio']:.3f}",
-             f"{m['step_time_ratio']:.3f}", f"{m['overhead']:.3f}",
+             f"{m['step_time_ratio']:.3f}", f"{m['overhead']:.3f}", f"{m['min_overhead']:.3f}",
              f"{m['memory_ratio']:.2f}" if m["memory_ratio"] is not None else "-",
              f"<= {m['target']:.2f}", m["verdict"]] for m in c["mor_vs_vanilla"]]
     lines.append(_table(["MoR vs vanilla", "L'", "vs", "FLOPs ratio", "time ratio",
-                         "time/FLOPs", "mem ratio", "target", ""], rows))
+                         "time/FLOPs", "(min-based)", "mem ratio", "target", ""], rows))
     if "ours_vs_transformers" in c:
         t = c["ours_vs_transformers"]
         lines += ["", f"{t['ours']} vs {t['transformers']}: tokens/s {t['ours_tokens_per_s']:.0f} / "
                   f"{t['transformers_tokens_per_s']:.0f} = {t['tokens_per_s_ratio']:.3f} "
-                  f"(target >= {t['target']:.2f}) {t['verdict']}"]
+                  f"(min-based {t['min_step_time_ratio']:.3f}; target >= {t['target']:.2f}) "
+                  f"{t['verdict']}"]
     lines.append("")
     rows = [[m["model"], f"{m['achieved_tflops'] * 1e3:.1f}", f"{m['probe_tflops'] * 1e3:.1f}",
              f"{m['fraction']:.3f}", f">= {m['target']:.2f}", m["verdict"]]
             for m in c["model_flops_utilization"]]
     lines.append(_table(["model FLOP/s vs probe", "GFLOP/s", "probe", "fraction", "target", ""], rows))
-    lines += ["", "targets are informational: PASS/MISS never changes the exit status"]
+    lines += ["", "verdicts use the medians; targets are informational (PASS/MISS never changes "
+              "the exit status)"]
     return "\n".join(lines)
 
 
@@ -586,17 +672,18 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="YAML config whose model shape is benchmarked (default configs/tiny.yaml)")
     parser.add_argument("--seq-length", type=int, help="sequence length (default: the config's)")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per model and round")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per model")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before them")
-    parser.add_argument("--rounds", type=int, default=1,
-                        help="run every model this many times, interleaved (medians pool all rounds)")
-    parser.add_argument("--threads", type=int, default=cores, help=f"CPU threads (default {cores})")
+    parser.add_argument("--threads", type=int, default=cores,
+                        help=f"CPU torch threads per model (default: all cores, {cores})")
     parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
     parser.add_argument("--recursions", default="2,3,4", help="MoR Nr values, comma-separated")
+    parser.add_argument("--sequential", action="store_true",
+                        help="one model at a time instead of all built and interleaved step by "
+                        "step (use when the models do not fit in memory together)")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--probe-size", type=int, help="dense mm size (default 2048 CPU, 8192 CUDA)")
-    parser.add_argument("--probe-repeats", type=int, default=10)
     parser.add_argument("--no-transformers", action="store_true",
                         help="skip the transformers LlamaForCausalLM comparison")
     parser.add_argument("--transformers-with-shims", action="store_true",
@@ -604,9 +691,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--json", help="write every number to this JSON file")
     parser.add_argument("--verbose", action="store_true", help="show the workers' stderr")
     parser.add_argument("overrides", nargs="*", help="model.key=value overrides of the config")
-    parser.add_argument("--worker", choices=("megatron", "transformers"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=("megatron", "transformers", "probe"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    for name in ("batch_size", "steps", "rounds", "threads", "probe_repeats"):
+    for name in ("batch_size", "steps", "threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.warmup < 0:
@@ -627,13 +715,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         warnings.simplefilter("ignore")
         from mor_megatron.config import ConfigError
         from mor_megatron.report import training_flops_per_token
-        from mor_megatron.yaml_config import load_model_config
+        from mor_megatron.yaml_config import dump_model_config, load_model_config
 
     overrides = list(args.overrides)
     if args.seq_length:
         overrides.append(f"model.seq_length={args.seq_length}")
     try:
         recursions = [int(x) for x in args.recursions.split(",") if x.strip()]
+        if not recursions or min(recursions) < 2:
+            raise ValueError(f"--recursions {args.recursions}: give Nr values of at least 2")
         base = load_model_config(args.config, overrides)
         entries = plan_models(base, recursions, args.dtype)
     except (ConfigError, ValueError) as err:
@@ -641,36 +731,39 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
 
     cuda = torch.cuda.is_available()
-    if not cuda:
-        torch.set_num_threads(args.threads)
     device = torch.cuda.get_device_name() if cuda else _cpu_name(args.threads)
     probe_size = args.probe_size or (8192 if cuda else 2048)
     seq, batch = base.seq_length, args.batch_size
     tokens_per_step = seq * batch
-    common = dict(batch_size=batch, seq_length=seq, vocab_size=base.vocab_size, steps=args.steps,
+    common = dict(batch_size=batch, seq_length=seq, vocab_size=base.vocab_size,
                   warmup=args.warmup, threads=args.threads, dtype=args.dtype, seed=args.seed,
                   lr=args.lr)
 
-    from mor_megatron.yaml_config import dump_model_config
-
-    specs = []
+    jobs = [("dense mm probe", dict(common, kind="probe", probe_size=probe_size,
+                                    warmup=max(2, args.warmup)))]
     for entry in entries:
-        spec = dict(common, name=entry["name"], kind="megatron",
-                    model=dump_model_config(entry["config"]))
-        specs.append((entry, spec))
+        jobs.append((entry["name"], dict(common, kind="megatron",
+                                         model=dump_model_config(entry["config"]))))
     transformers_name = None
     if not args.no_transformers:
-        transformers_name = f"transformers L={entries[0]['effective_layers']}"
         vanilla = entries[0]["config"]
-        entry = {"name": transformers_name, "kind": "transformers", "role": "reference",
-                 "config": vanilla, "effective_layers": vanilla.effective_layers}
-        spec = dict(common, name=transformers_name, kind="transformers", llama=llama_shape(vanilla),
-                    with_shims=args.transformers_with_shims)
-        specs.append((entry, spec))
+        transformers_name = f"transformers L={vanilla.effective_layers}"
+        entries.append({"name": transformers_name, "kind": "transformers", "role": "reference",
+                        "config": vanilla, "effective_layers": vanilla.effective_layers})
+        jobs.append((transformers_name, dict(common, kind="transformers",
+                                             llama=llama_shape(vanilla),
+                                             with_shims=args.transformers_with_shims)))
+
+    _progress(f"{len(jobs) - 1} models + probe, {args.steps} timed steps each, on {device}")
+    try:
+        measured = run_workers(jobs, args.steps, args.threads, args.sequential, args.verbose)
+    except WorkerError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
 
     models: dict[str, dict] = {}
-    for entry, _ in specs:
-        config = entry["config"]
+    for entry in entries:
+        config, result = entry["config"], measured[entry["name"]]
         models[entry["name"]] = {
             "kind": entry["kind"],
             "role": entry["role"],
@@ -678,45 +771,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "unique_layers": config.num_layers if entry["kind"] == "megatron" else config.effective_layers,
             "num_recursions": entry.get("num_recursions", 1),
             "training_flops_per_token": training_flops_per_token(config),
-            "rounds": [],
-            "step_times_s": [],
+            **result,
         }
-    probes = []
-    total = args.rounds * len(specs)
-    done = 0
-    for round_index in range(args.rounds):
-        probe = matmul_probe(probe_size, args.dtype, args.probe_repeats)
-        probes.append(probe)
-        print(f"[round {round_index + 1}] dense mm probe: {probe['median_tflops'] * 1e3:.1f} GFLOP/s",
-              file=sys.stderr, flush=True)
-        order = specs if round_index % 2 == 0 else specs[::-1]
-        workers = [Worker(spec["kind"], args.threads) for _, spec in order]
-        try:
-            for worker in workers:
-                worker.wait_ready()
-            for worker, (entry, spec) in zip(workers, order):
-                try:
-                    result = worker.run(spec, args.verbose)
-                except RuntimeError as err:
-                    print(f"error: {err}", file=sys.stderr)
-                    return 1
-                record = models[entry["name"]]
-                record["rounds"].append(result)
-                record["step_times_s"].extend(result["step_times_s"])
-                record["params"] = result["params"]
-                done += 1
-                print(f"[{done}/{total}] {entry['name']}: median step "
-                      f"{statistics.median(result['step_times_s']) * 1e3:.1f} ms, loss "
-                      f"{result['loss_first']:.3f} -> {result['loss_last']:.3f}",
-                      file=sys.stderr, flush=True)
-        finally:
-            for worker in workers:
-                worker.cancel()
-    probe_tflops = max(p["median_tflops"] for p in probes)
-
-    comparisons = summarize(models, [e for e, _ in specs if e["kind"] == "megatron"],
-                            probe_tflops, transformers_name, tokens_per_step)
-    methods = {r["memory_method"] for m in models.values() for r in m["rounds"]}
+    probe_result = measured["dense mm probe"]
+    probe = {
+        "size": probe_size,
+        "dtype": args.dtype,
+        "samples_tflops": [2 * probe_size**3 / t / 1e12 for t in probe_result["step_times_s"]],
+        "step_times_s": probe_result["step_times_s"],
+    }
+    comparisons = summarize(models, [e for e in entries if e["kind"] == "megatron"], probe,
+                            transformers_name, tokens_per_step)
     report = {
         "device": device,
         "settings": {
@@ -729,7 +794,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "tokens_per_step": tokens_per_step,
             "steps": args.steps,
             "warmup": args.warmup,
-            "rounds": args.rounds,
+            "sequential": args.sequential,
             "recursions": recursions,
             "effective_layers": base.effective_layers,
             "hidden_size": base.hidden_size,
@@ -737,12 +802,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "num_query_groups": base.num_query_groups or base.num_attention_heads,
             "ffn_hidden_size": base.ffn_hidden_size,
             "vocab_size": base.vocab_size,
-            "probe_size": probe_size,
             "transformers_with_shims": args.transformers_with_shims,
             "torch": torch.__version__,
         },
-        "probe": {"tflops": probe_tflops, "rounds": probes, "size": probe_size, "dtype": args.dtype},
-        "memory_method": "; ".join(sorted(methods)),
+        "probe": probe,
+        "memory_method": "; ".join(sorted({m["memory_method"] for m in models.values()})),
         "models": models,
         "comparisons": comparisons,
     }
