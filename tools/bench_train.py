@@ -17,7 +17,8 @@ Models (each in its own fresh Python process):
   built locally from a `LlamaConfig` (sdpa attention, tied embeddings, `use_cache=False`).
 - `dense mm probe`: a square `torch.mm` (`--probe-size`) in the same dtype and thread count.
 
-One training step = zero_grad + forward + loss (mean token cross-entropy, labels = inputs shifted
+Parameters are cast to `--dtype` (buffers are not), as DeepSpeed's bf16 mode casts the training
+model. One training step = zero_grad + forward + loss (mean token cross-entropy, labels = inputs shifted
 by one) + backward + `torch.optim.AdamW.step()`, on one fixed batch of random tokens (same batch,
 dtype and threads for every model). Warm-up steps are not timed; on CUDA every step is bracketed
 by `torch.cuda.synchronize()`. By default all models are built first and then timed step by step
@@ -129,6 +130,15 @@ class _CpuPeakMemory:
         }
 
 
+def _cast_params(model, dtype):
+    """Every parameter in `dtype`, buffers (rotary frequencies) untouched: what DeepSpeed's bf16
+    mode does to the training model (megatron's local RMSNorm weights are built in fp32)."""
+    for param in model.parameters():
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+    return model
+
+
 def _build_megatron(spec: dict, device):
     import torch
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
@@ -138,7 +148,7 @@ def _build_megatron(spec: dict, device):
 
     config = model_config_from_dict(spec["model"], "benchmark model")
     torch.manual_seed(spec["seed"])
-    model = MoRGPTModel(config).to(device)
+    model = _cast_params(MoRGPTModel(config).to(device), config.params_dtype)
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0, device=device))
 
     def loss_fn(tokens, positions, labels):
@@ -172,7 +182,7 @@ def _build_transformers(spec: dict, device, dtype):
         attn_implementation="sdpa",
     )
     torch.manual_seed(spec["seed"])
-    model = LlamaForCausalLM(config).to(device=device, dtype=dtype)
+    model = _cast_params(LlamaForCausalLM(config).to(device), dtype)
     vocab = shape["vocab_size"]
 
     def loss_fn(tokens, positions, labels):
@@ -724,8 +734,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         recursions = [int(x) for x in args.recursions.split(",") if x.strip()]
         if not recursions or min(recursions) < 2:
             raise ValueError(f"--recursions {args.recursions}: give Nr values of at least 2")
-        base = load_model_config(args.config, overrides)
-        entries = plan_models(base, recursions, args.dtype)
+        with warnings.catch_warnings():  # megatron's deprecation notes on TransformerConfig
+            warnings.simplefilter("ignore")
+            base = load_model_config(args.config, overrides)
+            entries = plan_models(base, recursions, args.dtype)
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
