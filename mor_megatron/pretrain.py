@@ -26,22 +26,17 @@ def main(argv: list[str] | None = None) -> int:
     if not args.debug:
         warnings.filterwarnings("ignore")
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
-    from mor_megatron.errors import UserError
+    from mor_megatron.errors import UserError, run_cli
 
-    try:
+    def train() -> None:
         if not os.path.isfile(args.config):
             raise UserError(f"config file {args.config} not found: pass an existing YAML file (see configs/)")
         from mor_megatron.training.config import load_run_config
         from mor_megatron.training.loop import pretrain
 
         pretrain(load_run_config(args.config, args.overrides))
-        return 0
-    except UserError as err:  # one line for the user's mistakes; ours keep their traceback
-        if args.debug:
-            raise
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {err}", file=sys.stderr)
-        return 2
+
+    return run_cli(train, args.debug)
 
 
 def _has_cuda() -> bool:

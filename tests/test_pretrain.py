@@ -156,3 +156,15 @@ def test_empty_shard_is_one_line(corpus, tmp_path):
     assert result.returncode != 0
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
     assert "Traceback" not in result.stderr
+
+
+def test_missing_rendezvous_variables_is_one_line(corpus, tmp_path):
+    config = write_config(tmp_path / "run.yaml", corpus)
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    env.update(WORLD_SIZE="2", RANK="0", DS_ACCELERATOR="cpu")
+    result = subprocess.run(
+        [sys.executable, "-m", "mor_megatron.pretrain", "--config", str(config), f"logging.dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, cwd=repo_root(), env=env, timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "MASTER_ADDR, MASTER_PORT not set" in result.stderr

@@ -32,17 +32,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args.debug:
         warnings.filterwarnings("ignore")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from mor_megatron.errors import UserError
+    from mor_megatron.errors import run_cli
     from mor_megatron.hf.importer import import_hf
 
-    try:
-        import_hf(args.hf, args.config, args.output, args.init, args.overrides, args.seed)
-    except UserError as err:
-        if args.debug:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: import_hf(args.hf, args.config, args.output, args.init, args.overrides, args.seed), args.debug)
 
 
 if __name__ == "__main__":

@@ -30,17 +30,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args.debug:
         warnings.filterwarnings("ignore")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from mor_megatron.errors import UserError
+    from mor_megatron.errors import run_cli
     from mor_megatron.hf.export import export
 
-    try:
+    def convert() -> None:
         export(args.checkpoint, args.output, args.config, args.tokenizer, args.max_shard_size)
-    except UserError as err:
-        if args.debug:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_cli(convert, args.debug)
 
 
 if __name__ == "__main__":

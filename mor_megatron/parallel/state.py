@@ -8,7 +8,12 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
+from mor_megatron.errors import UserError
 from mor_megatron.parallel.cpu_shims import apply_cpu_shims
+
+
+class LaunchError(UserError, RuntimeError):
+    """The launch environment does not describe a usable process group."""
 
 
 def initialize_parallel(
@@ -27,10 +32,17 @@ def initialize_parallel(
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        if "RANK" in os.environ:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1:
+            missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+            if missing:
+                raise LaunchError(
+                    f"WORLD_SIZE={world} but {', '.join(missing)} not set: start the job with "
+                    "torchrun (launch/torchrun.sh) or set the rendezvous variables"
+                )
             dist.init_process_group(backend=backend)
         else:  # a world of one needs no rendezvous (and no port that another job could take)
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK=os.environ.get("LOCAL_RANK", "0"))
             dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
     if parallel_state.model_parallel_is_initialized():
         same = (
