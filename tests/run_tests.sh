@@ -13,5 +13,5 @@ fi
 export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
 # DeepSpeed JIT-compiles a C++ op on first use; keep that build (and its lock file) inside the
 # venv, so a build killed elsewhere can never leave a stale lock that blocks this run.
-export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/$VENV/torch_extensions}"
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$(cd "$VENV" && pwd)/torch_extensions}"
 exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@" tests
