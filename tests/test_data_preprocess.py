@@ -149,15 +149,15 @@ def test_parquet_and_text_inputs(corpus, tmp_path):
 def test_in_process_errors_name_the_problem(corpus, tmp_path, capsys):
     src = write_jsonl(tmp_path / "k.jsonl", ["a", "b"], key="body")
     assert run_cli("--input", str(src), "--output-prefix", str(tmp_path / "o"), "--tokenizer",
-                   corpus["tok"], cache=tmp_path / "cache") == 1
+                   corpus["tok"], cache=tmp_path / "cache") == 2
     assert "no column 'text'" in capsys.readouterr().err
     blank = write_jsonl(tmp_path / "blank.jsonl", ["", ""])
     assert run_cli("--input", str(blank), "--output-prefix", str(tmp_path / "o"), "--tokenizer",
-                   corpus["tok"], cache=tmp_path / "cache") == 1
+                   corpus["tok"], cache=tmp_path / "cache") == 2
     err = capsys.readouterr().err
     assert "no documents" in err and not list(tmp_path.glob("o_*"))  # partial files removed
     assert run_cli("--input", str(corpus["src"]), "--output-prefix", str(tmp_path / "o"), "--tokenizer",
-                   str(tmp_path / "nope"), cache=tmp_path / "cache") == 1
+                   str(tmp_path / "nope"), cache=tmp_path / "cache") == 2
     assert "cannot load tokenizer" in capsys.readouterr().err
 
 

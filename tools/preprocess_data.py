@@ -5,8 +5,8 @@
 
 Input: local .jsonl/.json/.parquet/.csv/.txt files (paths, globs or directories), a Hugging Face
 hub dataset name (where the hub is reachable; --streaming for large ones), or `stdlib` (the
-Python standard library's sources, built in). Bad input exits non-zero with one line on stderr
-naming the problem and the fix (--debug shows the traceback).
+Python standard library's sources, built in). Bad input exits with code 2 and one line on stderr
+naming the problem and the fix (an unexpected failure: code 1); --debug shows the traceback.
 """
 
 from __future__ import annotations
@@ -90,10 +90,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         if isinstance(exc, DataError):
             print(f"error: {exc}", file=sys.stderr)
-        else:
-            first = (str(exc).strip().splitlines() or [""])[0][:300]
-            print(f"error: unexpected {type(exc).__name__}: {first}; fix: rerun with --debug for "
-                  "the traceback", file=sys.stderr)
+            return 2
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        print(f"error: unexpected {type(exc).__name__}: {first}; fix: rerun with --debug for "
+              "the traceback", file=sys.stderr)
         return 1
     try:
         print("\n".join(summary.lines()), flush=True)

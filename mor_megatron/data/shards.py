@@ -7,6 +7,7 @@ the documents' tokens back to back, so it is also the shard's concatenated token
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from typing import Any, Sequence
@@ -108,6 +109,32 @@ def open_shard(prefix: str) -> Any:
             "tools/preprocess_data.py"
         )
     return mod.IndexedDataset(prefix, multimodal=False, mmap=True)
+
+
+def shard_meta_path(prefix: str) -> str | None:
+    """`BASE_meta.json` that tools/preprocess_data.py writes next to `BASE_train` / `BASE_valid`."""
+    for split in ("_train", "_valid"):
+        if prefix.endswith(split):
+            return prefix[: -len(split)] + "_meta.json"
+    return None
+
+
+def check_shard_vocab(prefix: str, vocab_size: int) -> None:
+    """Raise `DataError` when the shard's preprocessing record names a larger vocabulary than the
+    model's (its token ids would index past the embedding). Cheap: reads `BASE_meta.json` only;
+    shards without a readable record are not checked."""
+    meta = shard_meta_path(prefix)
+    try:
+        with open(meta or "", encoding="utf-8") as f:
+            shard_vocab = int(json.load(f)["vocab_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if shard_vocab > vocab_size:
+        raise DataError(
+            f"shard {prefix} was tokenized with a vocabulary of {shard_vocab} ids ({meta}) but "
+            f"model.vocab_size is {vocab_size}; fix: set model.vocab_size >= {shard_vocab} or "
+            "re-create the shard with the model's tokenizer"
+        )
 
 
 def read_documents(prefix: str) -> list[np.ndarray]:

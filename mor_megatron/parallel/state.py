@@ -44,6 +44,15 @@ def initialize_parallel(
         else:  # a world of one needs no rendezvous (and no port that another job could take)
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK=os.environ.get("LOCAL_RANK", "0"))
             dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+    world = dist.get_world_size()
+    if world % (tensor_model_parallel_size * pipeline_model_parallel_size):
+        # checked before any existing parallel state is torn down
+        raise LaunchError(
+            f"world size {world} is not divisible by TP {tensor_model_parallel_size} x "
+            f"PP {pipeline_model_parallel_size}: launch a multiple of "
+            f"{tensor_model_parallel_size * pipeline_model_parallel_size} processes or change "
+            "parallel.tensor_model_parallel_size / pipeline_model_parallel_size"
+        )
     if parallel_state.model_parallel_is_initialized():
         same = (
             parallel_state.get_tensor_model_parallel_world_size() == tensor_model_parallel_size
@@ -53,13 +62,6 @@ def initialize_parallel(
         if not same:
             parallel_state.destroy_model_parallel()
     if not parallel_state.model_parallel_is_initialized():
-        world = dist.get_world_size()
-        if world % (tensor_model_parallel_size * pipeline_model_parallel_size):
-            raise ValueError(
-                f"world size {world} is not divisible by TP {tensor_model_parallel_size} x "
-                f"PP {pipeline_model_parallel_size}: launch a multiple of "
-                f"{tensor_model_parallel_size * pipeline_model_parallel_size} processes"
-            )
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tensor_model_parallel_size,
             pipeline_model_parallel_size=pipeline_model_parallel_size,

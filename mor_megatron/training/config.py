@@ -115,6 +115,12 @@ def validate(run: RunConfig) -> None:
             t.zero_stage == 1,
             f"training.zero_stage={t.zero_stage} with pipeline parallelism: use zero_stage 1",
         )
+        from mor_megatron.parallel.pipeline import plan_stages
+
+        try:
+            plan_stages(run.model, p.pipeline_model_parallel_size)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
 
 def check_layout(run: RunConfig, world_size: int) -> int:
@@ -134,6 +140,30 @@ def check_layout(run: RunConfig, world_size: int) -> int:
             f"{t.micro_batch_size * dp}"
         )
     return dp
+
+
+def check_data(run: RunConfig) -> None:
+    """Check the run's tokenizer and open its shards as the trainer will (data-parallel size 1),
+    before anything starts: model.vocab_size covers the tokenizer, and every prefix exists, is
+    whole, holds a row and fits model.vocab_size. Cheap: index headers and file sizes. Raises
+    `DataError`."""
+    from mor_megatron.data.dataset import ValidationBatches, parse_blend
+    from mor_megatron.data.sampling import normalize_weights
+    from mor_megatron.data.shards import TokenStream, check_shard_vocab
+    from mor_megatron.data.tokenizer import check_vocab, load_tokenizer
+
+    if run.data.tokenizer:
+        check_vocab(load_tokenizer(run.data.tokenizer).vocab_size, run.model.vocab_size)
+    seq_length = run.model.seq_length
+    blend = parse_blend(run.data.train)
+    normalize_weights([weight for weight, _ in blend])
+    for _, prefix in blend:
+        TokenStream(prefix, seq_length)
+        check_shard_vocab(prefix, run.model.vocab_size)
+    if run.data.valid:
+        ValidationBatches(run.data.valid, seq_length, run.training.micro_batch_size,
+                          max_microbatches=run.training.eval_batches)
+        check_shard_vocab(run.data.valid, run.model.vocab_size)
 
 
 def load_run_config(path: Union[str, Path], overrides: Sequence[str] = ()) -> RunConfig:
