@@ -97,4 +97,4 @@ EVENTS=$(find "$RUN_DIR" -name 'events.out.tfevents*' -printf '%h\n' 2>/dev/null
 echo "Run directory:    $RUN_DIR"
 echo "Checkpoints:      ${CKPTS:-(none found in $CKPT_DIR)}" | sed '2,$s/^/                  /'
 echo "TensorBoard logs: ${EVENTS:-(none found under $RUN_DIR)}" | sed '2,$s/^/                  /'
-echo "View them with:   $VENV/bin/tensorboard --logdir $RUN_DIR"
+echo "View them with:   $VENV/bin/tensorboard --logdir $RUN_DIR --host 127.0.0.1   (localhost only: forward the port)"

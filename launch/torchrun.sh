@@ -170,7 +170,7 @@ else
 fi
 [ -n "$PY" ] && command -v "$PY" >/dev/null 2>&1 || die "no python interpreter found (set PYTHON or activate the venv)"
 
-CMD=("$PY" -m torch.distributed.run
+CMD=("$PY" -m mor_megatron.torchrun  # torch.distributed.run, with one-line failures
     --nnodes "$NNODES_V"
     --nproc-per-node "$NPROC_V"
     --node-rank "$NODE_RANK_V"

@@ -63,17 +63,76 @@ def test_damaged_checkpoint_falls_back_to_previous(expert_setup):
     assert series(run_dir, "train/loss")[-3:] == series(reference, "train/loss")[2:]
 
 
+def _digest(directory) -> dict:
+    import hashlib
+
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def _one_error_line(result) -> str:
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
+    assert "Traceback" not in result.stdout + result.stderr
+    return lines[0]
+
+
 def test_missing_pointer_target_and_missing_rank_file(expert_setup, tmp_path):
     config, overrides, _, root = expert_setup
     run_dir = root / "missing"
-    launch(config, run_dir, overrides + ["training.exit_after_steps=2"])
-    checkpoint = run_dir / "checkpoints" / "step_00000002"
-    next(checkpoint.glob("mp_rank_00_model_states.pt")).unlink()
-    info = subprocess.run([sys.executable, "tools/checkpoint_info.py", str(checkpoint)],
+    launch(config, run_dir, overrides + ["training.exit_after_steps=2", "training.save_interval=1"])
+    checkpoints = run_dir / "checkpoints"
+    next((checkpoints / "step_00000002").glob("mp_rank_00_model_states.pt")).unlink()
+    info = subprocess.run([sys.executable, "tools/checkpoint_info.py", str(checkpoints / "step_00000002")],
                           capture_output=True, text=True, cwd=repo_root())
     assert info.returncode != 0 and "mp_rank_00_model_states.pt is missing" in info.stderr
-    (run_dir / "checkpoints" / "latest").write_text("step_00000099\n")
-    result = launch(config, run_dir, overrides + ["training.train_steps=3"])
-    assert "names step_00000099, which does not exist" in result.stdout
-    assert "skipping incomplete checkpoint" in result.stdout
-    assert "resumed from" not in result.stdout  # nothing complete left: a fresh start
+    (checkpoints / "latest").write_text("step_00000099\n")
+    result = launch(config, run_dir, overrides + ["training.exit_after_steps=1"])
+    assert "skipping incomplete checkpoint" in result.stdout and "mp_rank_00_model_states.pt is missing" in result.stdout
+    assert "names step_00000099, which does not exist; using the newest complete checkpoint step_00000001" in result.stdout
+    assert "resumed from" in result.stdout and "at step 1" in result.stdout
+
+    # every checkpoint damaged: refused in one line, nothing overwritten by a fresh start
+    for step_dir in checkpoints.glob("step_*"):
+        for victim in step_dir.glob("mp_rank_00_model_states.pt"):
+            victim.unlink()
+    before = _digest(checkpoints)
+    line = _one_error_line(launch(config, run_dir, overrides, check=False))
+    assert f"no complete checkpoint in {checkpoints}" in line and "training.resume=false" in line
+    assert _digest(checkpoints) == before
+
+
+def test_checkpoint_of_another_model_is_refused_before_loading(expert_setup, tmp_path):
+    import shutil
+
+    config, overrides, reference, _ = expert_setup
+    run_dir = tmp_path / "other"
+    shutil.copytree(reference, run_dir)
+    before = _digest(run_dir / "checkpoints")
+    result = launch(config, run_dir, ["model.ffn_hidden_size=96", "training.train_steps=6"], check=False)
+    line = _one_error_line(result)
+    assert "holds another model (ffn_hidden_size 128 in the checkpoint, 96 in the config)" in line
+    assert "training.save_dir" in line
+    assert _digest(run_dir / "checkpoints") == before
+
+
+def test_init_weights_of_another_shape_are_refused_before_loading(expert_setup, parallel):
+    import dataclasses
+
+    from mor_megatron.model import MoRGPTModel
+    from mor_megatron.training.checkpoint import CheckpointError, load_weights
+    from mor_megatron.training.config import load_run_config
+
+    config, overrides, _, _ = expert_setup
+    init = overrides[0].split("=", 1)[1]
+    model_config = load_run_config(config).model
+    wider = MoRGPTModel(dataclasses.replace(model_config, ffn_hidden_size=96))
+    untouched = {k: v.clone() for k, v in wider.state_dict().items() if torch.is_tensor(v)}
+    with pytest.raises(CheckpointError) as raised:
+        load_weights(wider, init)
+    message = str(raised.value)
+    assert "\n" not in message and "has shape" in message and "this model needs" in message and "96" in message
+    after = wider.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in untouched.items())
+    load_weights(MoRGPTModel(model_config), init)  # the matching model loads

@@ -44,8 +44,9 @@ def test_recomputation_gives_the_same_training(expert_setup):
         assert series(run_dir, key) == pytest.approx(series(reference, key), rel=1e-6)
 
 
-def _run_in_process(config, run_dir, overrides, nan_steps, monkeypatch):
-    """pretrain() in this process with the LM loss poisoned at the given (1-based) steps."""
+def _run_in_process(config, run_dir, overrides, nan_steps, monkeypatch, microbatch=None):
+    """pretrain() in this process with the LM loss poisoned at the given (1-based) steps, in every
+    micro-batch or only in the given (0-based) one."""
     from mor_megatron.training import step as step_module
     from mor_megatron.training.config import load_run_config
     from mor_megatron.training.loop import pretrain
@@ -56,11 +57,14 @@ def _run_in_process(config, run_dir, overrides, nan_steps, monkeypatch):
 
     def counting_train_step(*args, **kwargs):
         calls["step"] += 1
+        calls["micro"] = 0
         return original_train_step(*args, **kwargs)
 
     def poisoned(per_token, mask):
         loss = original(per_token, mask)
-        return loss * float("nan") if calls["step"] in nan_steps else loss
+        calls["micro"] += 1
+        hit = calls["step"] in nan_steps and microbatch in (None, calls["micro"] - 1)
+        return loss * float("nan") if hit else loss
 
     monkeypatch.setattr(step_module, "lm_loss", poisoned)
     monkeypatch.setattr("mor_megatron.training.loop.train_step", counting_train_step)
@@ -81,5 +85,9 @@ def test_too_many_non_finite_steps_stop_the_run(corpus, tmp_path, monkeypatch, p
     from mor_megatron.training.loop import TrainingError
 
     config = write_config(tmp_path / "run.yaml", corpus, training={"train_steps": 8, "max_bad_steps": 3})
-    with pytest.raises(TrainingError, match="stopping at step 4: 3 non-finite steps in a row"):
-        _run_in_process(config, tmp_path / "stop", [], nan_steps={2, 3, 4, 5}, monkeypatch=monkeypatch)
+    # 4 samples a step in 2 micro-batches: step 4 starts at sample 12, its second micro-batch is 14-15
+    with pytest.raises(TrainingError) as raised:
+        _run_in_process(config, tmp_path / "stop", [], nan_steps={2, 3, 4, 5}, monkeypatch=monkeypatch, microbatch=1)
+    assert str(raised.value).startswith(
+        "stopping at step 4: 3 non-finite steps in a row, the last in micro-batch 2/2 of data-parallel rank 0, "
+        "global samples 14-15;")

@@ -184,3 +184,49 @@ def test_exported_mor_imports_back_unchanged(parallel, tmp_path):
     before = {k: v for k, v in model.state_dict().items() if torch.is_tensor(v)}
     after = {k: v for k, v in load_ours(config_path, tmp_path / "w1").state_dict().items() if torch.is_tensor(v)}
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_pickled_weights_need_the_explicit_flag(parallel, tmp_path, capsys):
+    """A folder with only `pytorch_model.bin` is refused by default (pickles can run code) and read
+    with `--allow-pickle`, through torch's weights_only unpickler, to the same weights."""
+    from tools.convert_from_hf import main
+
+    base = make_llama(tmp_path / "llama")
+    (tmp_path / "llama" / "model.safetensors").unlink()
+    torch.save(base.state_dict(), tmp_path / "llama" / "pytorch_model.bin")
+    config = write_config(tmp_path / "vanilla.yaml", sharing="none", router="none", num_recursions=1)
+    args = ["--hf", str(tmp_path / "llama"), "--config", str(config), "--output", str(tmp_path / "w")]
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pickled weights (pytorch_model.bin)" in err and "--allow-pickle" in err
+    assert not (tmp_path / "w").exists()
+
+    assert main(args + ["--allow-pickle"]) == 0
+    ours = hf_view(load_ours(config, tmp_path / "w"))
+    for name, value in base.state_dict().items():
+        if name in ours:
+            assert torch.equal(ours[name], value), name
+
+
+def test_pickled_weights_with_code_are_refused_even_with_the_flag(parallel, tmp_path, capsys):
+    """`weights_only=True`: a pickle that would call a function is rejected, the function never runs."""
+    import os
+
+    from mor_megatron.hf.layouts import ConversionError
+    from mor_megatron.hf.safetensors_io import read_safetensors
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.mkdir, (str(marker),))
+
+    (tmp_path / "evil").mkdir()
+    torch.save({"weight": Payload()}, tmp_path / "evil" / "pytorch_model.bin")
+    with pytest.raises(ConversionError):
+        read_safetensors(tmp_path / "evil")
+    with pytest.raises(ConversionError, match="holds more than tensors and was not loaded") as raised:
+        read_safetensors(tmp_path / "evil", allow_pickle=True)
+    assert "\n" not in str(raised.value)
+    assert not marker.exists()

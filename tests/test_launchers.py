@@ -55,7 +55,7 @@ def _parse(line: str) -> tuple[dict[str, str], list[str], list[str]]:
     while "=" in words[0] and not words[0].startswith("-") and "/" not in words[0].split("=")[0]:
         key, value = words.pop(0).split("=", 1)
         env[key] = value
-    assert words[1:3] == ["-m", "torch.distributed.run"], words
+    assert words[1:3] == ["-m", "mor_megatron.torchrun"], words  # torch.distributed.run, one-line failures
     rest = words[3:]
     cut = rest.index("-m")
     return env, rest[:cut], rest[cut + 1:]
@@ -339,3 +339,32 @@ def test_two_nodes_on_loopback(tmp_path: Path) -> None:
     probes = sorted(line for out in outputs for line in out.splitlines() if line.startswith("PROBE"))
     # c10d assigns the global ranks; together the two nodes hold ranks 0 and 1.
     assert probes == ["PROBE rank=0 world=2 sum=3 ds=cpu", "PROBE rank=1 world=2 sum=3 ds=cpu"], outputs
+
+
+@pytest.mark.parametrize("script", [TORCHRUN_SH, SBATCH, QUICKSTART], ids=lambda p: p.name)
+def test_nothing_binds_to_every_interface(script: Path) -> None:
+    """Rendezvous and TensorBoard bind only to named interfaces: no wildcard address anywhere in
+    the launchers, and the TensorBoard command quickstart prints is bound to localhost."""
+    import re
+
+    text = script.read_text()
+    wildcard = r"(ADDR|addr|endpoint|--host)\W{1,3}(0\.0\.0\.0|\[?::\]?)(\W|$)"
+    assert not re.search(wildcard, text) and "--bind_all" not in text
+    for line in text.splitlines():
+        if "tensorboard --logdir" in line:
+            assert "--host 127.0.0.1" in line, line
+
+
+def test_torchrun_user_error_stays_one_line(tmp_path: Path) -> None:
+    """Two real workers fail on a bad config: after the launcher's own command banner the launch
+    prints their one error line and nothing of torchrun's traceback or failure table; exit 2."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    out = _run(["bash", str(TORCHRUN_SH), "--nproc-per-node", "2", "--master-port", port, "--",
+                "--config", "configs/tiny.yaml", "training.train_steps=many"],
+               _env(PATH=_no_gpu_path(tmp_path), OMP_NUM_THREADS="1"), timeout=180)
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-3000:]
+    lines = [line for line in out.stderr.splitlines() if line.strip() and not line.startswith("[torchrun.sh] ")]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "training.train_steps has the wrong type" in lines[0], out.stderr
+    assert "Traceback" not in out.stdout + out.stderr

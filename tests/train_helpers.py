@@ -63,9 +63,9 @@ def write_config(path: Path, corpus: dict, model: dict | None = None, **sections
 
 
 def launch(config: Path, run_dir: Path, overrides: list[str] = (), nproc: int = 1, timeout: int = 300,
-           check: bool = True) -> subprocess.CompletedProcess:
+           check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run pretraining; the run directory and its checkpoints go to `run_dir`."""
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
     args = ["--config", str(config), f"logging.dir={run_dir}", *overrides]
     if nproc == 1:
         command = [sys.executable, "-m", "mor_megatron.pretrain", *args]

@@ -27,6 +27,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--output", required=True, help="weights folder to write")
     parser.add_argument("--seed", type=int, default=1234, help="seed of the fresh parts (routers, random)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides of the config")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="read pytorch_model.bin when the folder has no safetensors (pickles can run code: "
+                             "only for sources you trust; loaded with torch's weights_only unpickler)")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     args = parser.parse_args(argv)
     if not args.debug:
@@ -35,7 +38,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from mor_megatron.errors import run_cli
     from mor_megatron.hf.importer import import_hf
 
-    return run_cli(lambda: import_hf(args.hf, args.config, args.output, args.init, args.overrides, args.seed), args.debug)
+    return run_cli(lambda: import_hf(args.hf, args.config, args.output, args.init, args.overrides, args.seed,
+                                     allow_pickle=args.allow_pickle), args.debug)
 
 
 if __name__ == "__main__":

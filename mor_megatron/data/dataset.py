@@ -123,10 +123,11 @@ class PretrainingBatches:
         shard, row = self.index.locate(index)
         return self.streams[shard].row(row)
 
-    def sample_indices(self, consumed_samples: int, microbatch: int) -> np.ndarray:
-        """Global sample ids of this rank's `microbatch` in the step starting at `consumed_samples`."""
+    def sample_indices(self, consumed_samples: int, microbatch: int, dp_rank: Optional[int] = None) -> np.ndarray:
+        """Global sample ids of `microbatch` of this (or another) data-parallel rank in the step
+        starting at `consumed_samples`."""
         start = consumed_samples + microbatch * self.micro_batch_size * self.dp_size
-        start += self.dp_rank * self.micro_batch_size
+        start += (self.dp_rank if dp_rank is None else dp_rank) * self.micro_batch_size
         return np.arange(start, start + self.micro_batch_size, dtype=np.int64)
 
     def __iter__(self) -> "PretrainingBatches":

@@ -175,8 +175,10 @@ def import_hf(
     overrides: Sequence[str] = (),
     seed: int = 1234,
     log: Callable[[str], None] = print,
+    allow_pickle: bool = False,
 ) -> Path:
-    """Write layout-free weights for the model of `config_path` from the HF folder `hf_dir`."""
+    """Write layout-free weights for the model of `config_path` from the HF folder `hf_dir`
+    (safetensors; pickled `pytorch_model.bin` only with `allow_pickle`)."""
     import dataclasses
 
     from megatron.core import tensor_parallel
@@ -192,7 +194,7 @@ def import_hf(
     config = load_model_config(config_path, overrides)
     config = dataclasses.replace(config, tensor_model_parallel_size=1, pipeline_model_parallel_size=1, use_cpu_initialization=True)
     check_compatible(hf, config, hf_dir, config_path)
-    hf_state = read_safetensors(Path(hf_dir))
+    hf_state = read_safetensors(Path(hf_dir), allow_pickle=allow_pickle)
     initialize_parallel(seed=seed)
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)

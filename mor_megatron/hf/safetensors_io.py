@@ -1,9 +1,12 @@
 """Read and write HF weight folders: `model.safetensors`, or shards plus
-`model.safetensors.index.json` above a size threshold."""
+`model.safetensors.index.json` above a size threshold. Pickled weights (`pytorch_model.bin`) can
+run code when unpickled: they are read only on the user's explicit `allow_pickle`, and then still
+through torch's restricted `weights_only` unpickler."""
 
 from __future__ import annotations
 
 import json
+import pickle
 import re
 from pathlib import Path
 
@@ -12,6 +15,7 @@ import torch
 from mor_megatron.hf.layouts import ConversionError
 
 INDEX = "model.safetensors.index.json"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -57,18 +61,37 @@ def write_safetensors(tensors: dict[str, torch.Tensor], output: Path, max_shard_
     return names
 
 
-def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of an HF folder (single file or sharded with an index)."""
+def _shard_files(folder: Path, index: str, single: str) -> list[str]:
+    if (folder / index).is_file():
+        return sorted(set(json.loads((folder / index).read_text())["weight_map"].values()))
+    return [single] if (folder / single).is_file() else []
+
+
+def read_safetensors(folder: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Every tensor of an HF folder (single file or sharded with an index); safetensors only,
+    unless `allow_pickle` lets a folder without them be read from `pytorch_model*.bin`."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    if (folder / INDEX).is_file():
-        files = sorted(set(json.loads((folder / INDEX).read_text())["weight_map"].values()))
-    elif (folder / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise ConversionError(f"{folder} has no model.safetensors or {INDEX}: give a Hugging Face model folder")
+    files = _shard_files(folder, INDEX, "model.safetensors")
     state: dict[str, torch.Tensor] = {}
-    for name in files:
-        state.update(load_file(str(folder / name)))
+    if files:
+        for name in files:
+            state.update(load_file(str(folder / name)))
+        return state
+    pickled = _shard_files(folder, PICKLE_INDEX, "pytorch_model.bin")
+    if not pickled:
+        raise ConversionError(f"{folder} has no model.safetensors or {INDEX}: give a Hugging Face model folder")
+    if not allow_pickle:
+        raise ConversionError(
+            f"{folder} holds only pickled weights ({pickled[0]}), which can run code when loaded: convert "
+            "them to safetensors, or pass --allow-pickle if you trust their source"
+        )
+    for name in pickled:
+        try:
+            state.update(torch.load(folder / name, map_location="cpu", weights_only=True))
+        except pickle.UnpicklingError as err:
+            reason = str(err).strip().splitlines()[-1][:200]
+            raise ConversionError(f"{folder / name} holds more than tensors and was not loaded ({reason}): "
+                                  "get safetensors weights from a source you trust") from None
     return state

@@ -13,16 +13,23 @@ One checkpoint is a directory `SAVE_DIR/step_00000123/` holding
 Atomicity: everything is written into `step_N.partial/`; after every rank finished (a barrier)
 rank 0 writes the manifest, renames the directory and only then points `latest` at it (write to
 a temporary file, then `os.replace`). An interrupted save leaves a `.partial` directory that is
-never loaded, and the previous checkpoint untouched. Loading validates the manifest first and
-falls back to the newest older checkpoint that is complete.
+never loaded, and the previous checkpoint untouched; a save that fails on a write (disk full)
+removes its `.partial` directory and stops the run naming the intact previous checkpoint.
+
+Loading validates before any tensor is used: the manifest (every file present at its size), the
+model's identity hash (a checkpoint of another model is refused, naming the settings that differ)
+and, for layout-free loads, every tensor's global shape.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import multiprocessing
 import os
 import shutil
 from dataclasses import asdict, dataclass
+from multiprocessing.managers import SyncManager
 from pathlib import Path
 from typing import Optional
 
@@ -35,21 +42,27 @@ from deepspeed.utils import (
     safe_set_full_optimizer_state,
 )
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.dist_checkpointing.optimizer import (
     get_param_id_to_sharded_param_map,
     make_sharded_optimizer_tensor,
 )
 
 from mor_megatron.errors import UserError
+from mor_megatron.training import faults
 from mor_megatron.training.engine import sync_learning_rate
 from mor_megatron.training.checkpoint_files import (
     LATEST,
     checkpoint_problem,
+    exit_with_parent,
+    find_latest,
     manifest,
     read_meta,
     tag_for,
     write_atomic,
 )
+from mor_megatron.yaml_config import dump_model_config
 
 FORMAT_VERSION = 1
 ADAM_STATES = ("exp_avg", "exp_avg_sq")
@@ -64,6 +77,63 @@ class TrainState:
     step: int = 0
     consumed_samples: int = 0
     consumed_tokens: int = 0
+
+
+# Model settings that change neither the weights a checkpoint holds nor what they compute.
+_NOT_IDENTITY = frozenset({
+    "scatter_kernel", "hidden_dropout", "attention_dropout", "init_method_std", "params_dtype", "bf16",
+    "fp16", "seq_length", "router_aux_loss_coeff", "router_z_loss_coeff", "router_balance_loss_coeff",
+    "aux_router_loss_coeff", "token_choice_capacity_factor",
+})
+
+
+def model_identity(config) -> dict:
+    """The settings that define the model a checkpoint belongs to."""
+    return {k: v for k, v in dump_model_config(config).items() if k not in _NOT_IDENTITY}
+
+
+def identity_hash(identity: dict) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _check_identity(meta: dict, config, directory: Path) -> None:
+    """Refuse a checkpoint of another model before any of its tensors is read."""
+    if "model_hash" not in meta:
+        return  # written before identities were recorded
+    current = model_identity(config)
+    if meta["model_hash"] == identity_hash(current):
+        return
+    saved = meta.get("model_identity", {})
+    differences = [
+        f"{key} {saved.get(key, 'default')} in the checkpoint, {current.get(key, 'default')} in the config"
+        for key in sorted(set(saved) | set(current))
+        if saved.get(key) != current.get(key)
+    ]
+    raise CheckpointError(
+        f"{directory} holds another model ({'; '.join(differences) or 'identity hash differs'}): "
+        "resume with the model config it was saved with, or point training.save_dir at a new directory"
+    )
+
+
+def _check_shapes(expected: dict, directory: Path) -> None:
+    """Every tensor `expected` holds is in the dist-checkpoint at `directory` with its global shape."""
+    try:
+        stored = dist_checkpointing.load_tensors_metadata(str(directory))
+    except Exception as err:  # megatron raises several types for unreadable metadata
+        raise CheckpointError(f"{directory} is not a readable dist-checkpoint ({type(err).__name__}); "
+                              "give a checkpoint directory written by this project") from None
+    for tensor in nested_values(expected):
+        if not isinstance(tensor, ShardedTensor):
+            continue
+        found = stored.get(tensor.key)
+        if found is None:
+            raise CheckpointError(f"{directory} has no tensor {tensor.key}: it holds another model; "
+                                  "start from a checkpoint of this model's config")
+        if tuple(found.global_shape) != tuple(tensor.global_shape):
+            raise CheckpointError(
+                f"{directory}: {tensor.key} has shape {tuple(found.global_shape)}, this model needs "
+                f"{tuple(tensor.global_shape)}; start from a checkpoint of this model's config"
+            )
 
 
 def _layout(engine) -> dict:
@@ -144,7 +214,9 @@ def _load_universal(engine, model, directory: Path, step: int) -> None:
             f"{directory}: resuming at another layout is supported for ZeRO stages 0-2; "
             "resume with the layout it was saved at, or use zero_stage 1 or 2"
         )
-    loaded = dist_checkpointing.load(universal_state(engine, model, with_values=False), str(directory))
+    expected = universal_state(engine, model, with_values=False)
+    _check_shapes(expected["model"], directory)
+    loaded = dist_checkpointing.load(expected, str(directory))
     model.load_state_dict(loaded["model"])
     _link_zero_states(engine, step)
     params = _trained_params(model)
@@ -184,40 +256,90 @@ def _rng_state() -> dict:
     }
 
 
+def _orphan_safe_write_queue() -> None:
+    """megatron's dist-checkpoint writer reports through a queue served by a spawned
+    multiprocessing Manager. A SIGKILLed trainer leaves that server running for ever, holding the
+    trainer's stdout open (so launchers and log pipes never finish): serve the queue from a Manager
+    that exits with its parent instead."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", "missing") is not None:
+        return  # already made (or megatron no longer has this global)
+    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+    manager.start(exit_with_parent, (os.getpid(),))
+    filesystem_async._results_queue = manager.Queue()  # the proxy keeps the manager alive
+
+
 def save_checkpoint(engine, model, state: TrainState, save_dir: str, config: dict) -> Path:
-    """Write a complete checkpoint for `state.step`; returns its directory."""
+    """Write a complete checkpoint for `state.step`; returns its directory.
+
+    A write that fails (disk full, quota, I/O error) on any rank removes the partial directory and
+    raises `CheckpointError` naming the previous, intact checkpoint.
+    """
     root = Path(save_dir)
     tag = tag_for(state.step)
     partial = root / f"{tag}.partial"
     final = root / tag
     rank = dist.get_rank() if dist.is_initialized() else 0
+    failure: Optional[OSError] = None
+    try:
+        if rank == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(partial, ignore_errors=True)
+            (partial / "universal").mkdir(parents=True)
+            (partial / "rng").mkdir()
+        _barrier()
+        client = {"train_state": asdict(state), "format": FORMAT_VERSION}
+        engine.save_checkpoint(str(root), tag=partial.name, client_state=client, save_latest=False)
+        faults.reached("checkpoint-deepspeed")
+        _orphan_safe_write_queue()
+        dist_checkpointing.save(universal_state(engine, model), str(partial / "universal"))
+        faults.reached("checkpoint-universal")
+        torch.save(_rng_state(), partial / "rng" / f"rank_{rank}.pt")
+    except OSError as err:
+        failure = err
+    _stop_if_any_write_failed(failure, partial, root, state.step)
     if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(partial, ignore_errors=True)
-        (partial / "universal").mkdir(parents=True)
-        (partial / "rng").mkdir()
-    _barrier()
-    client = {"train_state": asdict(state), "format": FORMAT_VERSION}
-    engine.save_checkpoint(str(root), tag=partial.name, client_state=client, save_latest=False)
-    dist_checkpointing.save(universal_state(engine, model), str(partial / "universal"))
-    torch.save(_rng_state(), partial / "rng" / f"rank_{rank}.pt")
-    _barrier()
-    if rank == 0:
+        identity = model_identity(model.config)
         meta = {
             "format": FORMAT_VERSION,
             "tag": tag,
             "train_state": asdict(state),
             "layout": _layout(engine),
             "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+            "model_hash": identity_hash(identity),
+            "model_identity": identity,
             "config": config,
             "files": manifest(partial),
         }
         write_atomic(partial / "meta.json", json.dumps(meta, indent=1))
+        faults.reached("checkpoint-meta")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
+        faults.reached("checkpoint-latest")
         write_atomic(root / LATEST, tag + "\n")
     _barrier()
     return final
+
+
+def _stop_if_any_write_failed(failure: Optional[OSError], partial: Path, root: Path, step: int) -> None:
+    """All ranks agree whether the save failed; if so the partial directory goes (freeing its
+    space) and every rank raises the same one-line error."""
+    flag = torch.tensor([1.0 if failure is not None else 0.0])
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if not flag.item():
+        return
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+    _barrier()
+    previous = find_latest(str(root), log=lambda message: None)
+    kept = f"{previous} is intact and will be resumed from" if previous else "no earlier checkpoint exists"
+    cause = f"{failure.strerror or failure} ({failure.filename})" if failure is not None else "a write failed on another rank"
+    raise CheckpointError(
+        f"checkpoint for step {step} not written: {cause}; the partial save was removed and {kept}; "
+        f"free space under {root} (or set training.save_dir elsewhere) and relaunch"
+    )
 
 
 def prune_checkpoints(save_dir: str, keep: int) -> None:
@@ -238,6 +360,7 @@ def load_checkpoint(engine, model, directory: Path, log=print) -> TrainState:
     if problem:
         raise CheckpointError(f"cannot resume: {problem}; remove it or point training.save_dir elsewhere")
     meta = read_meta(directory)
+    _check_identity(meta, model.config, directory)
     state = TrainState(**meta["train_state"])
     rank = dist.get_rank() if dist.is_initialized() else 0
     if meta["layout"] == _layout(engine):
@@ -274,7 +397,9 @@ def load_weights(model, directory: str) -> None:
         path = path / "universal"
     if not path.is_dir():
         raise CheckpointError(f"training.init_from={directory} does not exist: give a checkpoint directory")
-    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path), strict="assume_ok_unexpected")
+    expected = {"model": model.sharded_state_dict()}
+    _check_shapes(expected, path)
+    loaded = dist_checkpointing.load(expected, str(path), strict="assume_ok_unexpected")
     model.load_state_dict(loaded["model"])
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -56,27 +58,44 @@ def read_meta(directory: Path) -> dict:
     return json.loads((Path(directory) / "meta.json").read_text())
 
 
-def find_latest(save_dir: str, log: Callable[[str], None] = print) -> Optional[Path]:
-    """The newest complete checkpoint: the `latest` pointer if it is sound, else the newest older
-    complete one (each rejection is reported in one line)."""
+def checkpoint_dirs(save_dir: str) -> list[Path]:
+    """Every `step_N` directory under `save_dir` (complete or not, not `.partial`), newest first."""
     root = Path(save_dir)
     if not root.is_dir():
-        return None
-    candidates = sorted(
-        (p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".partial")),
-        reverse=True,
-    )
-    pointer = root / LATEST
-    if pointer.is_file():
-        named = root / pointer.read_text().strip()
-        if named not in candidates:
-            log(f"checkpoint pointer {pointer} names {named.name}, which does not exist; searching older checkpoints")
-        else:
-            candidates.remove(named)
-            candidates.insert(0, named)
-    for directory in candidates:
+        return []
+    return sorted((p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".partial")), reverse=True)
+
+
+def find_latest(save_dir: str, log: Callable[[str], None] = print) -> Optional[Path]:
+    """The newest complete checkpoint (each rejected newer one is reported in one line).
+
+    The `latest` pointer is written last by a save, so a crash between the rename and the
+    pointer update leaves it one checkpoint behind: the newest complete directory wins, and a
+    pointer that disagrees is reported.
+    """
+    pointer = Path(save_dir) / LATEST
+    named = pointer.read_text().strip() if pointer.is_file() else None
+    for directory in checkpoint_dirs(save_dir):
         problem = checkpoint_problem(directory)
-        if problem is None:
-            return directory
-        log(f"skipping incomplete checkpoint: {problem}")
+        if problem is not None:
+            log(f"skipping incomplete checkpoint: {problem}")
+            continue
+        if named is not None and named != directory.name:
+            exists = (Path(save_dir) / named).is_dir()
+            log(f"checkpoint pointer {pointer} names {named}, which "
+                + ("is older: a save stopped before updating it" if exists and named < directory.name
+                   else "does not exist" if not exists else "is not the newest")
+                + f"; using the newest complete checkpoint {directory.name}")
+        return directory
     return None
+
+
+def exit_with_parent(parent: int) -> None:
+    """Initializer of checkpoint helper processes: exit as soon as `parent` is gone (here because
+    this module imports only the standard library, so a spawned helper starts fast)."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True).start()

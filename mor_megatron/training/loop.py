@@ -29,7 +29,8 @@ from mor_megatron.training.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
-from mor_megatron.training.checkpoint_files import find_latest
+from mor_megatron.training import faults
+from mor_megatron.training.checkpoint_files import checkpoint_dirs, find_latest
 from mor_megatron.training.config import RunConfig, check_layout, run_config_dict
 from mor_megatron.training.engine import build_engine, use_bf16
 from mor_megatron.training.metrics import MetricsWriter, peak_tflops, router_metrics
@@ -148,11 +149,17 @@ def pretrain(run: RunConfig, log=print) -> dict:
     say(describe_stages(config, stages))
     num_microbatches = t.global_batch_size // (t.micro_batch_size * dp)
     latest = find_latest(run.checkpoint_dir, log=say) if t.resume else None
+    if t.resume and latest is None and checkpoint_dirs(run.checkpoint_dir):
+        raise TrainingError(
+            f"no complete checkpoint in {run.checkpoint_dir} (every one is damaged, see above): repair "
+            "or move them away, or set training.resume=false to start over beside them"
+        )
     if latest is None and t.init_from:
         # before the engine exists: ZeRO copies the weights into its fp32 master at creation
         load_weights(model, t.init_from)
         say(f"initialised weights from {t.init_from}")
     engine = build_engine(model, t, t.micro_batch_size, num_microbatches)
+    faults.install(model)
     state = TrainState()
     if latest is not None:
         state = load_checkpoint(engine, model, latest, log=say)
@@ -184,6 +191,8 @@ def pretrain(run: RunConfig, log=print) -> dict:
         say(f"saved checkpoint {path}")
 
     while state.step < t.train_steps:
+        faults.begin_step(state.step + 1)
+        consumed_before = data.consumed_samples
         start = time.perf_counter()
         result = train_step(engine, data.next_global_batch(), stages)
         elapsed = time.perf_counter() - start
@@ -193,12 +202,13 @@ def pretrain(run: RunConfig, log=print) -> dict:
 
         bad_steps = 0 if result.finite else bad_steps + 1
         if not result.finite:
-            say(f"step {state.step}: non-finite loss {result.loss} / grad norm {result.grad_norm}: "
+            culprit = _describe_bad_microbatch(result, data, consumed_before)
+            say(f"step {state.step}: non-finite loss {result.loss} / grad norm {result.grad_norm} ({culprit}): "
                 f"update skipped ({bad_steps} in a row)")
             if bad_steps >= t.max_bad_steps:
                 raise TrainingError(
-                    f"stopping at step {state.step}: {bad_steps} non-finite steps in a row; lower "
-                    "training.lr or check the data, then resume from the last checkpoint"
+                    f"stopping at step {state.step}: {bad_steps} non-finite steps in a row, the last in "
+                    f"{culprit}; lower training.lr or check that data, then resume from the last checkpoint"
                 )
 
         tflops = flops_per_token * tokens_per_step / elapsed / dist.get_world_size() / 1e12
@@ -241,6 +251,16 @@ def pretrain(run: RunConfig, log=print) -> dict:
         progress.close()
     writer.close()
     return metrics
+
+
+def _describe_bad_microbatch(result, data: PretrainingBatches, consumed_before: int) -> str:
+    """Where a non-finite step came from: the micro-batch and its global sample ids."""
+    if result.bad_microbatch is None:
+        return "every micro-batch loss finite: the gradient was not"
+    dp_rank, index = result.bad_microbatch
+    ids = data.sample_indices(consumed_before, index, dp_rank=dp_rank)
+    return (f"micro-batch {index + 1}/{data.num_microbatches} of data-parallel rank {dp_rank}, "
+            f"global samples {int(ids[0])}-{int(ids[-1])}")
 
 
 def _progress_line(step: int, total: int, metrics: dict, started: tuple[float, int]) -> str:

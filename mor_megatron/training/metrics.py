@@ -70,6 +70,16 @@ def peak_tflops(configured: Optional[float]) -> Optional[float]:
     return dense_matmul_tflops()
 
 
+def _drop_partial_last_line(path: Path) -> None:
+    """A process killed mid-write can leave half a JSON line; cut it before appending more."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as handle:
+            handle.truncate(data.rfind(b"\n") + 1)
+
+
 class MetricsWriter:
     """Rank 0 writes every metric to TensorBoard and to `metrics.jsonl` in the run directory."""
 
@@ -81,6 +91,7 @@ class MetricsWriter:
             return
         directory = Path(run_dir)
         directory.mkdir(parents=True, exist_ok=True)
+        _drop_partial_last_line(directory / "metrics.jsonl")
         self.jsonl = open(directory / "metrics.jsonl", "a")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter

@@ -30,6 +30,9 @@ class StepResult:
     lr: float
     router: list[RouterOutput] = field(default_factory=list)  # this stage's, one per micro-batch
     finite: bool = True
+    # (data-parallel rank, micro-batch index) of the first non-finite micro-batch loss, when the
+    # step was not finite and a loss (not only a gradient) was the cause
+    bad_microbatch: Optional[tuple[int, int]] = None
 
 
 def position_ids(tokens: Tensor) -> Tensor:
@@ -58,7 +61,19 @@ def _dp_mean(value: Tensor) -> Tensor:
     return value
 
 
-def _unpipelined(engine, batches: list[dict]) -> tuple[Tensor, list[RouterOutput], Optional[float]]:
+def _first_bad_microbatch(losses: list[Tensor], count: int) -> Optional[tuple[int, int]]:
+    """The lowest (data-parallel rank, micro-batch index) whose loss is not finite, agreed by every
+    rank; `losses` is empty on pipeline stages before the last, which learn it from the last."""
+    none = float(parallel_state.get_data_parallel_world_size() * count)
+    index = next((i for i, loss in enumerate(losses) if not torch.isfinite(loss).all()), None)
+    code = torch.tensor([none if index is None else float(parallel_state.get_data_parallel_rank() * count + index)])
+    if parallel_state.get_data_parallel_world_size() > 1:
+        dist.all_reduce(code, op=dist.ReduceOp.MIN, group=parallel_state.get_data_parallel_group())
+    code = int(_broadcast_from_last_stage(code).item())
+    return None if code >= none else divmod(code, count)
+
+
+def _unpipelined(engine, batches: list[dict]) -> tuple[list[Tensor], list[RouterOutput], Optional[float]]:
     model, losses, routers, norm = engine.module, [], [], None
     for index, batch in enumerate(batches):
         tokens = batch["tokens"]
@@ -72,12 +87,12 @@ def _unpipelined(engine, batches: list[dict]) -> tuple[Tensor, list[RouterOutput
         losses.append(loss.detach())
         if model.router_output is not None:
             routers.append(model.router_output)
-    return torch.stack(losses).mean(), routers, norm
+    return losses, routers, norm
 
 
 def _pipelined(
     engine, batches: list[dict], stages: list[list[Unit]]
-) -> tuple[Tensor, list[RouterOutput], None]:
+) -> tuple[list[Tensor], list[RouterOutput], None]:
     model, config = engine.module, engine.module.config
     losses: list[Tensor] = []
     routers: list[RouterOutput] = []
@@ -111,8 +126,7 @@ def _pipelined(
     )
     sync_replica_grads(model, config, stages)
     engine.step()
-    loss = torch.stack(losses).mean() if losses else torch.zeros(())
-    return _broadcast_from_last_stage(loss), routers, None
+    return losses, routers, None
 
 
 def train_step(engine, batches: list[dict], stages: Optional[list[list[Unit]]] = None) -> StepResult:
@@ -125,15 +139,17 @@ def train_step(engine, batches: list[dict], stages: Optional[list[list[Unit]]] =
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / len(batches)))
     lr = _current_lr(engine)
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        loss, routers, norm = _pipelined(engine, batches, stages)
+        losses, routers, norm = _pipelined(engine, batches, stages)
     else:
-        loss, routers, norm = _unpipelined(engine, batches)
-    loss = float(_dp_mean(loss.clone()))
+        losses, routers, norm = _unpipelined(engine, batches)
+    loss = torch.stack(losses).mean() if losses else torch.zeros(())
+    loss = float(_dp_mean(_broadcast_from_last_stage(loss)))
     if norm is None:
         norm = engine.get_global_grad_norm()
         norm = float(norm) if norm is not None else float("nan")
     finite = math.isfinite(loss) and math.isfinite(norm) and engine.was_step_applied()
-    return StepResult(loss, norm, lr, routers, finite=finite)
+    bad = None if finite else _first_bad_microbatch(losses, len(batches))
+    return StepResult(loss, norm, lr, routers, finite=finite, bad_microbatch=bad)
 
 
 def _current_lr(engine) -> float:
