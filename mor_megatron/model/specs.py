@@ -1,6 +1,14 @@
 """`ModuleSpec`s of the MoR layers: megatron `TransformerLayer`s whose linears are megatron's
 tensor-parallel ones (local backend) or Transformer Engine's (te backend), and whose core attention
-runs over a recursion step's active tokens."""
+runs over a recursion step's active tokens (`ActiveTokenAttention`, SDPA, local;
+`TEActiveTokenAttention`, TE fused attention, te).
+
+apex: megatron's `LocalSpecProvider.layer_norm` (megatron/core/models/backends.py) returns apex's
+`FusedLayerNorm` when apex imports, but only for LayerNorm: for `rms_norm=True` it always returns
+`WrappedTorchNorm` (torch.nn.RMSNorm), and megatron's `FusedLayerNorm`
+(megatron/core/fusions/fused_layer_norm.py) asserts normalization == "LayerNorm". So the local
+backend's RMSNorm uses apex's fused kernel itself (`ApexRMSNorm`) where apex is importable, and
+torch's RMSNorm otherwise; apex is never required."""
 
 from __future__ import annotations
 
@@ -17,12 +25,41 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 
 from mor_megatron.errors import UserError
 from mor_megatron.model.attention import ActiveTokenAttention
+from mor_megatron.model.te_attention import TEActiveTokenAttention
 
 BACKENDS = ("local", "te")
 
 
 class BackendUnavailableError(UserError, RuntimeError):
     """The requested backend cannot run on this machine."""
+
+
+try:  # NVIDIA apex, built from source (the PyPI package named "apex" is unrelated)
+    from apex.normalization.fused_layer_norm import fused_rms_norm_affine
+except ImportError:
+    fused_rms_norm_affine = None
+
+
+class ApexRMSNorm(torch.nn.RMSNorm):
+    """torch.nn.RMSNorm (same `weight`, same checkpoints) whose CUDA forward is apex's fused kernel
+    (`apex.normalization.fused_layer_norm.fused_rms_norm_affine`); megatron's norm-builder
+    signature, as `WrappedTorchNorm`."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **unused) -> None:
+        super().__init__(hidden_size, eps=eps)
+        setattr(self.weight, "sequence_parallel", config.sequence_parallel)  # as megatron's norms
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and x.dtype == self.weight.dtype:
+            return fused_rms_norm_affine(x, self.weight, self.normalized_shape, self.eps)
+        return super().forward(x)
+
+
+def _local_rms_norm() -> type:
+    """apex's fused RMSNorm where apex imports, else megatron's choice (torch.nn.RMSNorm)."""
+    if fused_rms_norm_affine is not None:
+        return ApexRMSNorm
+    return LocalSpecProvider().layer_norm(rms_norm=True)
 
 
 def _te_provider():
@@ -51,14 +88,15 @@ def get_mor_layer_spec(backend: str = "local") -> ModuleSpec:
         raise ValueError(f"unknown backend '{backend}': choose one of {', '.join(BACKENDS)}")
     if backend == "local":
         provider = LocalSpecProvider()
-        norm = provider.layer_norm(rms_norm=True)
         qkv, fc1 = provider.column_parallel_linear(), provider.column_parallel_linear()
-        input_norm = pre_mlp_norm = norm
+        input_norm = pre_mlp_norm = _local_rms_norm()
+        core_attention = ActiveTokenAttention
     else:
         provider = _te_provider()
         # TE fuses each pre-norm into the following linear.
         qkv = fc1 = provider.column_parallel_layer_norm_linear()
         input_norm = pre_mlp_norm = IdentityOp
+        core_attention = TEActiveTokenAttention
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -68,7 +106,7 @@ def get_mor_layer_spec(backend: str = "local") -> ModuleSpec:
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=qkv,
-                    core_attention=ActiveTokenAttention,
+                    core_attention=core_attention,
                     linear_proj=provider.row_parallel_linear(),
                     q_layernorm=IdentityOp,
                     k_layernorm=IdentityOp,
@@ -96,7 +134,5 @@ def get_mor_layer_spec(backend: str = "local") -> ModuleSpec:
 def get_mor_block_spec(num_layers: int, backend: str = "local") -> TransformerBlockSubmodules:
     """`num_layers` unique layers plus the final RMSNorm."""
     layer = get_mor_layer_spec(backend)
-    final_norm = (
-        LocalSpecProvider().layer_norm(rms_norm=True) if backend == "local" else _te_provider().layer_norm(rms_norm=True)
-    )
+    final_norm = _local_rms_norm() if backend == "local" else _te_provider().layer_norm(rms_norm=True)
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=final_norm)

@@ -79,6 +79,12 @@ def check_fp8_supported(config, backend: Optional[str] = None) -> None:
         raise FP8UnavailableError(
             f"{asked} needs training.backend te (the {backend} backend has no FP8 GEMMs)"
         )
+    align = fp8_align_size(config)
+    if config.seq_length % align:
+        raise FP8UnavailableError(
+            f"model.seq_length={config.seq_length} under FP8 must be a multiple of {align} "
+            "(FP8 GEMMs; full-sequence layers are not padded): change seq_length or set model.fp8 to null"
+        )
     if config.gradient_accumulation_fusion:
         raise FP8UnavailableError(
             "model.gradient_accumulation_fusion with FP8 drops recursions 2..Nr's weight gradients "
