@@ -92,7 +92,7 @@ def _fp8_check_wired() -> bool:
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA machine may run FP8")
 def test_pretrain_with_fp8_on_cpu_exits_2_with_one_line(request, tmp_path, capfd):
     if not _fp8_check_wired():  # else the run would train, FP8 silently off (megatron's no-TE path)
-        pytest.xfail("check_fp8_supported is not called by the run yet: apply the training/config.py patch")
+        pytest.xfail("check_fp8_supported is not called by the run yet: apply the loop.py patch (#7)")
     from mor_megatron.pretrain import main
 
     config = write_config(tmp_path / "run.yaml", request.getfixturevalue("corpus"))
