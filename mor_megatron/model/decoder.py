@@ -25,7 +25,6 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 from megatron.core.transformer.utils import sharded_state_dict_default
 from megatron.core.utils import get_pg_rank
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from mor_megatron.config import MoRConfig
 from mor_megatron.model.routing import (
@@ -39,6 +38,7 @@ from mor_megatron.model.routing import (
     weighted_aux_loss,
 )
 from mor_megatron.model.specs import get_mor_block_spec
+from mor_megatron.model.te_attention import fp8_align_size, pad_active_tokens
 from mor_megatron.model.token_set import TokenSet
 from mor_megatron.model.units import (
     RoutingState,
@@ -48,6 +48,7 @@ from mor_megatron.model.units import (
     unit_layers,
     unpack_state,
 )
+from mor_megatron.training.fp8 import checkpoint_layer, fp8_context
 
 ROUTING_MODES = ("topk", "threshold")
 
@@ -142,13 +143,17 @@ class MoRDecoder(TransformerBlock):
     # -- layer calls -------------------------------------------------------------------------
 
     def _run_layers(self, layers, hidden: Tensor, rotary: Optional[Tensor], mask=None) -> Tensor:
+        count = hidden.shape[0]
+        if self.config.fp8 and mask is not None:  # FP8 GEMMs: active-token count to a multiple of 16
+            hidden, rotary, mask = pad_active_tokens(hidden, rotary, mask, fp8_align_size(self.config))
         for index in layers:
             layer = self.layers[index]
-            if self.config.recompute_granularity == "full" and self.training:
-                hidden = checkpoint(self._call_layer, layer, hidden, rotary, mask, use_reentrant=False)
-            else:
-                hidden = self._call_layer(layer, hidden, rotary, mask)
-        return hidden
+            with fp8_context(self.config, "layer", layer.layer_number):  # non-delayed recipes
+                if self.config.recompute_granularity == "full" and self.training:
+                    hidden = checkpoint_layer(self.config, self._call_layer, layer, hidden, rotary, mask)
+                else:
+                    hidden = self._call_layer(layer, hidden, rotary, mask)
+        return hidden[:count]
 
     @staticmethod
     def _call_layer(layer, hidden: Tensor, rotary: Optional[Tensor], mask) -> Tensor:
@@ -273,15 +278,16 @@ class MoRDecoder(TransformerBlock):
         out = RouterOutput(aux_loss=state.hidden.new_zeros(()), first_step=min(steps, default=0))
         losses: dict[str, Tensor] = {}
         kv_store: dict = {}
-        for unit in self.units:
-            if unit.kind == "layer":
-                state.hidden = self._run_layers((unit.index,), state.hidden, rotary_pos_emb)
-            elif self.config.router == "expert_choice":
-                state = self._expert_choice_step(
-                    unit.index, state, rotary_pos_emb, mode, kv_store, out, losses
-                )
-            else:
-                state = self._token_choice_step(unit.index, state, rotary_pos_emb, kv_store, out, losses)
+        with fp8_context(self.config, "decoder"):  # delayed scaling: one region, all recursions
+            for unit in self.units:
+                if unit.kind == "layer":
+                    state.hidden = self._run_layers((unit.index,), state.hidden, rotary_pos_emb)
+                elif self.config.router == "expert_choice":
+                    state = self._expert_choice_step(
+                        unit.index, state, rotary_pos_emb, mode, kv_store, out, losses
+                    )
+                else:
+                    state = self._token_choice_step(unit.index, state, rotary_pos_emb, kv_store, out, losses)
         self.router_output = None
         if steps:
             out.losses = {name: value.detach() for name, value in losses.items()}

@@ -33,6 +33,7 @@ from mor_megatron.training import faults
 from mor_megatron.training.checkpoint_files import checkpoint_dirs, find_latest
 from mor_megatron.training.config import RunConfig, check_layout, run_config_dict
 from mor_megatron.training.engine import build_engine, use_bf16
+from mor_megatron.training.fp8 import check_fp8_supported, refresh_fp8_weight_cache
 from mor_megatron.training.metrics import MetricsWriter, peak_tflops, router_metrics
 from mor_megatron.training.step import lm_loss, position_ids, train_step
 
@@ -52,6 +53,7 @@ def _is_logger() -> bool:
 
 def build_model(run: RunConfig) -> tuple[MoRGPTModel, MoRConfig, list]:
     """This rank's pipeline stage of the model, replicas set up."""
+    check_fp8_supported(run.model, backend=run.training.backend)
     bf16 = use_bf16(run.training)
     config = dataclasses.replace(
         run.model,
@@ -79,6 +81,8 @@ def evaluate(engine, batches: ValidationBatches, stages: list) -> float:
     """Mean validation LM loss over the held-out batches (same on every rank)."""
     model = engine.module
     model.eval()
+    if model.config.fp8:  # the FP8 weight cache still holds the weights before the last update
+        refresh_fp8_weight_cache(model)
     losses: list[torch.Tensor] = []
     with torch.no_grad():
         if parallel_state.get_pipeline_model_parallel_world_size() == 1:

@@ -21,6 +21,7 @@ from torch import Tensor
 from mor_megatron.model.routing import RouterOutput
 from mor_megatron.model.units import extra_channels, Unit
 from mor_megatron.parallel.replicas import sync_replica_grads
+from mor_megatron.training.fp8 import refresh_fp8_weight_cache
 
 
 @dataclass
@@ -137,6 +138,8 @@ def train_step(engine, batches: list[dict], stages: Optional[list[list[Unit]]] =
     caller can count consecutive failures.
     """
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / len(batches)))
+    if engine.module.config.fp8:  # requantize the FP8 weight cache from this step's weights
+        refresh_fp8_weight_cache(engine)
     lr = _current_lr(engine)
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         losses, routers, norm = _pipelined(engine, batches, stages)
