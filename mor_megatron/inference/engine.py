@@ -28,6 +28,7 @@ from torch import Tensor
 
 from mor_megatron.inference.cache import KVCacheSet
 from mor_megatron.inference.decode import DepthOverride, ModelStages
+from mor_megatron.parallel.cpu_shims import shim_m_suspended
 from mor_megatron.inference.sampling import (
     SamplingParams,
     cut_at_stop,
@@ -200,9 +201,10 @@ class Engine:
     def step(self) -> list[Completion]:
         """Admit, enter, one shared-block call, exit; returns the requests finished now."""
         self.stats.ticks += 1
-        self._admit()
-        self._enter()
-        self._run_block()
+        with shim_m_suspended():  # decoding names no CUDA device: skip the CPU shim's dispatch
+            self._admit()
+            self._enter()
+            self._run_block()
         if self.track_memory:
             report = self.caches.memory_report()
             if report.used_bytes > self.stats.peak_kv_used_bytes:

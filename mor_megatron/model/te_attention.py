@@ -47,7 +47,6 @@ from typing import ContextManager, Optional
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
-from megatron.core.transformer.module import MegatronModule
 from torch import Tensor
 
 from mor_megatron.model.attention import ActiveTokenAttention, ActiveTokens
@@ -116,8 +115,9 @@ def _build_te_attention(config, layer_number: int, attention_type: str, cp_comm_
     )
 
 
-class TEActiveTokenAttention(MegatronModule):
-    """TE fused attention over the active tokens described by an `ActiveTokens` mask argument."""
+class TEActiveTokenAttention(ActiveTokenAttention):
+    """TE fused attention over the active tokens described by an `ActiveTokens` mask argument
+    (the local SDPA forward it inherits is the fallback for masks TE cannot express)."""
 
     def __init__(
         self,
@@ -129,11 +129,8 @@ class TEActiveTokenAttention(MegatronModule):
         softmax_scale: Optional[float] = None,
         pg_collection=None,
     ) -> None:
-        super().__init__(config=config)
-        # read by the local fallback, ActiveTokenAttention.forward
-        self.layer_number = layer_number
-        self.softmax_scale = softmax_scale
-        self.dropout_p = config.attention_dropout
+        super().__init__(config, layer_number, attn_mask_type, attention_type, cp_comm_type, softmax_scale,
+                         pg_collection)
         self.align = fp8_align_size(config)
         self.te_attention = _build_te_attention(
             config, layer_number, attention_type, cp_comm_type, softmax_scale, pg_collection
@@ -232,7 +229,7 @@ class TEActiveTokenAttention(MegatronModule):
             out = self._read_grid(query[:real], positions, active.seq_ids[:real], key, value, grid)
         else:  # step 1 did not cover the grid: the local backend's explicit position mask
             trimmed = ActiveTokens(active.layout, positions, active.seq_ids[:real], active.kv_store, "read")
-            out = ActiveTokenAttention.forward(self, query[:real], key, value, trimmed)
+            out = super().forward(query[:real], key, value, trimmed)
         return _pad_rows(out, pad)
 
     def _read_dense(self, query: Tensor, positions: Tensor, key: Tensor, value: Tensor) -> Tensor:

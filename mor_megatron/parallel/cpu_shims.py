@@ -33,12 +33,13 @@ class _CudaToCpuMode(TorchFunctionMode):
     """Shim M: redirect tensor creation on 'cuda' to CPU and make `.cuda()` an identity."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
         if func is torch.Tensor.cuda:
             return args[0]
-        if _is_cuda_device(kwargs.get("device")):
-            kwargs["device"] = "cpu"
-        if func is torch.Tensor.to and args and len(args) > 1 and _is_cuda_device(args[1]):
+        if not kwargs:
+            kwargs = {}
+        elif _is_cuda_device(kwargs.get("device")):
+            kwargs = dict(kwargs, device="cpu")
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
             return args[0] if len(args) == 2 else func(args[0], "cpu", *args[2:], **kwargs)
         return func(*args, **kwargs)
 
@@ -68,6 +69,24 @@ class CpuRNGStatesTracker(CudaRNGStatesTracker):
             torch.set_rng_state(saved)
 
 
+_MODE: "_CudaToCpuMode | None" = None
+
+
+@contextlib.contextmanager
+def shim_m_suspended():
+    """Run a block without shim M: every torch call inside skips its Python dispatch (a few
+    microseconds each, a large share of small-batch decoding on CPU). Only for code that never
+    names a CUDA device; a no-op where the shim is not installed."""
+    from torch.overrides import _get_current_function_mode_stack, _pop_mode_temporarily
+
+    stack = _get_current_function_mode_stack()
+    if _MODE is None or not stack or stack[-1] is not _MODE:
+        yield
+        return
+    with _pop_mode_temporarily():
+        yield
+
+
 def apply_cpu_shims() -> bool:
     """Install shims P, M and R once if no CUDA device is present. Returns True when installed."""
     global _APPLIED
@@ -79,7 +98,9 @@ def apply_cpu_shims() -> bool:
 
     torch.cuda.current_device = lambda: torch.device("cpu")  # P
     torch.cuda.synchronize = lambda *args, **kwargs: None  # P
-    _CudaToCpuMode().__enter__()  # M: stays entered for the life of the process
+    global _MODE
+    _MODE = _CudaToCpuMode()
+    _MODE.__enter__()  # M: stays entered for the life of the process
 
     tracker = CpuRNGStatesTracker()  # R
     mcore_random._CUDA_RNG_STATE_TRACKER = tracker
