@@ -274,14 +274,15 @@ def save_checkpoint(engine, model, state: TrainState, save_dir: str, config: dic
     """Write a complete checkpoint for `state.step`; returns its directory.
 
     A write that fails (disk full, quota, I/O error) on any rank removes the partial directory and
-    raises `CheckpointError` naming the previous, intact checkpoint.
+    raises `CheckpointError` naming the previous, intact checkpoint. Any exception counts: torch's
+    own writer reports a full disk as a `RuntimeError` ("unexpected pos ..."), not an `OSError`.
     """
     root = Path(save_dir)
     tag = tag_for(state.step)
     partial = root / f"{tag}.partial"
     final = root / tag
     rank = dist.get_rank() if dist.is_initialized() else 0
-    failure: Optional[OSError] = None
+    failure: Optional[Exception] = None
     try:
         if rank == 0:
             root.mkdir(parents=True, exist_ok=True)
@@ -296,7 +297,7 @@ def save_checkpoint(engine, model, state: TrainState, save_dir: str, config: dic
         dist_checkpointing.save(universal_state(engine, model), str(partial / "universal"))
         faults.reached("checkpoint-universal")
         torch.save(_rng_state(), partial / "rng" / f"rank_{rank}.pt")
-    except OSError as err:
+    except Exception as err:  # noqa: BLE001 - every failed write must leave the previous checkpoint usable
         failure = err
     _stop_if_any_write_failed(failure, partial, root, state.step)
     if rank == 0:
@@ -322,7 +323,7 @@ def save_checkpoint(engine, model, state: TrainState, save_dir: str, config: dic
     return final
 
 
-def _stop_if_any_write_failed(failure: Optional[OSError], partial: Path, root: Path, step: int) -> None:
+def _stop_if_any_write_failed(failure: Optional[Exception], partial: Path, root: Path, step: int) -> None:
     """All ranks agree whether the save failed; if so the partial directory goes (freeing its
     space) and every rank raises the same one-line error."""
     flag = torch.tensor([1.0 if failure is not None else 0.0])
@@ -335,11 +336,21 @@ def _stop_if_any_write_failed(failure: Optional[OSError], partial: Path, root: P
     _barrier()
     previous = find_latest(str(root), log=lambda message: None)
     kept = f"{previous} is intact and will be resumed from" if previous else "no earlier checkpoint exists"
-    cause = f"{failure.strerror or failure} ({failure.filename})" if failure is not None else "a write failed on another rank"
+    free = shutil.disk_usage(root).free / 2**20
     raise CheckpointError(
-        f"checkpoint for step {step} not written: {cause}; the partial save was removed and {kept}; "
-        f"free space under {root} (or set training.save_dir elsewhere) and relaunch"
-    )
+        f"checkpoint for step {step} not written ({_one_line(failure)}; {free:,.0f} MiB free there); the "
+        f"partial save was removed and {kept}; free space under {root} (or set training.save_dir "
+        "elsewhere) and relaunch"
+    ) from failure
+
+
+def _one_line(failure: Optional[Exception]) -> str:
+    if failure is None:
+        return "a write failed on another rank"
+    if isinstance(failure, OSError) and failure.strerror:
+        return f"{failure.strerror}: {failure.filename}"
+    text = " ".join(str(failure).split())
+    return f"{type(failure).__name__}: {text[:200]}"
 
 
 def prune_checkpoints(save_dir: str, keep: int) -> None:
