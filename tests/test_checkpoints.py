@@ -136,3 +136,17 @@ def test_init_weights_of_another_shape_are_refused_before_loading(expert_setup, 
     after = wider.state_dict()
     assert all(torch.equal(after[k], v) for k, v in untouched.items())
     load_weights(MoRGPTModel(model_config), init)  # the matching model loads
+
+
+def test_zero3_resume_at_another_layout_is_refused(expert_setup, tmp_path):
+    """A layout change is loaded through the layout-free copy, which ZeRO-3 cannot take: one line
+    naming both ways out, and the checkpoint untouched."""
+    import shutil
+
+    config, _, reference, _ = expert_setup
+    run_dir = tmp_path / "zero3"
+    shutil.copytree(reference, run_dir)
+    before = _digest(run_dir / "checkpoints")
+    line = _one_error_line(launch(config, run_dir, ["training.zero_stage=3", "training.train_steps=6"], check=False))
+    assert "resuming at another layout is supported for ZeRO stages 0-2" in line and "zero_stage 1 or 2" in line
+    assert _digest(run_dir / "checkpoints") == before

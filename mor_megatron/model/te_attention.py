@@ -8,7 +8,7 @@ Same constructor and forward contract as `attention.ActiveTokenAttention` (megat
 TE's `DotProductAttention.forward`, transformer_engine/pytorch/attention/dot_product_attention/
 dot_product_attention.py). TE is imported in `__init__` only, so this module imports without it.
 
-Layouts (see /work/shared/notes/te-fp8-and-kernels.md section 2 for TE's FP8 rules):
+Layouts (TE's FP8 attention runs through cuDNN only, sbhd/bshd only, with no arbitrary mask):
 - no `ActiveTokens` (unique layers) and dense `[k, B]` (expert-choice top-k) without KV sharing:
   sbhd with plain "causal". Tokens keep their original order, so causal-by-index is causal-by-
   position. FP8-capable (cuDNN, delayed-scaling attention recipe, head dim 128 for training).

@@ -1,6 +1,6 @@
 """FP8 (Transformer Engine) for a recursive decoder trained by the DeepSpeed loop.
 
-Where FP8 regions go (see /work/shared/notes/te-fp8-and-kernels.md sections 1.1-1.5):
+Where FP8 regions go:
 - delayed scaling: one `fp8_context(config, "decoder")` around the whole decoder forward, all
   recursions and the routers inside it. Calling a TE module several times in one region is
   allowed in TE 2.x: its amax is the max over the calls and every recursion shares one scale;
@@ -11,7 +11,7 @@ Both come from megatron's `fp8_utils.get_fp8_context` (megatron-core 0.16.1), wh
 recipe (`get_fp8_recipe`: DelayedScaling, Float8CurrentScaling, ...) and the amax reduction group.
 Without TE that function silently returns a null context, so `fp8_context` checks first.
 
-The weight cache (notes 1.3). Megatron's TE linears cache their FP8 weight while their
+The weight cache. Megatron's TE linears cache their FP8 weight while their
 `is_first_microbatch` flag is False and requantize when it is True; only megatron's pipeline
 schedules set it (`MegatronModule.set_is_first_microbatch`). Under DeepSpeed nobody does, so the
 step-0 FP8 weights would be used for ever: `refresh_fp8_weight_cache` sets the flag on every TE
