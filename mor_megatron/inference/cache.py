@@ -34,10 +34,16 @@ class CacheOverflowError(UserError, RuntimeError):
     """A row needs more KV slots than its static cache holds."""
 
 
+def one_per_row(rows: Tensor) -> bool:
+    """Whether `rows` is strictly increasing: one token per row in row order (a plain decode
+    tick), where every rank is 0 and the rows are their own unique values."""
+    return rows.numel() <= 1 or bool((rows[1:] > rows[:-1]).all())
+
+
 def ranks_within_rows(rows: Tensor) -> Tensor:
     """For each token, how many tokens of the same row come before it in `rows` (stable)."""
     count = rows.numel()
-    if count <= 1:
+    if one_per_row(rows):
         return torch.zeros_like(rows)
     order = torch.argsort(rows, stable=True)
     ordered = rows[order]
@@ -110,8 +116,11 @@ class StaticKVCache:
         """Causal attention of `query` `[T, heads, head_dim]` over its row's stored entries at
         positions <= its own; returns `[T, heads, head_dim]`."""
         count, heads, head_dim = query.shape
-        unique, inverse = torch.unique(rows, return_inverse=True)
-        ranks = ranks_within_rows(rows)
+        if one_per_row(rows):  # skip the sort-based grouping on plain decode ticks
+            unique, inverse, ranks = rows, torch.arange(count, device=rows.device), torch.zeros_like(rows)
+        else:
+            unique, inverse = torch.unique(rows, return_inverse=True)
+            ranks = ranks_within_rows(rows)
         width = int(ranks.max()) + 1 if count else 1
         n = unique.numel()
         q = query.new_zeros(n, width, heads, head_dim)
