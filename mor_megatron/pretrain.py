@@ -31,13 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     def train() -> None:
         if not os.path.isfile(args.config):
             raise UserError(f"config file {args.config} not found: pass an existing YAML file (see configs/)")
-        from mor_megatron.training.config import check_data, load_run_config
-
-        run = load_run_config(args.config, args.overrides)
-        check_data(run)  # data problems in seconds, before a model is built or a file written
+        from mor_megatron.training.config import load_run_config
         from mor_megatron.training.loop import pretrain
 
-        pretrain(run)
+        pretrain(load_run_config(args.config, args.overrides))
 
     return run_cli(train, args.debug)
 

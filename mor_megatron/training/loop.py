@@ -14,7 +14,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from mor_megatron.config import MoRConfig
-from mor_megatron.data import PretrainingBatches, ValidationBatches, check_vocab, load_tokenizer
+from mor_megatron.data import PretrainingBatches, ValidationBatches
 from mor_megatron.errors import UserError
 from mor_megatron.model import MoRGPTModel
 from mor_megatron.model.units import extra_channels
@@ -31,7 +31,7 @@ from mor_megatron.training.checkpoint import (
 )
 from mor_megatron.training import faults
 from mor_megatron.training.checkpoint_files import checkpoint_dirs, find_latest
-from mor_megatron.training.config import RunConfig, check_layout, run_config_dict
+from mor_megatron.training.config import RunConfig, check_data, check_layout, run_config_dict
 from mor_megatron.training.engine import build_engine, use_bf16
 from mor_megatron.training.fp8 import check_fp8_supported, refresh_fp8_weight_cache
 from mor_megatron.training.metrics import MetricsWriter, peak_tflops, router_metrics
@@ -146,8 +146,7 @@ def pretrain(run: RunConfig, log=print) -> dict:
     initialize_parallel(run.parallel.tensor_model_parallel_size, run.parallel.pipeline_model_parallel_size, t.seed)
     dp = check_layout(run, dist.get_world_size())
     say = log if _is_logger() else (lambda *a, **k: None)
-    if run.data.tokenizer:
-        check_vocab(load_tokenizer(run.data.tokenizer).vocab_size, run.model.vocab_size)
+    check_data(run)  # tokenizer and every shard, in seconds, before a model is built or a file written
 
     model, config, stages = build_model(run)
     say(describe_stages(config, stages))
