@@ -54,6 +54,7 @@ from mor_megatron.training import faults
 from mor_megatron.training.engine import sync_learning_rate
 from mor_megatron.training.checkpoint_files import (
     LATEST,
+    checkpoint_dirs,
     checkpoint_problem,
     exit_with_parent,
     find_latest,
@@ -357,8 +358,7 @@ def prune_checkpoints(save_dir: str, keep: int) -> None:
     """Remove all but the newest `keep` complete checkpoints (rank 0 only)."""
     if keep <= 0 or (dist.is_initialized() and dist.get_rank() != 0):
         return
-    tags = sorted(p for p in Path(save_dir).glob("step_*") if p.is_dir() and not p.name.endswith(".partial"))
-    for old in tags[:-keep]:
+    for old in checkpoint_dirs(save_dir)[keep:]:  # newest first
         shutil.rmtree(old, ignore_errors=True)
 
 
