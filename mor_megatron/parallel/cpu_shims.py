@@ -18,7 +18,7 @@ import torch
 from megatron.core.tensor_parallel.random import CudaRNGStatesTracker
 from torch.overrides import TorchFunctionMode
 
-_APPLIED = False
+_MODE = None  # shim M once installed: also the "shims applied" flag
 
 
 def _is_cuda_device(device: object) -> bool:
@@ -69,9 +69,6 @@ class CpuRNGStatesTracker(CudaRNGStatesTracker):
             torch.set_rng_state(saved)
 
 
-_MODE: "_CudaToCpuMode | None" = None
-
-
 @contextlib.contextmanager
 def shim_m_suspended():
     """Run a block without shim M: every torch call inside skips its Python dispatch (a few
@@ -89,16 +86,15 @@ def shim_m_suspended():
 
 def apply_cpu_shims() -> bool:
     """Install shims P, M and R once if no CUDA device is present. Returns True when installed."""
-    global _APPLIED
+    global _MODE
     if torch.cuda.is_available():
         return False
-    if _APPLIED:
+    if _MODE is not None:
         return True
     from megatron.core.tensor_parallel import random as mcore_random
 
     torch.cuda.current_device = lambda: torch.device("cpu")  # P
     torch.cuda.synchronize = lambda *args, **kwargs: None  # P
-    global _MODE
     _MODE = _CudaToCpuMode()
     _MODE.__enter__()  # M: stays entered for the life of the process
 
@@ -107,5 +103,4 @@ def apply_cpu_shims() -> bool:
     mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     mcore_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
     mcore_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
-    _APPLIED = True
     return True
