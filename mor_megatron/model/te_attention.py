@@ -50,6 +50,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from torch import Tensor
 
 from mor_megatron.model.attention import ActiveTokenAttention, ActiveTokens
+from mor_megatron.model.token_set import TokenSet
 
 
 @dataclass
@@ -234,10 +235,10 @@ class TEActiveTokenAttention(ActiveTokenAttention):
 
     def _read_dense(self, query: Tensor, positions: Tensor, key: Tensor, value: Tensor) -> Tensor:
         """`[k, B, h, d]` queries at `positions [k, B]`; keys `[L, B, g, d]` with row = position."""
-        index = positions[..., None, None].expand(-1, -1, *query.shape[2:])
-        full = query.new_zeros((key.shape[0],) + query.shape[1:]).scatter(0, index, query)
-        out = self._causal_sbhd(full, key, value)
-        return out.gather(0, positions.unsqueeze(-1).expand(-1, -1, out.shape[-1]))
+        tokens = TokenSet.dense(positions)
+        k, batch, heads, dim = query.shape
+        full = tokens.scatter(query.new_zeros(key.shape[0], batch, heads * dim), query.reshape(k, batch, -1))
+        return tokens.gather(self._causal_sbhd(full.view(-1, batch, heads, dim), key, value))
 
     def _read_grid(
         self, query: Tensor, positions: Tensor, seq_ids: Tensor, key: Tensor, value: Tensor,
