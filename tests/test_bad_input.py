@@ -11,7 +11,6 @@ fake SLURM allocation) run as subprocesses. Preprocessing rows run `tools/prepro
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -26,7 +25,7 @@ import pytest
 import torch
 
 from slurm_helpers import fake_slurm_env, install_fake_slurm
-from train_helpers import repo_root, write_config
+from train_helpers import repo_root, tree_digest, write_config
 
 ROOT = repo_root()
 SEQ = 32  # the tiny run's model.seq_length
@@ -34,14 +33,6 @@ SEQ = 32  # the tiny run's model.seq_length
 LAUNCH_VARS = ("NNODES", "NPROC_PER_NODE", "GPUS_PER_NODE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT",
                "RDZV_ID", "LOCAL_ADDR", "MAX_RESTARTS", "DRY_RUN", "MOR_ENTRY", "CONFIG", "RUN_DIR",
                "MOR_REPO", "RDZV_ADDR", "RDZV_PORT", "SRUN_EXTRA_ARGS", "AUTO_REQUEUE", "CUDA_VISIBLE_DEVICES")
-
-
-def snapshot(*roots: Path) -> dict[str, str]:
-    """sha256 of every file under `roots` (what a failed launch must leave alone)."""
-    return {
-        str(path): hashlib.sha256(path.read_bytes()).hexdigest()
-        for root in roots for path in sorted(Path(root).rglob("*")) if path.is_file()
-    }
 
 
 def check_one_line(rc: int, out: str, err: str, phrase: str, prefix: str = "error: ", code: int = 2) -> None:
@@ -184,12 +175,12 @@ def test_pretrain_bad_input(row, existing, tmp_path, capfd):
     if row == "config-te-backend-on-cpu" and torch.cuda.is_available():
         pytest.skip("a CUDA machine may run backend te")
     argv = _pretrain_argv(existing, tmp_path, row)
-    before = snapshot(existing["run_dir"])
+    before = tree_digest(existing["run_dir"])
     capfd.readouterr()
     rc = main(argv)
     out, err = capfd.readouterr()
     check_one_line(rc, out, err, PRETRAIN_ROWS[row][1])
-    assert snapshot(existing["run_dir"]) == before
+    assert tree_digest(existing["run_dir"]) == before
 
 
 @pytest.mark.parametrize("row", ["config-unknown-training-key", "data-truncated-bin"])
@@ -197,10 +188,10 @@ def test_debug_raises_the_error(row, existing, tmp_path):
     from mor_megatron.errors import UserError
     from mor_megatron.pretrain import main
 
-    before = snapshot(existing["run_dir"])
+    before = tree_digest(existing["run_dir"])
     with pytest.raises(UserError, match=PRETRAIN_ROWS[row][1].replace("(", r"\(").replace(")", r"\)")):
         main([*_pretrain_argv(existing, tmp_path, row), "--debug"])
-    assert snapshot(existing["run_dir"]) == before
+    assert tree_digest(existing["run_dir"]) == before
 
 
 # -- launch environment: real processes ----------------------------------------------------------
@@ -221,18 +212,18 @@ def _pretrain_process(existing: dict, *args: str, **env: str) -> subprocess.Comp
 
 def test_launch_rendezvous_variables_missing(existing):
     """WORLD_SIZE=2 without MASTER_ADDR/MASTER_PORT (a multi-process world not started by torchrun)."""
-    before = snapshot(existing["run_dir"])
+    before = tree_digest(existing["run_dir"])
     result = _pretrain_process(existing, WORLD_SIZE="2", RANK="0", LOCAL_RANK="0")
     check_one_line(result.returncode, result.stdout, result.stderr, "WORLD_SIZE=2 but MASTER_ADDR, MASTER_PORT not set")
-    assert snapshot(existing["run_dir"]) == before
+    assert tree_digest(existing["run_dir"]) == before
 
 
 def test_debug_prints_the_traceback(existing):
-    before = snapshot(existing["run_dir"])
+    before = tree_digest(existing["run_dir"])
     result = _pretrain_process(existing, "training.micro_batchsize=2", "--debug")
     assert result.returncode != 0 and "Traceback (most recent call last)" in result.stderr, result.stderr[-3000:]
     assert "ConfigError: " in result.stderr and "did you mean 'micro_batch_size'" in result.stderr
-    assert snapshot(existing["run_dir"]) == before
+    assert tree_digest(existing["run_dir"]) == before
 
 
 HOSTS = {"gpu-a17": "10.20.0.17", "gpu-a18": "10.20.0.18", "gpu-b03": "10.20.1.3"}
@@ -268,11 +259,11 @@ def test_launcher_bad_environment(row, existing, tmp_path):
             env.pop(key, None)
         else:
             env[key] = value
-    before = snapshot(existing["run_dir"])
+    before = tree_digest(existing["run_dir"])
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)
     check_one_line(result.returncode, result.stdout, result.stderr, phrase, prefix=f"{script}: error: ")
     assert result.stdout == ""
-    assert snapshot(existing["run_dir"]) == before
+    assert tree_digest(existing["run_dir"]) == before
 
 
 # -- preprocessing --------------------------------------------------------------------------------
@@ -325,14 +316,14 @@ def test_preprocess_bad_input(row, existing, tmp_path, previous_output, capfd):
     from tools.preprocess_data import main
 
     args = PREPROCESS_ROWS[row][0](tmp_path, existing["corpus"]["tokenizer"])
-    before = snapshot(previous_output)
+    before = tree_digest(previous_output)
     capfd.readouterr()
     rc = main([*args, "--output-prefix", str(previous_output / "prev"), "--cache-dir", str(tmp_path / "cache"),
                "--no-progress"])
     out, err = capfd.readouterr()
     check_one_line(rc, out, err, PREPROCESS_ROWS[row][1])
     assert "fix:" in err
-    assert snapshot(previous_output) == before
+    assert tree_digest(previous_output) == before
 
 
 def test_preprocess_debug_raises_the_error(existing, tmp_path, previous_output):

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from train_helpers import launch, repo_root, series
+from train_helpers import launch, repo_root, series, tree_digest
 
 pytestmark = pytest.mark.distributed
 
@@ -63,13 +63,6 @@ def test_damaged_checkpoint_falls_back_to_previous(expert_setup):
     assert series(run_dir, "train/loss")[-3:] == series(reference, "train/loss")[2:]
 
 
-def _digest(directory) -> dict:
-    import hashlib
-
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
-
-
 def _one_error_line(result) -> str:
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-3000:]
     lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -97,10 +90,10 @@ def test_missing_pointer_target_and_missing_rank_file(expert_setup, tmp_path):
     for step_dir in checkpoints.glob("step_*"):
         for victim in step_dir.glob("mp_rank_00_model_states.pt"):
             victim.unlink()
-    before = _digest(checkpoints)
+    before = tree_digest(checkpoints)
     line = _one_error_line(launch(config, run_dir, overrides, check=False))
     assert f"no complete checkpoint in {checkpoints}" in line and "training.resume=false" in line
-    assert _digest(checkpoints) == before
+    assert tree_digest(checkpoints) == before
 
 
 def test_checkpoint_of_another_model_is_refused_before_loading(expert_setup, tmp_path):
@@ -109,12 +102,12 @@ def test_checkpoint_of_another_model_is_refused_before_loading(expert_setup, tmp
     config, overrides, reference, _ = expert_setup
     run_dir = tmp_path / "other"
     shutil.copytree(reference, run_dir)
-    before = _digest(run_dir / "checkpoints")
+    before = tree_digest(run_dir / "checkpoints")
     result = launch(config, run_dir, ["model.ffn_hidden_size=96", "training.train_steps=6"], check=False)
     line = _one_error_line(result)
     assert "holds another model (ffn_hidden_size 128 in the checkpoint, 96 in the config)" in line
     assert "training.save_dir" in line
-    assert _digest(run_dir / "checkpoints") == before
+    assert tree_digest(run_dir / "checkpoints") == before
 
 
 def test_init_weights_of_another_shape_are_refused_before_loading(expert_setup, parallel):
@@ -146,7 +139,7 @@ def test_zero3_resume_at_another_layout_is_refused(expert_setup, tmp_path):
     config, _, reference, _ = expert_setup
     run_dir = tmp_path / "zero3"
     shutil.copytree(reference, run_dir)
-    before = _digest(run_dir / "checkpoints")
+    before = tree_digest(run_dir / "checkpoints")
     line = _one_error_line(launch(config, run_dir, ["training.zero_stage=3", "training.train_steps=6"], check=False))
     assert "resuming at another layout is supported for ZeRO stages 0-2" in line and "zero_stage 1 or 2" in line
-    assert _digest(run_dir / "checkpoints") == before
+    assert tree_digest(run_dir / "checkpoints") == before

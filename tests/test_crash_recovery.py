@@ -4,14 +4,13 @@ checkpoint save); each relaunch with the same command resumes from the newest co
 (never a partial one) and its losses equal those of an uninterrupted run, exactly (CPU is
 deterministic). A disk filling up during a save leaves the previous checkpoint intact."""
 
-import hashlib
 import os
 import random
 
 import pytest
 import torch
 
-from train_helpers import launch, metrics, series, write_config
+from train_helpers import launch, metrics, series, tree_digest, write_config
 
 pytestmark = pytest.mark.distributed
 
@@ -83,11 +82,6 @@ def test_ten_random_kills_each_resume_exactly(corpus, tmp_path):
     assert [row["train/loss"] for row in rows] == reference[resumed:]
 
 
-def _tree_digest(directory) -> dict:
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
-
-
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
 def test_disk_full_during_a_save_keeps_the_previous_checkpoint(corpus, tmp_path, monkeypatch, parallel):
     """The second save's first file goes to /dev/full, where every write fails with ENOSPC: the
@@ -101,7 +95,7 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(corpus, tmp_path,
     run = load_run_config(config, [f"logging.dir={run_dir}", "training.exit_after_steps=2"])
     pretrain(run, log=lambda message: None)
     kept = run_dir / "checkpoints" / "step_00000002"
-    before = _tree_digest(kept)
+    before = tree_digest(kept)
 
     real_save = torch.save
 
@@ -118,7 +112,7 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(corpus, tmp_path,
     assert "\n" not in message
     assert message.startswith("checkpoint for step 4 not written (RuntimeError: ") and "MiB free there" in message
     assert f"{kept} is intact" in message and "free space under" in message
-    assert _tree_digest(kept) == before
+    assert tree_digest(kept) == before
     assert not (run_dir / "checkpoints" / "step_00000004.partial").exists()
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000002"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -76,6 +77,14 @@ def launch(config: Path, run_dir: Path, overrides: list[str] = (), nproc: int = 
     if check and result.returncode != 0:
         raise AssertionError(f"run failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result
+
+
+def tree_digest(*roots: Path) -> dict[str, str]:
+    """sha256 of every file under `roots`, by path: what a failed launch must leave alone."""
+    return {
+        str(path): hashlib.sha256(path.read_bytes()).hexdigest()
+        for root in roots for path in sorted(Path(root).rglob("*")) if path.is_file()
+    }
 
 
 def metrics(run_dir: Path) -> list[dict]:
