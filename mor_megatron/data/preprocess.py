@@ -168,8 +168,10 @@ def _encoded_chunks(
         for chunk in chunks:
             yield ([f for _, f in chunk], *_encode([t for t, _ in chunk], tokenizer))
         return
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # forked workers: no Rust thread pools
-    ctx = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # workers: no Rust thread pools
+    # forkserver, not fork: a caller with threads (torch, gloo, a tokenizer's pool) can hold a lock
+    # at fork time and leave a forked worker waiting on it for ever (seen in the test suite)
+    ctx = multiprocessing.get_context("forkserver" if os.name == "posix" else "spawn")
     with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer_ref,)) as pool:
         window: deque = deque()
         for chunk in chunks:
