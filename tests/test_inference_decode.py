@@ -6,6 +6,7 @@ import torch
 
 from model_helpers import batch, build, tiny_config
 from mor_megatron.inference import IncrementalDecoder
+from mor_megatron.inference.layers import LeanLayer, lean_unsupported
 
 COMBOS = [
     ("expert_choice", "recursion_wise"),
@@ -28,14 +29,18 @@ def incremental_logits(decoder, tokens, prefill):
     return torch.cat(outs, dim=1)
 
 
+@pytest.mark.parametrize("lean", [True, False], ids=["lean", "modules"])
 @pytest.mark.parametrize("router,kv_mode", COMBOS)
-def test_incremental_equals_full_forward(parallel, router, kv_mode):
+def test_incremental_equals_full_forward(parallel, router, kv_mode, lean):
+    """Both ways of running a layer (plain ops on the weights, megatron's modules) equal the
+    model's own forward."""
     config = tiny_config(router=router, kv_mode=kv_mode)
     model = build(config)
     tokens, _ = batch(config, batch_size=2)
     full = full_logits(model, tokens)
     selections = model.router_output.selections
-    decoder = IncrementalDecoder(model, max_batch=2)
+    decoder = IncrementalDecoder(model, max_batch=2, lean=lean)
+    assert all(isinstance(layer, LeanLayer) for layer in decoder.stages.layers) == lean
     inc = incremental_logits(decoder, tokens, prefill=7)
     assert (inc - full).abs().max() < 1e-4
     # routing is not trivial: some tokens stop before the last recursion
@@ -104,3 +109,18 @@ def test_cycle_sharing_without_unique_layers(parallel):
     full = full_logits(model, tokens)
     decoder = IncrementalDecoder(model, max_batch=1)
     assert (incremental_logits(decoder, tokens, prefill=1) - full).abs().max() < 1e-4
+
+
+def test_layers_the_lean_path_cannot_run_use_their_modules(parallel):
+    """A layer with linear biases is outside `LeanLayer`'s arithmetic: it runs its own modules,
+    and decoding still equals the full forward."""
+    config = tiny_config(add_bias_linear=True)
+    model = build(config)
+    assert lean_unsupported(model.decoder.layers[0]) == "linear biases"
+    with pytest.raises(ValueError, match="linear biases"):
+        LeanLayer(model.decoder.layers[0])
+    tokens, _ = batch(config, batch_size=1)
+    full = full_logits(model, tokens)
+    decoder = IncrementalDecoder(model, max_batch=1)
+    assert not any(isinstance(layer, LeanLayer) for layer in decoder.stages.layers)
+    assert (incremental_logits(decoder, tokens, prefill=4) - full).abs().max() < 1e-4

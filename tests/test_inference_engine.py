@@ -47,6 +47,12 @@ def test_depthwise_batching_equals_decoding_alone(parallel, router, kv_mode, cap
         assert len(completion.depths) == len(prompt) + len(completion.token_ids) - 1
     stats = engine.stats
     assert stats.generated_tokens == sum(NEW_TOKENS)
+    # compute counted in layer passes: unique layers once per token, the block once per step run
+    stages = engine.stages
+    unique, block = len(stages.prefix) + len(stages.suffix), len(stages.plan.block)
+    depths = [d for c in completions for d in c.depths]
+    assert stats.layer_tokens == sum(unique + block * d for d in depths)
+    assert stats.entered_tokens == len(depths)
     assert not engine.rows and engine.pool is None or engine.pool.count == 0
     if router != "none":
         assert stats.mixed_depth_calls > 0  # one block call held tokens of several depths

@@ -41,6 +41,7 @@ class Result:
     peak_kv_bytes: int
     peak_kv_vanilla_bytes: int
     mean_block_tokens: float
+    layers_per_token: float
 
     @property
     def tokens_per_s(self) -> float:
@@ -127,7 +128,7 @@ def run_engine(model, prompts: list[list[int]], args, batch: int, name: str, dev
     return Result(
         name, batch, stats.generated_tokens, seconds,
         kv_bytes_per_row(config, max_seq, slots, args.capacity_margin),
-        stats.peak_kv_used_bytes, stats.peak_kv_vanilla_bytes, stats.mean_block_tokens,
+        stats.peak_kv_used_bytes, stats.peak_kv_vanilla_bytes, stats.mean_block_tokens, stats.layers_per_token,
     )
 
 
@@ -218,12 +219,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         base = next((r for r in results if r.name == "vanilla"), None)
         print(f"\n{title}")
         print(f"{'model':<9}{'batch':>6}{'tok/s':>10}{'vs vanilla':>11}{'KV/row KiB':>12}"
-              f"{'peak KV MiB':>13}{'vs vanilla':>11}{'block toks':>11}")
+              f"{'peak KV MiB':>13}{'vs vanilla':>11}{'block toks':>11}{'layers/tok':>11}{'vanilla/this':>13}")
         for r in results:
             speed = r.tokens_per_s / base.tokens_per_s if base else float("nan")
             kv = r.peak_kv_bytes / max(1, r.peak_kv_vanilla_bytes)
+            compute = base.layers_per_token / r.layers_per_token if base else float("nan")
             print(f"{r.name:<9}{r.batch:>6}{r.tokens_per_s:>10.1f}{speed:>10.2f}x{r.kv_row_bytes / 1024:>12.1f}"
-                  f"{r.peak_kv_bytes / mib:>13.3f}{kv:>10.3f}x{r.mean_block_tokens:>11.1f}")
+                  f"{r.peak_kv_bytes / mib:>13.3f}{kv:>10.3f}x{r.mean_block_tokens:>11.1f}"
+                  f"{r.layers_per_token:>11.2f}{compute:>12.2f}x")
+        print("(layers/tok: layer passes per token fed, the compute; where a tick is compute-bound, "
+              "the speed-up over vanilla tends to vanilla/this)")
     if not args.no_hf:
         hf_batch = pool[: args.batch].tolist()
         compared = hf_compare(models["vanilla"], hf_batch, args, device)

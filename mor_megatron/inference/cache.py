@@ -56,6 +56,29 @@ def ranks_within_rows(rows: Tensor) -> Tensor:
     return ranks
 
 
+@dataclass
+class RowGroups:
+    """A flat batch's tokens grouped by cache row: `unique` rows, each token's group
+    (`inverse`) and rank within it (`ranks`), and the largest group (`width`). `one_per_row`:
+    token i is the only token of row `unique[i]` (inverse is the identity, ranks are 0)."""
+
+    unique: Tensor
+    inverse: Tensor
+    ranks: Tensor
+    width: int
+    one_per_row: bool = False
+
+
+def row_groups(rows: Tensor) -> RowGroups:
+    """Group `rows` (a plain decode tick, one token per row in order, skips the sorts)."""
+    count = rows.numel()
+    if one_per_row(rows):
+        return RowGroups(rows, torch.arange(count, device=rows.device), torch.zeros_like(rows), 1, True)
+    unique, inverse = torch.unique(rows, return_inverse=True)
+    ranks = ranks_within_rows(rows)
+    return RowGroups(unique, inverse, ranks, int(ranks.max()) + 1)
+
+
 class StaticKVCache:
     """K/V buffers `[max_batch, slots, kv_heads, head_dim]` with per-row lengths and positions."""
 
@@ -97,11 +120,15 @@ class StaticKVCache:
         else:
             self.lengths[rows] = 0
 
-    def append(self, rows: Tensor, positions: Tensor, key: Tensor, value: Tensor) -> None:
-        """Store `key`/`value` `[T, kv_heads, head_dim]` of tokens at (`rows`, `positions`)."""
+    def append(
+        self, rows: Tensor, positions: Tensor, key: Tensor, value: Tensor, groups: Optional[RowGroups] = None
+    ) -> None:
+        """Store `key`/`value` `[T, kv_heads, head_dim]` of tokens at (`rows`, `positions`);
+        `groups`: `row_groups(rows)` when the caller has it."""
         if rows.numel() == 0:
             return
-        slot = self.lengths[rows] + ranks_within_rows(rows)
+        ranks = groups.ranks if groups is not None else ranks_within_rows(rows)
+        slot = self.lengths[rows] + ranks
         if int(slot.max()) >= self.slots:
             raise CacheOverflowError(
                 f"KV cache {self.name} is full ({self.slots} slots per row): allocate with "
@@ -112,22 +139,24 @@ class StaticKVCache:
         self.positions[rows, slot] = positions
         self.lengths.index_add_(0, rows, torch.ones_like(rows))
 
-    def attend(self, query: Tensor, rows: Tensor, positions: Tensor, scale: Optional[float]) -> Tensor:
+    def attend(
+        self, query: Tensor, rows: Tensor, positions: Tensor, scale: Optional[float],
+        groups: Optional[RowGroups] = None,
+    ) -> Tensor:
         """Causal attention of `query` `[T, heads, head_dim]` over its row's stored entries at
         positions <= its own; returns `[T, heads, head_dim]`."""
-        count, heads, head_dim = query.shape
-        if one_per_row(rows):  # skip the sort-based grouping on plain decode ticks
-            unique, inverse, ranks = rows, torch.arange(count, device=rows.device), torch.zeros_like(rows)
-        else:
-            unique, inverse = torch.unique(rows, return_inverse=True)
-            ranks = ranks_within_rows(rows)
-        width = int(ranks.max()) + 1 if count else 1
+        heads, head_dim = query.shape[1:]
+        groups = groups if groups is not None else row_groups(rows)
+        unique, inverse, ranks, width = groups.unique, groups.inverse, groups.ranks, groups.width
         n = unique.numel()
-        q = query.new_zeros(n, width, heads, head_dim)
-        q[inverse, ranks] = query
-        # padding queries see every stored entry (their output is dropped)
-        q_pos = torch.full((n, width), torch.iinfo(torch.long).max, device=rows.device)
-        q_pos[inverse, ranks] = positions
+        if groups.one_per_row:  # a plain decode tick: the queries are already one per row
+            q, q_pos = query.unsqueeze(1), positions.unsqueeze(1)
+        else:
+            q = query.new_zeros(n, width, heads, head_dim)
+            q[inverse, ranks] = query
+            # padding queries see every stored entry (their output is dropped)
+            q_pos = torch.full((n, width), torch.iinfo(torch.long).max, device=rows.device)
+            q_pos[inverse, ranks] = positions
         lengths = self.lengths[unique]
         span = int(lengths.max())
         k, v = self.k[unique, :span], self.v[unique, :span]  # [n, L, g, hd]
@@ -142,7 +171,7 @@ class StaticKVCache:
             scale=scale,
             enable_gqa=k.shape[2] != heads,
         ).transpose(1, 2)  # [n, W, heads, hd]
-        return out[inverse, ranks]
+        return out[:, 0] if groups.one_per_row else out[inverse, ranks]
 
 
 @dataclass

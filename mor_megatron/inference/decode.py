@@ -23,7 +23,10 @@ import torch
 from torch import Tensor
 
 from mor_megatron.inference.cache import KVCacheSet, StaticKVCache, ranks_within_rows
-from mor_megatron.inference.layers import TokenBatch, layer_forward, softmax_scale
+import torch.nn.functional as F
+from megatron.core.tensor_parallel import ColumnParallelLinear
+
+from mor_megatron.inference.layers import TokenBatch, decode_layer, rope_mscale, softmax_scale
 
 # depth_override(rows [T], positions [T]) -> recursion depth per token, 1..Nr (tests, demos)
 DepthOverride = Callable[[Tensor, Tensor], Tensor]
@@ -38,9 +41,15 @@ class Routed:
 
 
 class ModelStages:
-    """The stages of one `MoRGPTModel` (TP=1, PP=1) over flat `[T, 1, D]` token batches."""
+    """The stages of one `MoRGPTModel` (TP=1, PP=1) over flat `[T, 1, D]` token batches.
 
-    def __init__(self, model, caches: KVCacheSet, depth_override: Optional[DepthOverride] = None) -> None:
+    lean: run layers, embedding and head as plain torch ops on the model's weights where they
+    are the local spec's (`layers.LeanLayer`); False runs megatron's modules (same arithmetic).
+    """
+
+    def __init__(
+        self, model, caches: KVCacheSet, depth_override: Optional[DepthOverride] = None, lean: bool = True
+    ) -> None:
         config = model.config
         if config.tensor_model_parallel_size != 1 or config.pipeline_model_parallel_size != 1:
             raise ValueError("MoR decoding runs a single-process model: build it with TP=1 and PP=1")
@@ -59,25 +68,40 @@ class ModelStages:
         self.prefix = [(i, units[i].index) for i in range(first)]
         self.suffix = [(i, units[i].index) for i in range(last + 1, len(units))]
         self.rope_table = model.rotary_pos_emb(caches.max_seq)  # [max_seq, 1, 1, rot_dim]
+        mscale = rope_mscale(config)
+        dtype = config.params_dtype
+        self.cos_table = (torch.cos(self.rope_table[:, 0]) * mscale).to(dtype)  # [max_seq, 1, rot_dim]
+        self.sin_table = (torch.sin(self.rope_table[:, 0]) * mscale).to(dtype)
         self.scale = softmax_scale(next(iter(self.decoder.layers)))
+        self.layers = [decode_layer(layer, lean) for layer in self.decoder.layers]
+        embedding = model.embedding
+        self.lean_embed = lean and not (
+            embedding.add_position_embedding or embedding.tokentype_embeddings is not None
+            or config.fp32_residual_connection or config.sequence_parallel
+        )
+        output = model.output_layer
+        self.lean_head = lean and type(output) is ColumnParallelLinear and output.bias is None
 
     # -- pieces ---------------------------------------------------------------------------------
 
     def batch(self, rows: Tensor, positions: Tensor) -> TokenBatch:
         if positions.numel() and int(positions.max()) >= self.caches.max_seq:
             raise ValueError(f"position {int(positions.max())} is beyond max_seq={self.caches.max_seq}")
-        return TokenBatch(rows, positions, self.rope_table[positions])
+        return TokenBatch(rows, positions, self.rope_table[positions], self.cos_table[positions],
+                          self.sin_table[positions])
 
     def embed(self, tokens: Tensor, batch: TokenBatch) -> Tensor:
         """Token ids `[T]` -> `[T, 1, D]` (the model's word embedding)."""
         self.caches.count_tokens(batch.rows)
+        if self.lean_embed:
+            return F.embedding(tokens, self.model.embedding.word_embeddings.weight).unsqueeze(1)
         return self.model.embedding(input_ids=tokens.unsqueeze(0), position_ids=batch.positions.unsqueeze(0))
 
     def _cached(self, cache: StaticKVCache, batch: TokenBatch, write: bool):
         def attend(query: Tensor, key: Tensor, value: Tensor) -> Tensor:
             if write:
-                cache.append(batch.rows, batch.positions, key, value)
-            return cache.attend(query, batch.rows, batch.positions, self.scale)
+                cache.append(batch.rows, batch.positions, key, value, batch.groups)
+            return cache.attend(query, batch.rows, batch.positions, self.scale, batch.groups)
 
         return attend
 
@@ -85,7 +109,7 @@ class ModelStages:
         """Unique layers (every token, full caches)."""
         for position, layer in units:
             cache = self.caches.unit(position)
-            hidden = layer_forward(self.decoder.layers[layer], hidden, batch, self._cached(cache, batch, True))
+            hidden = self.layers[layer](hidden, batch, self._cached(cache, batch, True))
         return hidden
 
     def block(self, hidden: Tensor, batch: TokenBatch, steps: Tensor) -> Tensor:
@@ -109,7 +133,7 @@ class ModelStages:
                     )
                 return out
 
-            hidden = layer_forward(self.decoder.layers[layer], hidden, batch, attend)
+            hidden = self.layers[layer](hidden, batch, attend)
         return hidden
 
     def expert_route(self, step: int, hidden: Tensor, batch: TokenBatch) -> Routed:
@@ -143,6 +167,8 @@ class ModelStages:
         if self.decoder.final_layernorm is not None:
             hidden = self.decoder.final_layernorm(hidden)
         weight = self.model.shared_embedding_or_output_weight() if self.model.share_embeddings_and_output_weights else None
+        if self.lean_head:
+            return F.linear(hidden[:, 0], weight if weight is not None else self.model.output_layer.weight)
         logits, _ = self.model.output_layer(hidden, weight=weight)
         return logits[:, 0]
 
@@ -191,6 +217,7 @@ class IncrementalDecoder:
     kv_slots: "full" (every cache holds `max_seq` entries per row) or "capacity" (recursion
     step r holds c_r x max_seq x capacity_margin, the static saving of MOR_SPEC 5; a row that
     routes more tokens deeper than that raises `CacheOverflowError`).
+    lean: see `ModelStages`.
     """
 
     def __init__(
@@ -201,6 +228,7 @@ class IncrementalDecoder:
         kv_slots: str = "full",
         capacity_margin: float = 1.25,
         depth_override: Optional[DepthOverride] = None,
+        lean: bool = True,
         device: Union[str, torch.device, None] = None,
     ) -> None:
         config = model.config
@@ -209,7 +237,7 @@ class IncrementalDecoder:
         self.caches = KVCacheSet(
             config, max_batch, max_seq or config.seq_length, kv_slots, capacity_margin, device=device
         )
-        self.stages = ModelStages(model, self.caches, depth_override)
+        self.stages = ModelStages(model, self.caches, depth_override, lean)
         self.lengths = torch.zeros(max_batch, dtype=torch.long, device=device)
 
     def reset(self, rows: Optional[Tensor] = None) -> None:

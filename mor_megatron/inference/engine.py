@@ -113,12 +113,18 @@ class EngineStats:
     mixed_depth_calls: int = 0  # block calls whose tokens sat at more than one recursion step
     entered_tokens: int = 0
     generated_tokens: int = 0
+    layer_tokens: int = 0  # (token, layer) evaluations: the compute, in layer passes per token
     peak_kv_used_bytes: int = 0  # with track_memory: most KV bytes held at once
     peak_kv_vanilla_bytes: int = 0  # what a vanilla model of the same depth held then
 
     @property
     def mean_block_tokens(self) -> float:
         return self.block_tokens / max(1, self.block_calls)
+
+    @property
+    def layers_per_token(self) -> float:
+        """Layer passes per token fed to the model (a vanilla model: its depth)."""
+        return self.layer_tokens / max(1, self.entered_tokens)
 
 
 class Engine:
@@ -129,6 +135,7 @@ class Engine:
     kv_slots / capacity_margin: see `IncrementalDecoder`.
     tokenizer: anything with `decode(ids) -> str`; needed for stop strings and `Completion.text`.
     track_memory: record the peak KV bytes in `stats` (reads every cache's lengths each tick).
+    lean: see `ModelStages`.
     """
 
     def __init__(
@@ -141,6 +148,7 @@ class Engine:
         max_block_tokens: Optional[int] = None,
         tokenizer=None,
         depth_override: Optional[DepthOverride] = None,
+        lean: bool = True,
         device: Union[str, torch.device, None] = None,
         track_memory: bool = False,
     ) -> None:
@@ -150,7 +158,7 @@ class Engine:
         self.device, self.max_batch = device, max_batch
         self.max_seq = max_seq or config.seq_length
         self.caches = KVCacheSet(config, max_batch, self.max_seq, kv_slots, capacity_margin, device=device)
-        self.stages = ModelStages(model, self.caches, depth_override)
+        self.stages = ModelStages(model, self.caches, depth_override, lean)
         self.max_block_tokens = max_block_tokens
         self.tokenizer = tokenizer
         self.queue: deque[_Request] = deque()
@@ -205,12 +213,12 @@ class Engine:
             self._admit()
             self._enter()
             self._run_block()
-        if self.track_memory:
-            report = self.caches.memory_report()
-            if report.used_bytes > self.stats.peak_kv_used_bytes:
-                self.stats.peak_kv_used_bytes = report.used_bytes
-                self.stats.peak_kv_vanilla_bytes = report.vanilla_used_bytes
-        return self._leave()
+            if self.track_memory:
+                report = self.caches.memory_report()
+                if report.used_bytes > self.stats.peak_kv_used_bytes:
+                    self.stats.peak_kv_used_bytes = report.used_bytes
+                    self.stats.peak_kv_vanilla_bytes = report.vanilla_used_bytes
+            return self._leave()
 
     def _admit(self) -> None:
         free = [row for row in range(self.max_batch) if row not in self.rows]
@@ -239,6 +247,7 @@ class Engine:
         tokens, rows, positions = as_long(tokens), as_long(rows), as_long(positions)
         self.stats.entered_tokens += tokens.numel()
         stages = self.stages
+        self.stats.layer_tokens += tokens.numel() * len(stages.prefix)
         batch = stages.batch(rows, positions)
         hidden = stages.run_units(stages.prefix, stages.embed(tokens, batch), batch)
         zeros = torch.zeros_like(rows)
@@ -290,6 +299,7 @@ class Engine:
         out = stages.block(run.hidden, batch, run.step)
         self.stats.block_calls += 1
         self.stats.block_tokens += run.count
+        self.stats.layer_tokens += run.count * len(stages.plan.block)
         self.stats.mixed_depth_calls += int(torch.unique(run.step).numel() > 1)
         nxt = run.step + 1
         last = stages.num_recursions
@@ -328,6 +338,7 @@ class Engine:
         stages = self.stages
         batch = stages.batch(done.rows, done.positions)
         hidden = stages.run_units(stages.suffix, done.hidden, batch)
+        self.stats.layer_tokens += done.count * len(stages.suffix)
         # the last token of each row: larger position wins
         key = done.rows * (self.max_seq + 1) + done.positions
         order = torch.argsort(key)
