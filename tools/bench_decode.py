@@ -23,10 +23,11 @@ weights (their greedy tokens are compared too).
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -71,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gen-len", type=int, default=32)
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed runs of every model, round-robin; the median is reported")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
     parser.add_argument("--seed", type=int, default=0)
     return parser
@@ -132,6 +135,16 @@ def run_engine(model, prompts: list[list[int]], args, batch: int, name: str, dev
     )
 
 
+def median_of_rounds(jobs: list[Callable[[], Result]], repeats: int) -> list[Result]:
+    """Run every job `repeats` times in round-robin order (a slow phase of a shared machine then
+    hits every model alike) and keep each job's median run."""
+    runs: list[list[Result]] = [[] for _ in jobs]
+    for _ in range(max(1, repeats)):
+        for job, results in zip(jobs, runs):
+            results.append(job())
+    return [sorted(results, key=lambda r: r.seconds)[len(results) // 2] for results in runs]
+
+
 def budget_batch(model, args) -> int:
     from mor_megatron.inference import kv_bytes_per_row
 
@@ -164,20 +177,27 @@ def hf_compare(model, prompts: list[list[int]], args, device: torch.device) -> O
         attention_mask=torch.ones_like(ids), max_new_tokens=args.gen_len, min_new_tokens=args.gen_len,
         do_sample=False, cache_implementation="static", pad_token_id=0,
     )
-    with torch.no_grad():
+    total = len(prompts) * args.gen_len
+    generated = {}
+
+    @torch.no_grad()
+    def hf_run() -> Result:
         hf.generate(ids, **dict(kwargs, max_new_tokens=2, min_new_tokens=2))  # warm-up
         _sync(device)
         start = time.perf_counter()
-        out = hf.generate(ids, **kwargs)
+        generated["out"] = hf.generate(ids, **kwargs)
         _sync(device)
-        hf_seconds = time.perf_counter() - start
-    ours = run_engine(model, prompts, args, len(prompts), "vanilla", device)
+        return Result("transformers", len(prompts), total, time.perf_counter() - start, 0, 0, 0, 0.0, 0.0)
+
+    ours, theirs_run = median_of_rounds(
+        [functools.partial(run_engine, model, prompts, args, len(prompts), "vanilla", device), hf_run], args.repeats
+    )
+    out = generated["out"]
     engine = Engine(model, max_batch=len(prompts), max_seq=args.prompt_len + args.gen_len, device=device)
     mine = engine.generate(prompts, SamplingParams(max_tokens=args.gen_len))
     theirs = out[:, ids.shape[1]:].tolist()
     same = sum(a == b for m, t in zip(mine, theirs) for a, b in zip(m.token_ids, t))
-    total = len(prompts) * args.gen_len
-    return ours.tokens_per_s, total / hf_seconds, same / total
+    return ours.tokens_per_s, theirs_run.tokens_per_s, same / total
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -201,17 +221,19 @@ def main(argv: Optional[list[str]] = None) -> int:
         f"L={args.effective_layers}; prompt {args.prompt_len} + {args.gen_len} new tokens; {args.dtype} on {device}; "
         f"router {args.router}, {args.kv_mode}, routing '{args.routing}', KV slots '{args.kv_slots}'"
     )
-    fixed, budget, models = [], [], {}
+    fixed_jobs, budget_jobs, models = [], [], {}
     for name, config in configs:
         torch.manual_seed(args.seed)
         model = MoRGPTModel(config).to(device).eval()
         models[name] = model
-        fixed.append(run_engine(model, pool[:requests].tolist(), args, args.batch, name, device))
+        fixed_jobs.append(functools.partial(run_engine, model, pool[:requests].tolist(), args, args.batch, name, device))
         rows = budget_batch(model, args)
         if rows:
-            budget.append(run_engine(model, pool[: 2 * rows].tolist(), args, rows, name, device))
+            budget_jobs.append(functools.partial(run_engine, model, pool[: 2 * rows].tolist(), args, rows, name, device))
         print(f"  {name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
               f"{len(config.recursion_plan.unrolled)} effective / {config.num_layers} unique layers, budget batch {rows}")
+    print(f"timing: median of {args.repeats} round-robin runs per model")
+    fixed, budget = median_of_rounds(fixed_jobs, args.repeats), median_of_rounds(budget_jobs, args.repeats)
     mib = 2.0**20
     for title, results in (("fixed batch", fixed), (f"max batch in {args.memory_budget_mib:g} MiB", budget)):
         if not results:

@@ -60,23 +60,30 @@ def ranks_within_rows(rows: Tensor) -> Tensor:
 class RowGroups:
     """A flat batch's tokens grouped by cache row: `unique` rows, each token's group
     (`inverse`) and rank within it (`ranks`), and the largest group (`width`). `one_per_row`:
-    token i is the only token of row `unique[i]` (inverse is the identity, ranks are 0)."""
+    token i is the only token of row `unique[i]` (inverse is the identity, ranks are 0).
+    `first_row`: set when `unique` is the consecutive rows first_row, first_row + 1, ... (the
+    caches then read their rows as a view instead of gathering a copy)."""
 
     unique: Tensor
     inverse: Tensor
     ranks: Tensor
     width: int
     one_per_row: bool = False
+    first_row: Optional[int] = None
 
 
 def row_groups(rows: Tensor) -> RowGroups:
     """Group `rows` (a plain decode tick, one token per row in order, skips the sorts)."""
     count = rows.numel()
     if one_per_row(rows):
-        return RowGroups(rows, torch.arange(count, device=rows.device), torch.zeros_like(rows), 1, True)
+        first, last = (int(rows[0]), int(rows[-1])) if count else (0, -1)
+        first_row = first if last - first == count - 1 else None
+        return RowGroups(rows, torch.arange(count, device=rows.device), torch.zeros_like(rows), 1, True, first_row)
     unique, inverse = torch.unique(rows, return_inverse=True)
     ranks = ranks_within_rows(rows)
-    return RowGroups(unique, inverse, ranks, int(ranks.max()) + 1)
+    first, last = int(unique[0]), int(unique[-1])
+    first_row = first if last - first == unique.numel() - 1 else None
+    return RowGroups(unique, inverse, ranks, int(ranks.max()) + 1, False, first_row)
 
 
 class StaticKVCache:
@@ -98,12 +105,9 @@ class StaticKVCache:
         self.v = torch.zeros_like(self.k)
         self.positions = torch.zeros(max_batch, slots, dtype=torch.long, device=device)
         self.lengths = torch.zeros(max_batch, dtype=torch.long, device=device)
-
-    @property
-    def entry_bytes(self) -> int:
-        """Bytes of K plus V for one token (the reports count K/V; the position index,
-        8 bytes per slot, is bookkeeping)."""
-        return 2 * self.k[0, 0].numel() * self.k.element_size()
+        # bytes of K plus V for one token (the reports count K/V; the position index, 8 bytes
+        # per slot, is bookkeeping)
+        self.entry_bytes = 2 * kv_heads * head_dim * self.k.element_size()
 
     @property
     def allocated_bytes(self) -> int:
@@ -157,10 +161,11 @@ class StaticKVCache:
             # padding queries see every stored entry (their output is dropped)
             q_pos = torch.full((n, width), torch.iinfo(torch.long).max, device=rows.device)
             q_pos[inverse, ranks] = positions
-        lengths = self.lengths[unique]
+        pick = unique if groups.first_row is None else slice(groups.first_row, groups.first_row + n)
+        lengths = self.lengths[pick]
         span = int(lengths.max())
-        k, v = self.k[unique, :span], self.v[unique, :span]  # [n, L, g, hd]
-        stored = self.positions[unique, :span]
+        k, v = self.k[pick, :span], self.v[pick, :span]  # [n, L, g, hd]
+        stored = self.positions[pick, :span]
         valid = torch.arange(span, device=rows.device).unsqueeze(0) < lengths.unsqueeze(1)
         mask = valid.unsqueeze(1) & (stored.unsqueeze(1) <= q_pos.unsqueeze(2))  # [n, W, L]
         out = F.scaled_dot_product_attention(

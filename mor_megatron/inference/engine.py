@@ -349,17 +349,18 @@ class Engine:
         logits = stages.head(hidden[last])
         for row, position, depth in zip(done.rows.tolist(), done.positions.tolist(), done.step.tolist()):
             self.rows[row].depths[position] = depth
+        greedy = logits.argmax(dim=-1).tolist()  # one call for every row (most requests are greedy)
         finished = []
         for index, row in enumerate(done.rows[last].tolist()):
-            completion = self._sample(row, logits[index])
+            completion = self._sample(row, logits[index], greedy[index])
             if completion is not None:
                 finished.append(completion)
         return finished
 
-    def _sample(self, row: int, logits: Tensor) -> Optional[Completion]:
+    def _sample(self, row: int, logits: Tensor, greedy: int) -> Optional[Completion]:
         state = self.rows[row]
         params = state.request.params
-        token = sample(logits, params, state.generator)
+        token = greedy if params.greedy else sample(logits, params, state.generator)
         state.generated.append(token)
         self.stats.generated_tokens += 1
         decode = self.tokenizer.decode if self.tokenizer is not None else None
