@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from slurm_helpers import fake_slurm_env, install_fake_slurm
-from train_helpers import repo_root, tree_digest, write_config
+from train_helpers import one_error_line, repo_root, tree_digest, write_config
 
 ROOT = repo_root()
 SEQ = 32  # the tiny run's model.seq_length
@@ -33,14 +33,6 @@ SEQ = 32  # the tiny run's model.seq_length
 LAUNCH_VARS = ("NNODES", "NPROC_PER_NODE", "GPUS_PER_NODE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT",
                "RDZV_ID", "LOCAL_ADDR", "MAX_RESTARTS", "DRY_RUN", "MOR_ENTRY", "CONFIG", "RUN_DIR",
                "MOR_REPO", "RDZV_ADDR", "RDZV_PORT", "SRUN_EXTRA_ARGS", "AUTO_REQUEUE", "CUDA_VISIBLE_DEVICES")
-
-
-def check_one_line(rc: int, out: str, err: str, phrase: str, prefix: str = "error: ", code: int = 2) -> None:
-    assert rc == code, (rc, out[-2000:], err[-3000:])
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith(prefix) and lines[0][len(prefix):].strip(), err[-3000:]
-    assert phrase in lines[0], lines[0]
-    assert "Traceback" not in out + err
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +171,7 @@ def test_pretrain_bad_input(row, existing, tmp_path, capfd):
     capfd.readouterr()
     rc = main(argv)
     out, err = capfd.readouterr()
-    check_one_line(rc, out, err, PRETRAIN_ROWS[row][1])
+    one_error_line(rc, out, err, PRETRAIN_ROWS[row][1])
     assert tree_digest(existing["run_dir"]) == before
 
 
@@ -214,7 +206,7 @@ def test_launch_rendezvous_variables_missing(existing):
     """WORLD_SIZE=2 without MASTER_ADDR/MASTER_PORT (a multi-process world not started by torchrun)."""
     before = tree_digest(existing["run_dir"])
     result = _pretrain_process(existing, WORLD_SIZE="2", RANK="0", LOCAL_RANK="0")
-    check_one_line(result.returncode, result.stdout, result.stderr, "WORLD_SIZE=2 but MASTER_ADDR, MASTER_PORT not set")
+    one_error_line(result.returncode, result.stdout, result.stderr, "WORLD_SIZE=2 but MASTER_ADDR, MASTER_PORT not set")
     assert tree_digest(existing["run_dir"]) == before
 
 
@@ -261,7 +253,7 @@ def test_launcher_bad_environment(row, existing, tmp_path):
             env[key] = value
     before = tree_digest(existing["run_dir"])
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)
-    check_one_line(result.returncode, result.stdout, result.stderr, phrase, prefix=f"{script}: error: ")
+    one_error_line(result.returncode, result.stdout, result.stderr, phrase, prefix=f"{script}: error: ")
     assert result.stdout == ""
     assert tree_digest(existing["run_dir"]) == before
 
@@ -321,7 +313,7 @@ def test_preprocess_bad_input(row, existing, tmp_path, previous_output, capfd):
     rc = main([*args, "--output-prefix", str(previous_output / "prev"), "--cache-dir", str(tmp_path / "cache"),
                "--no-progress"])
     out, err = capfd.readouterr()
-    check_one_line(rc, out, err, PREPROCESS_ROWS[row][1])
+    one_error_line(rc, out, err, PREPROCESS_ROWS[row][1])
     assert "fix:" in err
     assert tree_digest(previous_output) == before
 

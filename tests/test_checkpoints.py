@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from train_helpers import launch, repo_root, series, tree_digest
+from train_helpers import launch, one_error_line, repo_root, series, tree_digest
 
 pytestmark = pytest.mark.distributed
 
@@ -63,14 +63,6 @@ def test_damaged_checkpoint_falls_back_to_previous(expert_setup):
     assert series(run_dir, "train/loss")[-3:] == series(reference, "train/loss")[2:]
 
 
-def _one_error_line(result) -> str:
-    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-3000:]
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
-    assert "Traceback" not in result.stdout + result.stderr
-    return lines[0]
-
-
 def test_missing_pointer_target_and_missing_rank_file(expert_setup, tmp_path):
     config, overrides, _, root = expert_setup
     run_dir = root / "missing"
@@ -91,7 +83,8 @@ def test_missing_pointer_target_and_missing_rank_file(expert_setup, tmp_path):
         for victim in step_dir.glob("mp_rank_00_model_states.pt"):
             victim.unlink()
     before = tree_digest(checkpoints)
-    line = _one_error_line(launch(config, run_dir, overrides, check=False))
+    result = launch(config, run_dir, overrides, check=False)
+    line = one_error_line(result.returncode, result.stdout, result.stderr)
     assert f"no complete checkpoint in {checkpoints}" in line and "training.resume=false" in line
     assert tree_digest(checkpoints) == before
 
@@ -104,7 +97,7 @@ def test_checkpoint_of_another_model_is_refused_before_loading(expert_setup, tmp
     shutil.copytree(reference, run_dir)
     before = tree_digest(run_dir / "checkpoints")
     result = launch(config, run_dir, ["model.ffn_hidden_size=96", "training.train_steps=6"], check=False)
-    line = _one_error_line(result)
+    line = one_error_line(result.returncode, result.stdout, result.stderr)
     assert "holds another model (ffn_hidden_size 128 in the checkpoint, 96 in the config)" in line
     assert "training.save_dir" in line
     assert tree_digest(run_dir / "checkpoints") == before
@@ -140,6 +133,7 @@ def test_zero3_resume_at_another_layout_is_refused(expert_setup, tmp_path):
     run_dir = tmp_path / "zero3"
     shutil.copytree(reference, run_dir)
     before = tree_digest(run_dir / "checkpoints")
-    line = _one_error_line(launch(config, run_dir, ["training.zero_stage=3", "training.train_steps=6"], check=False))
+    result = launch(config, run_dir, ["training.zero_stage=3", "training.train_steps=6"], check=False)
+    line = one_error_line(result.returncode, result.stdout, result.stderr)
     assert "resuming at another layout is supported for ZeRO stages 0-2" in line and "zero_stage 1 or 2" in line
     assert tree_digest(run_dir / "checkpoints") == before

@@ -79,6 +79,17 @@ def launch(config: Path, run_dir: Path, overrides: list[str] = (), nproc: int = 
     return result
 
 
+def one_error_line(rc: int, out: str, err: str, phrase: str = "", prefix: str = "error: ", code: int = 2) -> str:
+    """Assert a failed command printed exactly one non-empty error line (starting with `prefix`,
+    containing `phrase`), no traceback, and exited with `code`; returns the line."""
+    assert rc == code, (rc, out[-2000:], err[-3000:])
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(prefix) and lines[0][len(prefix):].strip(), err[-3000:]
+    assert phrase in lines[0], lines[0]
+    assert "Traceback" not in out + err
+    return lines[0]
+
+
 def tree_digest(*roots: Path) -> dict[str, str]:
     """sha256 of every file under `roots`, by path: what a failed launch must leave alone."""
     return {

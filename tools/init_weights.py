@@ -19,23 +19,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
-    from mor_megatron.config import ConfigError
+    from mor_megatron.errors import run_cli
     from mor_megatron.model import MoRGPTModel
     from mor_megatron.parallel.state import initialize_parallel
     from mor_megatron.training.checkpoint import save_weights
     from mor_megatron.training.config import load_run_config
 
-    try:
+    def write() -> None:
         run = load_run_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    initialize_parallel(seed=run.training.seed)
-    config = dataclasses.replace(run.model, tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
-    save_weights(MoRGPTModel(config, backend=run.training.backend), args.output)
-    print(f"initial weights written to {args.output}")
-    return 0
+        initialize_parallel(seed=run.training.seed)
+        config = dataclasses.replace(run.model, tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
+        save_weights(MoRGPTModel(config, backend=run.training.backend), args.output)
+        print(f"initial weights written to {args.output}")
 
+    return run_cli(write)
 
 if __name__ == "__main__":
     sys.exit(main())

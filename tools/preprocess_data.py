@@ -57,9 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the CLI; return the exit code."""
     args = build_parser().parse_args(argv)
-    from mor_megatron.data.errors import DataError
+    from mor_megatron.errors import run_cli
 
-    try:
+    def preprocess() -> None:
         from mor_megatron.data.preprocess import (
             PreprocessConfig,
             check_config,
@@ -82,25 +82,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         spec = resolve_inputs(cfg.inputs, cfg.input_format)
         check_output(cfg.output_prefix)
         summary = run_preprocess(cfg, spec)
+        try:
+            print("\n".join(summary.lines()), flush=True)
+        except BrokenPipeError:  # e.g. piped into `head`
+            sys.stdout = None
+
+    try:
+        return run_cli(preprocess, debug=args.debug)  # data errors: one line, exit 2
     except KeyboardInterrupt:
         print("error: interrupted; partial output files were removed", file=sys.stderr)
         return 130
-    except Exception as exc:
+    except Exception as exc:  # a bug, or a library failing on input we did not foresee
         if args.debug:
             raise
-        if isinstance(exc, DataError):
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
         first = (str(exc).strip().splitlines() or [""])[0][:300]
         print(f"error: unexpected {type(exc).__name__}: {first}; fix: rerun with --debug for "
               "the traceback", file=sys.stderr)
         return 1
-    try:
-        print("\n".join(summary.lines()), flush=True)
-    except BrokenPipeError:  # e.g. piped into `head`
-        sys.stdout = None
-    return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -69,7 +69,13 @@ def _te_provider():
             "backend 'te' needs a CUDA GPU with Transformer Engine: use backend 'local' on CPU"
         )
     try:
+        from megatron.core.extensions.transformer_engine import HAVE_TE
         from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
+
+        # megatron-core 0.16.1 imports without TE (te = MagicMock(), HAVE_TE = False in
+        # megatron/core/extensions/transformer_engine.py): the import above never fails
+        if not HAVE_TE:
+            raise ImportError("transformer_engine is not importable")
     except ImportError as err:
         raise BackendUnavailableError(
             "backend 'te' needs Transformer Engine: pip install --no-build-isolation "

@@ -193,12 +193,19 @@ class TEActiveTokenAttention(ActiveTokenAttention):
 
     def _bf16_attention(self) -> ContextManager:
         """TE has no FP8 attention for thd or arbitrary masks: run such calls in BF16 when the
-        recipe asks for FP8 attention (a nested fp8_autocast(enabled=False), TE 2.x API)."""
-        if not (self.config.fp8 and self.config.fp8_dot_product_attention):
+        recipe asks for FP8 attention (a nested autocast(enabled=False), TE 2.9+ API)."""
+        # fp8_mha alone turns FP8 attention on too: TE's DotProductAttention.forward forces
+        # recipe.fp8_dpa=True when recipe.fp8_mha (attention/dot_product_attention/
+        # dot_product_attention.py, TE 2.9-2.11); megatron's TEDelayedScaling sets fp8_mha from
+        # config.fp8_multi_head_attention (megatron/core/extensions/transformer_engine.py)
+        if not (self.config.fp8 and (self.config.fp8_dot_product_attention
+                                     or self.config.fp8_multi_head_attention)):
             return nullcontext()
-        from transformer_engine.pytorch import fp8_autocast
+        # TE 2.9+: `fp8_autocast` is deprecated (a DeprecationWarning per call) in favour of
+        # `autocast` (transformer_engine/pytorch/quantization.py)
+        from transformer_engine.pytorch import autocast
 
-        return fp8_autocast(enabled=False)
+        return autocast(enabled=False)
 
     # -- recursive KV sharing ---------------------------------------------------------------
 

@@ -49,14 +49,21 @@ class FP8UnavailableError(UserError, RuntimeError):
     """FP8 was asked for where it cannot run."""
 
 
-@lru_cache(maxsize=1)
-def _te_fp8_status() -> tuple[bool, str]:
-    """(usable, reason): TE importable and FP8 supported by this GPU (sm89+)."""
+@lru_cache(maxsize=None)
+def _te_fp8_status(recipe: str = "delayed") -> tuple[bool, str]:
+    """(usable, reason): TE importable and `recipe` supported by this GPU (sm89+; MXFP8 sm100+;
+    blockwise sm90+ with CUDA 12.9+), the checks TE's autocast asserts on entry
+    (transformer_engine/pytorch/quantization.py `FP8GlobalStateManager.autocast_enter`)."""
     try:
-        from transformer_engine.pytorch.fp8 import FP8GlobalStateManager
+        # TE 2.9+: transformer_engine/pytorch/fp8.py is a deprecated shim of quantization.py
+        from transformer_engine.pytorch.quantization import FP8GlobalStateManager
     except ImportError as err:
         return False, f"Transformer Engine is not installed ({err})"
-    available, reason = FP8GlobalStateManager.is_fp8_available()
+    check = {
+        "mxfp8": FP8GlobalStateManager.is_mxfp8_available,
+        "blockwise": FP8GlobalStateManager.is_fp8_block_scaling_available,
+    }.get(recipe, FP8GlobalStateManager.is_fp8_available)
+    available, reason = check()
     return bool(available), str(reason)
 
 
@@ -69,11 +76,11 @@ def check_fp8_supported(config, backend: Optional[str] = None) -> None:
         raise FP8UnavailableError(
             f"{asked}: FP8 needs a CUDA GPU with Transformer Engine: set model.fp8 to null on CPU"
         )
-    usable, reason = _te_fp8_status()
+    usable, reason = _te_fp8_status(str(getattr(config.fp8_recipe, "value", config.fp8_recipe)))
     if not usable:
         raise FP8UnavailableError(
-            f"{asked} cannot run here: {reason}; install requirements-gpu.txt on an H100-class GPU "
-            "(sm89+) or set model.fp8 to null"
+            f"{asked} cannot run here: {reason}; install requirements-gpu.txt on a GPU this recipe "
+            "supports (sm89+; mxfp8 sm100+), choose another model.fp8_recipe, or set model.fp8 to null"
         )
     if backend is not None and backend != "te":
         raise FP8UnavailableError(
