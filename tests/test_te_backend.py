@@ -292,6 +292,26 @@ def _fp8_layer_chain(config, layers, hidden) -> torch.Tensor:
     return hidden
 
 
+def test_delayed_scaling_amax_is_the_max_over_recursions(te):
+    """The decoder opens one delayed-scaling region around all recursions, so a shared module
+    quantizes Nr times in it. TE's cast kernels take an atomic max into the amax slot, so the next
+    scale follows the largest input of the Nr calls (TE's autocast docstring still says repeated
+    calls override the amax; this checks the kernels, not the docstring)."""
+    from transformer_engine.common.recipe import DelayedScaling, Format
+
+    check_fp8_supported(_gpu_config(fp8="hybrid"), backend="te")
+    linear = te.Linear(64, 64, bias=False, params_dtype=torch.bfloat16).cuda()
+    recipe = DelayedScaling(fp8_format=Format.HYBRID, amax_history_len=1, amax_compute_algo="max", margin=0)
+    # the largest input first: "the last call wins" would give a 16x larger scale
+    inputs = [bound * (2 * torch.rand(32, 64, device="cuda") - 1).bfloat16() for bound in (8.0, 2.0, 0.5)]
+    with te.autocast(enabled=True, recipe=recipe):  # one region, three calls, as over recursions
+        for x in inputs:
+            linear(x)
+    amax = max(float(x.abs().max()) for x in inputs)
+    scale = float(linear.fp8_meta["scaling_fwd"].scale[0])  # forward input quantizer
+    assert scale == pytest.approx(448.0 / amax, rel=1e-2)  # E4M3's largest value over the amax
+
+
 @pytest.mark.parametrize("recipe", ["delayed", "tensorwise"])
 def test_shared_weight_fp8_gradient_is_the_sum_over_recursions(te, recipe):
     """A shared TE layer called Nr times under FP8 == Nr copies of it, one per recursion: the
@@ -329,14 +349,6 @@ def test_deepspeed_fp8_steps_refresh_the_weight_cache(te, monkeypatch):
     config = _gpu_config(fp8="hybrid", capacities=(1.0, 0.5, 0.25))
     check_fp8_supported(config, backend="te")
     model = _te_model(config)
-    if "fp8_context" not in inspect.getsource(MoRDecoder):  # until the decoder patch lands
-        forward = MoRDecoder.forward
-
-        def in_fp8(self, *args, **kwargs):
-            with fp8_context(self.config, "decoder"):
-                return forward(self, *args, **kwargs)
-
-        monkeypatch.setattr(MoRDecoder, "forward", in_fp8)
     engine = build_engine(model, TrainingConfig(micro_batch_size=2, global_batch_size=2, lr=1e-2,
                                                 warmup_steps=0, bf16=True), 2, 1)
     linear = model.decoder.layers[config.recursion_plan.block[0]].self_attention.linear_qkv
@@ -353,8 +365,8 @@ def test_deepspeed_fp8_steps_refresh_the_weight_cache(te, monkeypatch):
         assert train_step(engine, step_batch).finite
         snapshots.append(cached())
     assert all(not torch.equal(a, b) for a, b in zip(snapshots, snapshots[1:]))
-    # no refresh (also not the one train_step makes once step.py is patched): the cache keeps
-    # the previous step's weights, the trap a DeepSpeed loop falls into
+    # no refresh (also not the one train_step makes): the cache keeps the previous step's
+    # weights, the trap a DeepSpeed loop falls into
     monkeypatch.setattr(step, "refresh_fp8_weight_cache", lambda engine: 0, raising=False)
     train_step(engine, step_batch)
     torch.testing.assert_close(cached(), snapshots[-1], rtol=0, atol=0)
