@@ -94,6 +94,8 @@ def test_ratios_come_from_measurements(report):
         assert row["min_overhead"] == pytest.approx(
             mor["min_step_time_s"] / vanilla["min_step_time_s"] / row["flops_ratio"]
         )
+        pairs = sorted(m / v for m, v in zip(mor["step_times_s"], vanilla["step_times_s"]))
+        assert row["paired_overhead"] == pytest.approx((pairs[0] + pairs[1]) / 2 / row["flops_ratio"])
     vs = comparisons["ours_vs_transformers"]
     assert vs["tokens_per_s_ratio"] == pytest.approx(
         models["vanilla L=4"]["tokens_per_s"] / models["transformers L=4"]["tokens_per_s"]

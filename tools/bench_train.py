@@ -32,7 +32,9 @@ Figures, all from this run's measurements (nothing stored):
 - MoR/vanilla FLOPs ratio: `mor_megatron.report.training_flops_per_token` (the paper's
   accounting) of the MoR config over that of the vanilla model of the same L'; step-time ratio:
   measured MoR median / measured vanilla median; overhead = step-time ratio / FLOPs ratio
-  (target <= 1.05: routing, gather and scatter cost under 5%).
+  (target <= 1.05: routing, gather and scatter cost under 5%). Beside it: the same from the
+  fastest steps (min-based) and the median of the per-cycle MoR/vanilla ratios (paired: both
+  steps of a pair ran within seconds, so slow phases of a shared machine cancel out).
 - ours / transformers tokens/s (vanilla megatron model vs LlamaForCausalLM; target >= 0.9).
 - achieved model FLOP/s = training FLOPs per token x tokens/s, as a fraction of the probe's median
   TFLOP/s (target >= 0.5). The probe is timed in the same cycles as the models.
@@ -529,7 +531,7 @@ def _verdict(ok: bool) -> str:
 
 
 def summarize(models: dict[str, dict], entries: list[dict], probe: dict,
-              transformers_name: Optional[str], tokens_per_step: int) -> dict[str, Any]:
+              transformers_name: Optional[str], tokens_per_step: int, interleaved: bool = True) -> dict[str, Any]:
     """Medians, throughput, FLOP/s and every ratio, from the raw per-step times (in place)."""
     probe["tflops"] = statistics.median(probe["samples_tflops"])
     for record in models.values():
@@ -559,6 +561,11 @@ def summarize(models: dict[str, dict], entries: list[dict], probe: dict,
             # the same from the fastest step of each: less sensitive to a noisy neighbour
             "min_step_time_ratio": mor["min_step_time_s"] / vanilla["min_step_time_s"],
             "min_overhead": mor["min_step_time_s"] / vanilla["min_step_time_s"] / flops_ratio,
+            # the median of per-cycle ratios: each cycle times both models within seconds of
+            # each other, so a slow phase of the machine cancels out of the pair
+            "paired_overhead": statistics.median(
+                m / v for m, v in zip(mor["step_times_s"], vanilla["step_times_s"])
+            ) / flops_ratio if interleaved else None,
             "memory_ratio": (mor["peak_memory_bytes"] / vanilla["peak_memory_bytes"]
                              if vanilla["peak_memory_bytes"] else None),
             "target": OVERHEAD_TARGET,
@@ -640,10 +647,11 @@ def render(report: dict[str, Any]) -> str:
     c = report["comparisons"]
     rows = [[m["mor"], f"{m['effective_layers']}", m["vanilla"], f"{m['flops_ratio']:.3f}",
              f"{m['step_time_ratio']:.3f}", f"{m['overhead']:.3f}", f"{m['min_overhead']:.3f}",
+             f"{m['paired_overhead']:.3f}" if m["paired_overhead"] is not None else "-",
              f"{m['memory_ratio']:.2f}" if m["memory_ratio"] is not None else "-",
              f"<= {m['target']:.2f}", m["verdict"]] for m in c["mor_vs_vanilla"]]
     lines.append(_table(["MoR vs vanilla", "L'", "vs", "FLOPs ratio", "time ratio",
-                         "time/FLOPs", "(min-based)", "mem ratio", "target", ""], rows))
+                         "time/FLOPs", "(min-based)", "(paired)", "mem ratio", "target", ""], rows))
     if "ours_vs_transformers" in c:
         t = c["ours_vs_transformers"]
         lines += ["", f"{t['ours']} vs {t['transformers']}: tokens/s {t['ours_tokens_per_s']:.0f} / "
@@ -793,7 +801,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "step_times_s": probe_result["step_times_s"],
     }
     comparisons = summarize(models, [e for e in entries if e["kind"] == "megatron"], probe,
-                            transformers_name, tokens_per_step)
+                            transformers_name, tokens_per_step, interleaved=not args.sequential)
     report = {
         "device": device,
         "settings": {
