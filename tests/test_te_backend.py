@@ -337,24 +337,30 @@ def test_shared_weight_fp8_gradient_is_the_sum_over_recursions(te, recipe):
     assert float((total - parts[0]).norm()) > 0.1 * float(total.norm())  # later recursions count
 
 
-def test_deepspeed_fp8_steps_refresh_the_weight_cache(te, monkeypatch):
-    """Three FP8 steps through DeepSpeed: the cached FP8 weight follows every update; without
-    the refresh it would stay at the first step's weights."""
-    from mor_megatron.training import step
+def _fp8_deepspeed(seed: int = 0):
+    """A TE model with FP8 in a DeepSpeed engine, and one batch for it."""
     from mor_megatron.training.config import TrainingConfig
     from mor_megatron.training.engine import build_engine
-    from mor_megatron.training.step import train_step
 
     # expert-choice capacities whose k_r * B are multiples of 16 (FP8 GEMMs) without padding
     config = _gpu_config(fp8="hybrid", capacities=(1.0, 0.5, 0.25))
     check_fp8_supported(config, backend="te")
-    model = _te_model(config)
+    model = _te_model(config, seed)
     engine = build_engine(model, TrainingConfig(micro_batch_size=2, global_batch_size=2, lr=1e-2,
                                                 warmup_steps=0, bf16=True), 2, 1)
-    linear = model.decoder.layers[config.recursion_plan.block[0]].self_attention.linear_qkv
     tokens = batch(config)[0].cuda()
     labels, mask = torch.roll(tokens, -1, 1), torch.ones_like(tokens)
-    step_batch = [{"tokens": tokens, "labels": labels, "loss_mask": mask}]
+    return model, engine, [{"tokens": tokens, "labels": labels, "loss_mask": mask}]
+
+
+def test_deepspeed_fp8_steps_refresh_the_weight_cache(te, monkeypatch):
+    """Three FP8 steps through DeepSpeed: the cached FP8 weight follows every update; without
+    the refresh it would stay at the first step's weights."""
+    from mor_megatron.training import step
+    from mor_megatron.training.step import train_step
+
+    model, engine, step_batch = _fp8_deepspeed()
+    linear = model.decoder.layers[model.config.recursion_plan.block[0]].self_attention.linear_qkv
 
     def cached() -> torch.Tensor:
         return linear._fp8_workspaces["weight"].dequantize().float().clone()
@@ -370,3 +376,35 @@ def test_deepspeed_fp8_steps_refresh_the_weight_cache(te, monkeypatch):
     monkeypatch.setattr(step, "refresh_fp8_weight_cache", lambda engine: 0, raising=False)
     train_step(engine, step_batch)
     torch.testing.assert_close(cached(), snapshots[-1], rtol=0, atol=0)
+
+
+def test_fp8_state_survives_a_checkpoint(te, tmp_path):
+    """The FP8 scaling state of every TE module (scales and amax history, in its `_extra_state`)
+    is written with a checkpoint and restored by a resume at the same layout."""
+    from mor_megatron.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
+    from mor_megatron.training.step import train_step
+
+    model, engine, step_batch = _fp8_deepspeed()
+    for _ in range(2):
+        refresh_fp8_weight_cache(engine)
+        assert train_step(engine, step_batch).finite
+    directory = save_checkpoint(engine, model, TrainState(step=2), str(tmp_path), {})
+    fresh, fresh_engine, _ = _fp8_deepspeed(seed=1)
+
+    def fp8_state(module) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, sub in module.named_modules():
+            meta = getattr(sub, "fp8_meta", None) or {}
+            for key in ("scaling_fwd", "scaling_bwd"):
+                if key in meta:
+                    out[f"{name}.{key}.scale"] = meta[key].scale.clone()
+                    out[f"{name}.{key}.amax_history"] = meta[key].amax_history.clone()
+        return out
+
+    trained = fp8_state(model)
+    assert trained and any(not torch.equal(t, torch.ones_like(t)) for k, t in trained.items() if k.endswith("scale"))
+    load_checkpoint(fresh_engine, fresh, directory)
+    restored = fp8_state(fresh)
+    assert restored.keys() == trained.keys()
+    for key, value in trained.items():
+        torch.testing.assert_close(restored[key], value, rtol=0, atol=0, msg=key)

@@ -20,12 +20,11 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
 import torch
+import torch.nn.functional as F
+from megatron.core.tensor_parallel import ColumnParallelLinear
 from torch import Tensor
 
 from mor_megatron.inference.cache import KVCacheSet, StaticKVCache, ranks_within_rows
-import torch.nn.functional as F
-from megatron.core.tensor_parallel import ColumnParallelLinear
-
 from mor_megatron.inference.layers import TokenBatch, decode_layer, rope_mscale, softmax_scale
 
 # depth_override(rows [T], positions [T]) -> recursion depth per token, 1..Nr (tests, demos)
