@@ -15,7 +15,7 @@ from mor_megatron.inference import (
     expected_recursion_ratio,
     kv_bytes_per_row,
 )
-from mor_megatron.inference.cache import ranks_within_rows
+from mor_megatron.inference.cache import ranks_within_rows, row_groups
 
 
 def test_ranks_within_rows():
@@ -49,6 +49,33 @@ def test_cached_attention_matches_dense_reference():
         ref = F.scaled_dot_product_attention(q[i].unsqueeze(1), k, v).squeeze(1)
         torch.testing.assert_close(out[i], ref, atol=1e-6, rtol=1e-5)
     assert cache.used_bytes == 7 * 2 * groups * dim * 4
+    cache.reset(torch.tensor([2]))
+    assert cache.used_bytes == 3 * 2 * groups * dim * 4 and cache.entries == int(cache.lengths.sum())
+
+
+@pytest.mark.parametrize("query_rows", [[0, 1, 2], [1, 2], [0, 2]], ids=["all", "consecutive", "gap"])
+def test_one_token_per_row_paths_match_the_dense_reference(query_rows):
+    """A plain decode tick (one query per row, rows in order) skips the grouping and, for
+    consecutive rows, reads the cache as a view: the same attention either way."""
+    torch.manual_seed(1)
+    heads, groups, dim = 4, 2, 8
+    cache = StaticKVCache(max_batch=3, slots=6, kv_heads=groups, head_dim=dim)
+    lengths = [5, 2, 4]
+    keys = [torch.randn(n, groups, dim) for n in lengths]
+    values = [torch.randn(n, groups, dim) for n in lengths]
+    for row, n in enumerate(lengths):
+        cache.append(torch.full((n,), row), torch.arange(n), keys[row], values[row])
+    rows = torch.tensor(query_rows)
+    positions = torch.tensor([lengths[r] - 1 for r in query_rows])
+    q = torch.randn(len(query_rows), heads, dim)
+    groups_of = row_groups(rows)
+    assert groups_of.one_per_row and (groups_of.first_row is not None) == (query_rows != [0, 2])
+    out = cache.attend(q, rows, positions, None, groups_of)
+    for i, row in enumerate(query_rows):
+        k = keys[row].repeat_interleave(heads // groups, dim=1).transpose(0, 1)
+        v = values[row].repeat_interleave(heads // groups, dim=1).transpose(0, 1)
+        ref = F.scaled_dot_product_attention(q[i].unsqueeze(1), k, v).squeeze(1)
+        torch.testing.assert_close(out[i], ref, atol=1e-6, rtol=1e-5)
 
 
 def test_overflow_is_one_clear_error():

@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kv-slots", default="capacity", choices=("capacity", "full"),
                         help="MoR recursion caches sized by capacity (static saving) or full length")
     parser.add_argument("--capacity-margin", type=float, default=1.0)
-    parser.add_argument("--batch", type=int, default=8, help="fixed batch (sequences in flight)")
+    parser.add_argument("--batch", type=int, default=32, help="fixed batch (sequences in flight; the paper: 32)")
     parser.add_argument("--requests", type=int, default=0, help="requests at the fixed batch (default 2 x batch)")
     parser.add_argument("--memory-budget-mib", type=float, default=64.0, help="weights + KV caches")
     parser.add_argument("--max-batch-cap", type=int, default=128, help="upper bound on the budget batch")

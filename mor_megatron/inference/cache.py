@@ -105,6 +105,7 @@ class StaticKVCache:
         self.v = torch.zeros_like(self.k)
         self.positions = torch.zeros(max_batch, slots, dtype=torch.long, device=device)
         self.lengths = torch.zeros(max_batch, dtype=torch.long, device=device)
+        self.entries = 0  # sum of `lengths`, kept on the host: memory reports read no device tensor
         # bytes of K plus V for one token (the reports count K/V; the position index, 8 bytes
         # per slot, is bookkeeping)
         self.entry_bytes = 2 * kv_heads * head_dim * self.k.element_size()
@@ -115,13 +116,15 @@ class StaticKVCache:
 
     @property
     def used_bytes(self) -> int:
-        return int(self.lengths.sum()) * self.entry_bytes
+        return self.entries * self.entry_bytes
 
     def reset(self, rows: Optional[Tensor] = None) -> None:
         """Forget the entries of `rows` (all rows when None)."""
         if rows is None:
             self.lengths.zero_()
+            self.entries = 0
         else:
+            self.entries -= int(self.lengths[rows].sum())
             self.lengths[rows] = 0
 
     def append(
@@ -142,6 +145,7 @@ class StaticKVCache:
         self.v[rows, slot] = value.to(self.v.dtype)
         self.positions[rows, slot] = positions
         self.lengths.index_add_(0, rows, torch.ones_like(rows))
+        self.entries += rows.numel()
 
     def attend(
         self, query: Tensor, rows: Tensor, positions: Tensor, scale: Optional[float],

@@ -84,6 +84,16 @@ class _Tokens:
         pick = lambda t: None if t is None else t[index]  # noqa: E731
         return _Tokens(*(pick(getattr(self, name)) for name in _FIELDS))
 
+    def split(self, mask: Tensor) -> tuple[Optional["_Tokens"], Optional["_Tokens"]]:
+        """(the tokens where `mask`, the others); None for an empty side, and no copies when
+        one side is empty (the common case in a decode tick)."""
+        chosen = int(mask.sum())
+        if chosen == self.count:
+            return self, None
+        if chosen == 0:
+            return None, self
+        return self.take(mask), self.take(~mask)
+
     @property
     def count(self) -> int:
         return self.rows.numel()
@@ -257,8 +267,9 @@ class Engine:
         elif stages.router == "expert_choice":
             routed = stages.expert_route(0, hidden, batch)
             fresh.gate = routed.gate
-            self.pool = _cat([self.pool, fresh.take(routed.keep)])
-            self.exited = _cat([self.exited, fresh.take(~routed.keep)])
+            recursing, done = fresh.split(routed.keep)
+            self.pool = _cat([self.pool, recursing])
+            self.exited = _cat([self.exited, done])
         else:
             depth, gate = stages.token_route(hidden, batch)
             fresh.gate, fresh.h1, fresh.depth = gate, hidden, depth
@@ -291,9 +302,7 @@ class Engine:
         pool = self.pool
         if pool is None or pool.count == 0:
             return
-        chosen = self._pick(pool)
-        waiting = pool.take(~chosen)
-        run = pool.take(chosen)
+        run, waiting = pool.split(self._pick(pool))
         stages = self.stages
         batch = stages.batch(run.rows, run.positions)
         out = stages.block(run.hidden, batch, run.step)
@@ -305,22 +314,26 @@ class Engine:
         last = stages.num_recursions
         if stages.router == "expert_choice":
             run.hidden = run.hidden + run.gate.view(-1, 1, 1) * out
-            keep = torch.zeros_like(nxt, dtype=torch.bool)
-            for step in [int(s) for s in torch.unique(nxt) if int(s) < last]:
-                index = (nxt == step).nonzero().squeeze(1)
-                routed = stages.expert_route(step, run.hidden[index], batch.select(index))
-                keep[index] = routed.keep
-                run.gate[index] = routed.gate
+            steps = [int(s) for s in torch.unique(nxt)]
+            if len(steps) == 1 and steps[0] < last:  # every token at one step: route them at once
+                routed = stages.expert_route(steps[0], run.hidden, batch)
+                keep, run.gate = routed.keep, routed.gate
+            else:
+                keep = torch.zeros_like(nxt, dtype=torch.bool)
+                for step in [s for s in steps if s < last]:
+                    index = (nxt == step).nonzero().squeeze(1)
+                    routed = stages.expert_route(step, run.hidden[index], batch.select(index))
+                    keep[index] = routed.keep
+                    run.gate[index] = routed.gate
             run.step = nxt
-            leaving = run.take(~keep)
-            staying = run.take(keep)
+            staying, leaving = run.split(keep)
         else:
             run.hidden = out
             keep = (run.depth >= nxt) & (nxt < last)
             run.step = nxt
-            staying = run.take(keep)
-            leaving = run.take(~keep)
-            leaving.hidden = leaving.h1 + leaving.gate.view(-1, 1, 1) * leaving.hidden
+            staying, leaving = run.split(keep)
+            if leaving is not None:
+                leaving.hidden = leaving.h1 + leaving.gate.view(-1, 1, 1) * leaving.hidden
         self.pool = _cat([waiting, staying])
         self.exited = _cat([self.exited, leaving])
 
@@ -333,8 +346,7 @@ class Engine:
             ready = ~torch.isin(exited.rows, self.pool.rows)
         if not bool(ready.any()):
             return []
-        done = exited.take(ready)
-        self.exited = exited.take(~ready)
+        done, self.exited = exited.split(ready)
         stages = self.stages
         batch = stages.batch(done.rows, done.positions)
         hidden = stages.run_units(stages.suffix, done.hidden, batch)
