@@ -12,7 +12,9 @@ greedy, a fixed number of new tokens (no early stop), through `mor_megatron.infe
 1. at a fixed batch (`--batch` sequences in flight);
 2. at the largest batch whose weights + static KV caches fit `--memory-budget-mib` (MoR caches
    are sized by capacity, so they are smaller and the batch grows).
-Throughput ratios against vanilla are measured in this one run. Routing of the randomly
+Throughput ratios against vanilla are measured in this one run: every model is timed `--repeats`
+times in round-robin order and its median run counts. `layers/tok` is the compute the engine did,
+in layer passes per token fed (vanilla: L; MoR: its unique layers plus the block once per step). Routing of the randomly
 initialised MoR models: `--routing capacity` (default) forces depth Nr - (position mod Nr), which
 realises the default capacities exactly, as a trained router does on average; `--routing router`
 uses the untrained routers' threshold decisions. Finally the vanilla engine and transformers'
