@@ -89,18 +89,24 @@ def test_missing_pointer_target_and_missing_rank_file(expert_setup, tmp_path):
     assert tree_digest(checkpoints) == before
 
 
-def test_checkpoint_of_another_model_is_refused_before_loading(expert_setup, tmp_path):
+def _refused_on_a_copy(expert_setup, run_dir, overrides: list[str]) -> str:
+    """Relaunch a copy of the reference run with `overrides`: it must stop with one error line
+    (returned) and leave the copied checkpoints byte for byte as they were."""
     import shutil
 
-    config, overrides, reference, _ = expert_setup
-    run_dir = tmp_path / "other"
+    config, _, reference, _ = expert_setup
     shutil.copytree(reference, run_dir)
     before = tree_digest(run_dir / "checkpoints")
-    result = launch(config, run_dir, ["model.ffn_hidden_size=96", "training.train_steps=6"], check=False)
+    result = launch(config, run_dir, overrides, check=False)
     line = one_error_line(result.returncode, result.stdout, result.stderr)
+    assert tree_digest(run_dir / "checkpoints") == before
+    return line
+
+
+def test_checkpoint_of_another_model_is_refused_before_loading(expert_setup, tmp_path):
+    line = _refused_on_a_copy(expert_setup, tmp_path / "other", ["model.ffn_hidden_size=96", "training.train_steps=6"])
     assert "holds another model (ffn_hidden_size 128 in the checkpoint, 96 in the config)" in line
     assert "training.save_dir" in line
-    assert tree_digest(run_dir / "checkpoints") == before
 
 
 def test_init_weights_of_another_shape_are_refused_before_loading(expert_setup, parallel):
@@ -127,13 +133,5 @@ def test_init_weights_of_another_shape_are_refused_before_loading(expert_setup, 
 def test_zero3_resume_at_another_layout_is_refused(expert_setup, tmp_path):
     """A layout change is loaded through the layout-free copy, which ZeRO-3 cannot take: one line
     naming both ways out, and the checkpoint untouched."""
-    import shutil
-
-    config, _, reference, _ = expert_setup
-    run_dir = tmp_path / "zero3"
-    shutil.copytree(reference, run_dir)
-    before = tree_digest(run_dir / "checkpoints")
-    result = launch(config, run_dir, ["training.zero_stage=3", "training.train_steps=6"], check=False)
-    line = one_error_line(result.returncode, result.stdout, result.stderr)
+    line = _refused_on_a_copy(expert_setup, tmp_path / "zero3", ["training.zero_stage=3", "training.train_steps=6"])
     assert "resuming at another layout is supported for ZeRO stages 0-2" in line and "zero_stage 1 or 2" in line
-    assert tree_digest(run_dir / "checkpoints") == before

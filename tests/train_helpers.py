@@ -83,7 +83,7 @@ def one_error_line(rc: int, out: str, err: str, phrase: str = "", prefix: str = 
     """Assert a failed command printed exactly one non-empty error line (starting with `prefix`,
     containing `phrase`), no traceback, and exited with `code`; returns the line."""
     assert rc == code, (rc, out[-2000:], err[-3000:])
-    lines = [line for line in err.splitlines() if line.strip()]
+    lines = err.splitlines()
     assert len(lines) == 1 and lines[0].startswith(prefix) and lines[0][len(prefix):].strip(), err[-3000:]
     assert phrase in lines[0], lines[0]
     assert "Traceback" not in out + err
