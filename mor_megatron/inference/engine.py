@@ -309,12 +309,13 @@ class Engine:
         self.stats.block_calls += 1
         self.stats.block_tokens += run.count
         self.stats.layer_tokens += run.count * len(stages.plan.block)
-        self.stats.mixed_depth_calls += int(torch.unique(run.step).numel() > 1)
+        present = [int(s) for s in torch.unique(run.step)]  # the recursion steps this call ran
+        self.stats.mixed_depth_calls += int(len(present) > 1)
         nxt = run.step + 1
         last = stages.num_recursions
         if stages.router == "expert_choice":
             run.hidden = run.hidden + run.gate.view(-1, 1, 1) * out
-            steps = [int(s) for s in torch.unique(nxt)]
+            steps = [s + 1 for s in present]  # the steps the tokens are routed for next
             if len(steps) == 1 and steps[0] < last:  # every token at one step: route them at once
                 routed = stages.expert_route(steps[0], run.hidden, batch)
                 keep, run.gate = routed.keep, routed.gate
