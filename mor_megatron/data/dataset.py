@@ -65,8 +65,9 @@ def _batch(rows: list[np.ndarray]) -> dict[str, torch.Tensor]:
     return {
         "tokens": tokens,
         "labels": labels,
-        "loss_mask": torch.ones(b, s, dtype=torch.float32),
-        "position_ids": torch.arange(s, dtype=torch.int64).expand(b, s).contiguous(),
+        # host: batches are built on the host; the step moves each once (`device.to_device`)
+        "loss_mask": torch.ones(b, s, dtype=torch.float32),  # host: as above
+        "position_ids": torch.arange(s, dtype=torch.int64).expand(b, s).contiguous(),  # host: as above
     }
 
 

@@ -241,7 +241,7 @@ class MoRDecoder(TransformerBlock):
             self.config.token_choice_capacity_factor * self.config.capacities[step] * active.numel()
         )
         assigned = int(active.sum())
-        out.drop_rate.append(torch.tensor(max(0, assigned - limit) / max(1, assigned)))
+        out.drop_rate.append(torch.tensor(max(0, assigned - limit) / max(1, assigned), device=active.device))
         if assigned <= limit:
             return active, state.depth
         score = state.gate.detach().masked_fill(~active, float("-inf")).reshape(-1)

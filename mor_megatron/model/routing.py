@@ -147,7 +147,8 @@ def expert_choice_losses(
     """
     cand_logits = logits[candidates]
     target = selected[candidates].to(logits.dtype)
-    count, dp_size = _global_count(torch.tensor(float(cand_logits.numel())), dp_group)
+    count = torch.tensor(float(cand_logits.numel()), device=cand_logits.device)
+    count, dp_size = _global_count(count, dp_group)
     norm = dp_size / count.clamp(min=1.0)
     bce = F.binary_cross_entropy_with_logits
     losses = {"bce": bce(cand_logits, target, reduction="sum") * norm}

@@ -1,13 +1,16 @@
-"""Make megatron-core's CUDA hard-codes run on CPU (gloo). Applied only when no CUDA device exists.
+"""Make megatron-core's CUDA hard-codes run where the compute device is not CUDA (the CPU, or
+another device named by `MOR_DEVICE`, such as the tests' fake GPU). Never applied on CUDA.
 
 Three shims, named as in the project's platform notes:
-  P  `torch.cuda.current_device()` answers the CPU device and `torch.cuda.synchronize()` does nothing
-     (RoPE's `RotaryEmbedding.get_emb`, p2p receive buffers, dist-checkpointing save).
-  M  a `TorchFunctionMode` that maps `device="cuda"` arguments to CPU and makes `.cuda()` a no-op
-     (pipeline schedules allocate `torch.zeros(..., device="cuda")` even at PP=1).
-  R  a CPU RNG tracker in place of megatron's `CudaRNGStatesTracker` (seeding, dropout, recompute).
+  P  `torch.cuda.current_device()` answers the compute device and `torch.cuda.synchronize()` does
+     nothing (RoPE's `RotaryEmbedding.get_emb`, p2p receive buffers, dist-checkpointing save).
+  M  a `TorchFunctionMode` that maps `device="cuda"` arguments to the compute device and makes
+     `.cuda()` a move there (pipeline schedules allocate `torch.zeros(..., device="cuda")` even at
+     PP=1).
+  R  a CPU RNG tracker in place of megatron's `CudaRNGStatesTracker` (seeding, dropout, recompute):
+     the CPU and the fake device draw from the CPU generator.
 
-On a machine with CUDA `apply_cpu_shims()` does nothing: GPU runs must never see these patches.
+When the compute device is CUDA `apply_cpu_shims()` does nothing: GPU runs must never see these.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import contextlib
 import torch
 from megatron.core.tensor_parallel.random import CudaRNGStatesTracker
 from torch.overrides import TorchFunctionMode
+
+from mor_megatron.device import compute_device
 
 _MODE = None  # shim M once installed: also the "shims applied" flag
 
@@ -29,18 +34,22 @@ def _is_cuda_device(device: object) -> bool:
     return False
 
 
-class _CudaToCpuMode(TorchFunctionMode):
-    """Shim M: redirect tensor creation on 'cuda' to CPU and make `.cuda()` an identity."""
+class _CudaToComputeDeviceMode(TorchFunctionMode):
+    """Shim M: redirect tensor creation on 'cuda' to the compute device; `.cuda()` moves there."""
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__()
+        self.device = device
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func is torch.Tensor.cuda:
-            return args[0]
+            return args[0].to(self.device)
         if not kwargs:
             kwargs = {}
         elif _is_cuda_device(kwargs.get("device")):
-            kwargs = dict(kwargs, device="cpu")
+            kwargs = dict(kwargs, device=self.device)
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
-            return args[0] if len(args) == 2 else func(args[0], "cpu", *args[2:], **kwargs)
+            return func(args[0], self.device, *args[2:], **kwargs)
         return func(*args, **kwargs)
 
 
@@ -85,17 +94,18 @@ def shim_m_suspended():
 
 
 def apply_cpu_shims() -> bool:
-    """Install shims P, M and R once if no CUDA device is present. Returns True when installed."""
+    """Install shims P, M and R once unless the compute device is CUDA. Returns True when installed."""
     global _MODE
-    if torch.cuda.is_available():
+    device = compute_device()
+    if device.type == "cuda":
         return False
     if _MODE is not None:
         return True
     from megatron.core.tensor_parallel import random as mcore_random
 
-    torch.cuda.current_device = lambda: torch.device("cpu")  # P
+    torch.cuda.current_device = lambda: device  # P
     torch.cuda.synchronize = lambda *args, **kwargs: None  # P
-    _MODE = _CudaToCpuMode()
+    _MODE = _CudaToComputeDeviceMode(device)
     _MODE.__enter__()  # M: stays entered for the life of the process
 
     tracker = CpuRNGStatesTracker()  # R

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
+from mor_megatron.device import bind_device, process_group_backend
 from mor_megatron.errors import UserError
 from mor_megatron.parallel.cpu_shims import apply_cpu_shims
 
@@ -21,17 +22,17 @@ def initialize_parallel(
     pipeline_model_parallel_size: int = 1,
     seed: int = 1234,
 ) -> None:
-    """Start torch.distributed (gloo on CPU, nccl on GPU) and megatron-core's parallel state.
+    """Start torch.distributed (the compute device's backend: nccl on GPU, gloo on CPU, see
+    `mor_megatron.device`) and megatron-core's parallel state.
 
     Under torchrun the rendezvous comes from the environment; a plain `python` process becomes a
     world of one over an in-memory store. Safe to call again: an existing setup is reused when the
     sizes agree.
     """
+    bind_device()  # before the first CUDA allocation (NCCL's communicator included)
     apply_cpu_shims()
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        backend = process_group_backend()
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world > 1:
             missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]

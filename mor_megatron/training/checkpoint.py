@@ -49,6 +49,7 @@ from megatron.core.dist_checkpointing.optimizer import (
     make_sharded_optimizer_tensor,
 )
 
+from mor_megatron.device import collective_device, compute_device
 from mor_megatron.errors import UserError
 from mor_megatron.training import faults
 from mor_megatron.training.engine import sync_learning_rate
@@ -167,7 +168,7 @@ def _link_zero_states(engine, step: Optional[int] = None) -> None:
     if step is not None:
         for flat in zero.single_partition_of_fp32_groups:
             state = zero.optimizer.state[flat]
-            state["step"] = torch.tensor(float(step))
+            state["step"] = torch.tensor(float(step))  # host: torch AdamW keeps `step` on the CPU (not fused/capturable)
             for key in ADAM_STATES:
                 state.setdefault(key, torch.zeros_like(flat))
     zero._hp_optimizer_states_linked = False
@@ -204,7 +205,7 @@ def universal_state(engine, model, with_values: bool = True) -> dict:
             if with_values:
                 value = _fp32(engine, param) if key == "fp32_param" else _get_state(engine, param, key)
             else:
-                value = torch.empty(param.shape, dtype=torch.float32)
+                value = torch.empty(param.shape, dtype=torch.float32)  # host: load buffer, copied into the optimizer
             optimizer[f"{key}.{index}"] = make_sharded_optimizer_tensor(sharded, value.float(), f"optimizer.{key}")
     return {"model": model_state, "optimizer": optimizer}
 
@@ -233,7 +234,7 @@ def _load_universal(engine, model, directory: Path, step: int) -> None:
             with torch.no_grad():
                 param.copy_(values["fp32_param"])
             engine.basic_optimizer.state[param] = {
-                "step": torch.tensor(float(step)),
+                "step": torch.tensor(float(step)),  # host: torch AdamW keeps `step` on the CPU
                 **{key: values[key].clone() for key in ADAM_STATES},
             }
     for state in engine.basic_optimizer.state.values():
@@ -252,7 +253,8 @@ def _barrier() -> None:
 def _rng_state() -> dict:
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # this rank's own GPU only: a resume may see another number of GPUs per process
+        "cuda": torch.cuda.get_rng_state() if compute_device().type == "cuda" else None,
         "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
     }
 
@@ -327,7 +329,7 @@ def save_checkpoint(engine, model, state: TrainState, save_dir: str, config: dic
 def _stop_if_any_write_failed(failure: Optional[Exception], partial: Path, root: Path, step: int) -> None:
     """All ranks agree whether the save failed; if so the partial directory goes (freeing its
     space) and every rank raises the same one-line error."""
-    flag = torch.tensor([1.0 if failure is not None else 0.0])
+    flag = torch.tensor([1.0 if failure is not None else 0.0], device=collective_device())
     if dist.is_initialized():
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     if not flag.item():
@@ -395,8 +397,9 @@ def load_checkpoint(engine, model, directory: Path, log=print) -> TrainState:
 
 def _restore_rng(saved: dict) -> None:
     torch.set_rng_state(saved["torch"])
-    if torch.cuda.is_available() and saved["cuda"]:
-        torch.cuda.set_rng_state_all(saved["cuda"])
+    cuda = saved.get("cuda")  # a CPU run's checkpoint has none (older ones: an empty list)
+    if isinstance(cuda, torch.Tensor) and compute_device().type == "cuda":
+        torch.cuda.set_rng_state(cuda)
     tensor_parallel.get_cuda_rng_tracker().set_states(saved["tracker"])
 
 

@@ -15,6 +15,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from mor_megatron.config import MoRConfig
 from mor_megatron.data import PretrainingBatches, ValidationBatches
+from mor_megatron.device import collective_device, compute_device
 from mor_megatron.errors import UserError
 from mor_megatron.model import MoRGPTModel
 from mor_megatron.model.units import extra_channels
@@ -35,7 +36,7 @@ from mor_megatron.training.config import RunConfig, check_data, check_layout, ru
 from mor_megatron.training.engine import build_engine, use_bf16
 from mor_megatron.training.fp8 import check_fp8_supported, refresh_fp8_weight_cache
 from mor_megatron.training.metrics import MetricsWriter, peak_tflops, router_metrics
-from mor_megatron.training.step import lm_loss, position_ids, train_step
+from mor_megatron.training.step import broadcast_from_last_stage, dp_mean, forward_batch, lm_loss, train_step
 
 
 class TrainingError(UserError, RuntimeError):
@@ -87,18 +88,15 @@ def evaluate(engine, batches: ValidationBatches, stages: list) -> float:
     with torch.no_grad():
         if parallel_state.get_pipeline_model_parallel_world_size() == 1:
             for batch in batches:
-                tokens = batch["tokens"]
-                per_token = model(tokens, position_ids(tokens), None, labels=batch["labels"])
-                losses.append(lm_loss(per_token, batch["loss_mask"]))
+                losses.append(lm_loss(*forward_batch(model, batch)))
         else:
             items = list(batches)
 
             def forward_step(iterator, module):
-                batch = next(iterator)
-                out = module(batch["tokens"], position_ids(batch["tokens"]), None, labels=batch["labels"])
+                out, loss_mask = forward_batch(module, next(iterator))
 
                 def loss_func(per_token):
-                    loss = lm_loss(per_token, batch["loss_mask"])
+                    loss = lm_loss(per_token, loss_mask)
                     losses.append(loss.detach().clone())
                     return loss, {}
 
@@ -113,14 +111,8 @@ def evaluate(engine, batches: ValidationBatches, stages: list) -> float:
                 adjust_tensor_shapes_fn=lambda recv, send: (shape, shape),
             )
     model.train()
-    total = torch.stack(losses).mean() if losses else torch.zeros(())
-    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        dist.broadcast(total, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                       group=parallel_state.get_pipeline_model_parallel_group())
-    if parallel_state.get_data_parallel_world_size() > 1:
-        dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
-        total /= parallel_state.get_data_parallel_world_size()
-    return float(total)
+    total = torch.stack(losses).mean() if losses else torch.zeros((), device=compute_device())
+    return float(dp_mean(broadcast_from_last_stage(total)))
 
 
 class _Preemption:
@@ -135,7 +127,7 @@ class _Preemption:
 
     def agreed(self) -> bool:
         """Every rank must stop at the same step: any rank's signal counts for all."""
-        flag = torch.tensor([1.0 if self.requested else 0.0])
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=collective_device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from mor_megatron.device import collective_device, compute_device
 from mor_megatron.model.routing import RouterOutput
 
 # Dense bf16 peak TFLOP/s per GPU, for MFU when logging.peak_tflops is not given.
@@ -37,7 +38,7 @@ def _reduce_over_data_parallel(values: dict[str, float]) -> dict[str, float]:
         return values
     group = parallel_state.get_data_parallel_group()
     keys = sorted(values)
-    local = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    local = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=collective_device(group))
     mean, low, high = local.clone(), local.clone(), local.clone()
     dist.all_reduce(mean, group=group)
     dist.all_reduce(low, op=dist.ReduceOp.MIN, group=group)
@@ -52,7 +53,7 @@ def _reduce_over_data_parallel(values: dict[str, float]) -> dict[str, float]:
 
 def dense_matmul_tflops(size: int = 1024, repeats: int = 5) -> float:
     """Measured dense fp32 `torch.mm` TFLOP/s on this CPU (the MFU reference without a GPU)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    a, b = torch.randn(size, size), torch.randn(size, size)  # host: probes the CPU's own peak
     torch.mm(a, b)
     start = time.perf_counter()
     for _ in range(repeats):
@@ -64,8 +65,8 @@ def peak_tflops(configured: Optional[float]) -> Optional[float]:
     """Peak per device for MFU: configured, a GPU table entry, or a CPU matmul probe."""
     if configured:
         return configured
-    if torch.cuda.is_available():
-        name = torch.cuda.get_device_name()
+    if compute_device().type == "cuda":
+        name = torch.cuda.get_device_name(compute_device())
         return next((v for k, v in GPU_PEAK_TFLOPS.items() if k in name), None)
     return dense_matmul_tflops()
 

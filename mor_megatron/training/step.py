@@ -18,6 +18,7 @@ from deepspeed.runtime.utils import clip_grad_norm_
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from torch import Tensor
 
+from mor_megatron.device import collective_device, compute_device, to_device
 from mor_megatron.model.routing import RouterOutput
 from mor_megatron.model.units import extra_channels, Unit
 from mor_megatron.parallel.replicas import sync_replica_grads
@@ -45,19 +46,30 @@ def lm_loss(per_token: Tensor, loss_mask: Tensor) -> Tensor:
     return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-def _broadcast_from_last_stage(value: Tensor) -> Tensor:
+def forward_batch(module, batch: dict) -> tuple[Tensor, Tensor]:
+    """(per-token LM loss, loss mask) of one host micro-batch: the one place a batch moves to the
+    compute device (training and evaluation, pipelined or not)."""
+    batch = to_device(batch)
+    tokens = batch["tokens"]
+    return module(tokens, position_ids(tokens), None, labels=batch["labels"]), batch["loss_mask"]
+
+
+def broadcast_from_last_stage(value: Tensor) -> Tensor:
     """Pipeline stages other than the last have no loss: give them the last stage's."""
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         return value
     group = parallel_state.get_pipeline_model_parallel_group()
     last = parallel_state.get_pipeline_model_parallel_last_rank()
+    value = value.to(collective_device(group))
     dist.broadcast(value, src=last, group=group)
     return value
 
 
-def _dp_mean(value: Tensor) -> Tensor:
+def dp_mean(value: Tensor) -> Tensor:
     if parallel_state.get_data_parallel_world_size() > 1:
-        dist.all_reduce(value, group=parallel_state.get_data_parallel_group())
+        group = parallel_state.get_data_parallel_group()
+        value = value.to(collective_device(group))
+        dist.all_reduce(value, group=group)
         value /= parallel_state.get_data_parallel_world_size()
     return value
 
@@ -67,19 +79,19 @@ def _first_bad_microbatch(losses: list[Tensor], count: int) -> Optional[tuple[in
     rank; `losses` is empty on pipeline stages before the last, which learn it from the last."""
     none = float(parallel_state.get_data_parallel_world_size() * count)
     index = next((i for i, loss in enumerate(losses) if not torch.isfinite(loss).all()), None)
-    code = torch.tensor([none if index is None else float(parallel_state.get_data_parallel_rank() * count + index)])
+    group = parallel_state.get_data_parallel_group()
+    code = torch.tensor([none if index is None else float(parallel_state.get_data_parallel_rank() * count + index)],
+                        device=collective_device(group))
     if parallel_state.get_data_parallel_world_size() > 1:
-        dist.all_reduce(code, op=dist.ReduceOp.MIN, group=parallel_state.get_data_parallel_group())
-    code = int(_broadcast_from_last_stage(code).item())
+        dist.all_reduce(code, op=dist.ReduceOp.MIN, group=group)
+    code = int(broadcast_from_last_stage(code).item())
     return None if code >= none else divmod(code, count)
 
 
 def _unpipelined(engine, batches: list[dict]) -> tuple[list[Tensor], list[RouterOutput], Optional[float]]:
     model, losses, routers, norm = engine.module, [], [], None
     for index, batch in enumerate(batches):
-        tokens = batch["tokens"]
-        per_token = engine(tokens, position_ids(tokens), None, labels=batch["labels"])
-        loss = lm_loss(per_token, batch["loss_mask"])
+        loss = lm_loss(*forward_batch(engine, batch))
         engine.backward(loss)  # DeepSpeed divides by the accumulation steps
         if index == len(batches) - 1 and not engine.zero_optimization():
             # without ZeRO DeepSpeed clips but does not keep the norm: measure it the same way
@@ -99,14 +111,12 @@ def _pipelined(
     routers: list[RouterOutput] = []
 
     def forward_step(iterator: Iterator[dict], module):
-        batch = next(iterator)
-        tokens = batch["tokens"]
-        output = module(tokens, position_ids(tokens), None, labels=batch["labels"])
+        output, loss_mask = forward_batch(module, next(iterator))
         if module.router_output is not None:
             routers.append(module.router_output)
 
         def loss_func(per_token: Tensor):
-            loss = lm_loss(per_token, batch["loss_mask"])
+            loss = lm_loss(per_token, loss_mask)
             losses.append(loss.detach().clone())  # the schedule divides `loss` in place
             return loss, {"lm loss": losses[-1]}
 
@@ -137,7 +147,7 @@ def train_step(engine, batches: list[dict], stages: Optional[list[list[Unit]]] =
     then skips the update and drops the gradients; the result says so (`finite=False`) so the
     caller can count consecutive failures.
     """
-    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / len(batches)))
+    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / len(batches), device=compute_device()))
     if engine.module.config.fp8:  # requantize the FP8 weight cache from this step's weights
         refresh_fp8_weight_cache(engine)
     lr = _current_lr(engine)
@@ -145,8 +155,8 @@ def train_step(engine, batches: list[dict], stages: Optional[list[list[Unit]]] =
         losses, routers, norm = _pipelined(engine, batches, stages)
     else:
         losses, routers, norm = _unpipelined(engine, batches)
-    loss = torch.stack(losses).mean() if losses else torch.zeros(())
-    loss = float(_dp_mean(_broadcast_from_last_stage(loss)))
+    loss = torch.stack(losses).mean() if losses else torch.zeros((), device=compute_device())
+    loss = float(dp_mean(broadcast_from_last_stage(loss)))
     if norm is None:
         norm = engine.get_global_grad_norm()
         norm = float(norm) if norm is not None else float("nan")
