@@ -33,6 +33,10 @@ Other environment:
   MOR_ENTRY     python module torchrun runs [mor_megatron.pretrain]
   DS_ACCELERATOR  set to cpu when no GPU is found (DeepSpeed otherwise looks for CUDA)
   TORCH_ELASTIC_SHUTDOWN_TIMEOUT  seconds workers get after SIGTERM (checkpoint) before SIGKILL [60]
+  MOR_DEVICE, MOR_DIST_BACKEND    compute device / process-group backend (mor_megatron/device.py)
+                                  [cuda:LOCAL_RANK and nccl on GPUs, cpu and gloo otherwise]
+  On GPU nodes these default when unset: TORCH_NCCL_ASYNC_ERROR_HANDLING=1, NCCL_IB_TIMEOUT=22,
+  NCCL_IB_RETRY_CNT=7, NCCL_DEBUG=WARN, CUDA_DEVICE_MAX_CONNECTIONS=1.
 
 Security: the rendezvous endpoint is never 0.0.0.0/::; it is the address you name or this node's
 own address. torch's TCP store still listens on the port on all interfaces of node rank 0 (a torch
@@ -156,6 +160,14 @@ fi
 # No GPU: DeepSpeed must not probe for CUDA.
 if [ "$GPUS" -eq 0 ] && [ -z "${DS_ACCELERATOR:-}" ]; then
     export DS_ACCELERATOR=cpu
+fi
+# GPU nodes: NCCL defaults (exported values win), the same for one node and for SLURM jobs.
+if [ "$GPUS" -gt 0 ]; then
+    export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"  # a failed rank aborts the job instead of hanging it
+    export NCCL_IB_TIMEOUT="${NCCL_IB_TIMEOUT:-22}"        # tolerate transient InfiniBand stalls
+    export NCCL_IB_RETRY_CNT="${NCCL_IB_RETRY_CNT:-7}"
+    export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
+    export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"  # megatron-core's TP/SP overlap needs ordered kernels
 fi
 # Workers get this long after SIGTERM (they write a checkpoint) before torchrun kills them.
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-60}"

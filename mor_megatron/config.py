@@ -11,10 +11,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from mor_megatron.device import compute_device
 from mor_megatron.errors import UserError
 from mor_megatron.sharing import (
     ROUTABLE_STRATEGIES,
@@ -56,7 +56,8 @@ class MoRConfig(TransformerConfig):
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     layernorm_epsilon: float = 1e-5
-    use_cpu_initialization: bool = field(default_factory=lambda: not torch.cuda.is_available())
+    # on GPUs megatron initialises its weights on the device (no host copy of a large model)
+    use_cpu_initialization: bool = field(default_factory=lambda: compute_device().type != "cuda")
 
     # Language model.
     vocab_size: int = 49152

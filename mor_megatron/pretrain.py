@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
     if not args.debug:
         warnings.filterwarnings("ignore")
-    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if _computes_on_cuda() else "cpu")
     from mor_megatron.errors import UserError, run_cli
 
     def train() -> None:
@@ -39,10 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     return run_cli(train, args.debug)
 
 
-def _has_cuda() -> bool:
-    import torch
+def _computes_on_cuda() -> bool:
+    from mor_megatron.device import compute_device
 
-    return torch.cuda.is_available()
+    return compute_device().type == "cuda"
 
 
 if __name__ == "__main__":

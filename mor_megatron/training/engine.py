@@ -19,6 +19,7 @@ import torch
 from megatron.core import parallel_state
 from torch import nn
 
+from mor_megatron.device import compute_device
 from mor_megatron.parallel.mpu import MegatronMpu
 from mor_megatron.training.config import TrainingConfig
 
@@ -72,10 +73,10 @@ def deepspeed_config(cfg: TrainingConfig, micro_batch_size: int, num_microbatche
 
 
 def use_bf16(cfg: TrainingConfig) -> bool:
-    """bf16 where asked, or by default where a GPU supports it; fp32 on CPU."""
+    """bf16 where asked, or by default where the compute GPU supports it; fp32 elsewhere."""
     if cfg.bf16 is not None:
         return cfg.bf16
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return compute_device().type == "cuda" and torch.cuda.is_bf16_supported()
 
 
 def build_engine(model: nn.Module, cfg: TrainingConfig, micro_batch_size: int, num_microbatches: int):

@@ -73,6 +73,9 @@ def build_model(run: RunConfig) -> tuple[MoRGPTModel, MoRConfig, list]:
         post_process=rank == len(stages) - 1,
         units=stages[rank],
     )
+    # onto the compute device before replicas are broadcast (collectives take device tensors);
+    # megatron's own GPU-initialised weights are there already
+    model.to(compute_device())
     setup_replicas(model, config, stages)
     mark_embedding_replica(model)
     return model, config, stages
