@@ -26,6 +26,8 @@ from typing import Mapping, Optional
 import torch
 import torch.distributed as dist
 
+from mor_megatron.errors import UserError
+
 
 def _local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
@@ -35,10 +37,18 @@ def compute_device() -> torch.device:
     """The device this process computes on."""
     named = os.environ.get("MOR_DEVICE")
     if named:
-        device = torch.device(named)
+        try:
+            device = torch.device(named)
+        except RuntimeError:
+            device = None
+        module = getattr(torch, device.type, None) if device is not None else None  # torch.cuda, ...
+        if device is None or (device.type != "cpu" and not hasattr(module, "device_count")):
+            raise UserError(
+                f"MOR_DEVICE={named} names no device of this torch: use cpu, cuda or cuda:N, or "
+                "register the device type first"
+            )
         if device.index is None and device.type != "cpu":
-            count = getattr(torch, device.type).device_count()  # torch.cuda / a registered device module
-            device = torch.device(device.type, _local_rank() % max(1, count))
+            device = torch.device(device.type, _local_rank() % max(1, module.device_count()))
         return device
     if torch.cuda.is_available():
         return torch.device("cuda", _local_rank())
@@ -51,8 +61,6 @@ def bind_device() -> torch.device:
     device = compute_device()
     if device.type == "cuda":
         if device.index >= torch.cuda.device_count():
-            from mor_megatron.errors import UserError
-
             raise UserError(
                 f"LOCAL_RANK {_local_rank()} asks for {device} but only {torch.cuda.device_count()} GPU(s) "
                 "are visible: launch at most that many processes per node (--nproc-per-node), or set "
@@ -70,8 +78,6 @@ def process_group_backend() -> str:
     device_type = compute_device().type
     backend = dist.Backend.default_device_backend_map.get(device_type)
     if backend is None:
-        from mor_megatron.errors import UserError
-
         raise UserError(
             f"no torch.distributed backend is registered for device type '{device_type}' "
             f"(MOR_DEVICE={os.environ.get('MOR_DEVICE')}): register one, or set MOR_DIST_BACKEND"

@@ -25,10 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
     if not args.debug:
         warnings.filterwarnings("ignore")
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if _computes_on_cuda() else "cpu")
     from mor_megatron.errors import UserError, run_cli
 
     def train() -> None:
+        # before DeepSpeed is first imported; inside run_cli so a bad MOR_DEVICE is one line
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if _computes_on_cuda() else "cpu")
         if not os.path.isfile(args.config):
             raise UserError(f"config file {args.config} not found: pass an existing YAML file (see configs/)")
         from mor_megatron.training.config import load_run_config

@@ -102,6 +102,12 @@ def test_torchrun_env_fallbacks_and_gpu_count(tmp_path: Path) -> None:
     out = _run(["bash", str(TORCHRUN_SH), "--dry-run", "--", "--config", "c.yaml"], _env(PATH=path))
     env, targs, _ = _parse(out.stdout.strip())
     assert _opts(targs)["--nproc-per-node"] == "4" and "DS_ACCELERATOR" not in env
+    # GPU nodes get the NCCL defaults (an exported value wins); CPU launches get none of them
+    assert env == {**env, "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "NCCL_IB_TIMEOUT": "22",
+                   "NCCL_IB_RETRY_CNT": "7", "NCCL_DEBUG": "WARN", "CUDA_DEVICE_MAX_CONNECTIONS": "1"}
+    out = _run(["bash", str(TORCHRUN_SH), "--dry-run", "--"], _env(PATH=path, NCCL_DEBUG="INFO"))
+    assert _parse(out.stdout.strip())[0]["NCCL_DEBUG"] == "INFO"
+    assert "NCCL_DEBUG" not in _parse(_dry(tmp_path, "--").stdout.strip())[0]
     out = _run(["bash", str(TORCHRUN_SH), "--dry-run", "--"], _env(PATH=path, CUDA_VISIBLE_DEVICES="2,3"))
     assert _opts(_parse(out.stdout.strip())[1])["--nproc-per-node"] == "2"
     # Environment instead of flags; a flag beats the environment.

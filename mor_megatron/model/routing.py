@@ -50,9 +50,10 @@ class RouterOutput:
     max_vio: Optional[Tensor] = None
 
     def metrics(self) -> dict[str, float]:
-        """Flat `router/...` scalars, recursion steps numbered from 1."""
-        out = {f"router/loss_{name}": float(value) for name, value in self.losses.items()}
-        out["router/aux_loss"] = float(self.aux_loss.detach())
+        """Flat `router/...` scalars, recursion steps numbered from 1. One device-to-host copy for
+        all of them (each `float(tensor)` on a GPU would be a synchronisation of its own)."""
+        named: dict[str, Tensor] = {f"router/loss_{name}": value for name, value in self.losses.items()}
+        named["router/aux_loss"] = self.aux_loss
         per_step = {
             "selected_tokens": self.selected_tokens,
             "sampling_accuracy": self.sampling_accuracy,
@@ -61,12 +62,13 @@ class RouterOutput:
         }
         for name, values in per_step.items():
             for step, value in enumerate(values, start=self.first_step + 1):
-                out[f"router/r{step}/{name}"] = float(value)
+                named[f"router/r{step}/{name}"] = value
         if self.depth_histogram is not None:
-            for depth, count in enumerate(self.depth_histogram.tolist(), start=1):
-                out[f"router/depth{depth}_tokens"] = float(count)
-            out["router/max_vio"] = float(self.max_vio)
-        return out
+            for depth, count in enumerate(self.depth_histogram, start=1):
+                named[f"router/depth{depth}_tokens"] = count
+            named["router/max_vio"] = self.max_vio
+        values = torch.stack([v.detach().reshape(()).to(torch.float64) for v in named.values()]).tolist()
+        return dict(zip(named, values))
 
 
 class ExpertChoiceRouter(nn.Module):

@@ -205,7 +205,9 @@ def universal_state(engine, model, with_values: bool = True) -> dict:
             if with_values:
                 value = _fp32(engine, param) if key == "fp32_param" else _get_state(engine, param, key)
             else:
-                value = torch.empty(param.shape, dtype=torch.float32)  # host: load buffer, copied into the optimizer
+                # on the parameter's device: eight ranks of a node holding fp32 weights and two
+                # moments each in host memory would need several times the model's size there
+                value = torch.empty(param.shape, dtype=torch.float32, device=param.device)
             optimizer[f"{key}.{index}"] = make_sharded_optimizer_tensor(sharded, value.float(), f"optimizer.{key}")
     return {"model": model_state, "optimizer": optimizer}
 
@@ -235,7 +237,7 @@ def _load_universal(engine, model, directory: Path, step: int) -> None:
                 param.copy_(values["fp32_param"])
             engine.basic_optimizer.state[param] = {
                 "step": torch.tensor(float(step)),  # host: torch AdamW keeps `step` on the CPU
-                **{key: values[key].clone() for key in ADAM_STATES},
+                **{key: values[key].to(param.device, copy=True) for key in ADAM_STATES},
             }
     for state in engine.basic_optimizer.state.values():
         if "step" in state:
