@@ -156,7 +156,8 @@ def _trained_params(model) -> list[torch.nn.Parameter]:
 
 
 def _link_zero_states(engine, step: Optional[int] = None) -> None:
-    """Make DeepSpeed's per-parameter views of the ZeRO-1/2 AdamW state cover every group.
+    """Make DeepSpeed's per-parameter views of the ZeRO-1/2 (or BF16_Optimizer) AdamW state cover
+    every group.
 
     DeepSpeed links them once, right after the first group's first update, so later groups are
     left out; relinking fixes that. With `step` (loading into a fresh engine) the flat states are
@@ -166,7 +167,10 @@ def _link_zero_states(engine, step: Optional[int] = None) -> None:
     if not hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
         return
     if step is not None:
-        for flat in zero.single_partition_of_fp32_groups:
+        # ZeRO-1/2's flat fp32 partitions; DeepSpeed's BF16_Optimizer (bf16 with fp32 gradient
+        # accumulation at ZeRO-1) names them differently
+        flats = getattr(zero, "single_partition_of_fp32_groups", None) or zero.fp32_groups_flat_partition
+        for flat in flats:
             state = zero.optimizer.state[flat]
             state["step"] = torch.tensor(float(step))  # host: torch AdamW keeps `step` on the CPU (not fused/capturable)
             for key in ADAM_STATES:
