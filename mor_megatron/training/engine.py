@@ -67,9 +67,10 @@ def deepspeed_config(cfg: TrainingConfig, micro_batch_size: int, num_microbatche
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if config["bf16"]["enabled"] and cfg.zero_stage == 1:
+    if config["bf16"]["enabled"] and cfg.zero_stage == 1 and not pipelined:
         # gradients summed over micro-batches in fp32, as megatron does (DeepSpeed's bf16 default
-        # accumulates in bf16); with ZeRO-1 DeepSpeed then runs its BF16_Optimizer
+        # accumulates in bf16); with ZeRO-1 DeepSpeed then runs its BF16_Optimizer. Not yet with
+        # pipeline parallelism, whose unmanaged accumulation is untested with that optimizer
         config["data_types"] = {"grad_accum_dtype": "fp32"}
     if pipelined:
         config["managed_gradient_accumulation"] = False
