@@ -90,3 +90,18 @@ def test_cuda_rng_state_survives_a_checkpoint_round_trip(monkeypatch):
     torch.rand(100, device="cuda")  # move the generator on
     _restore_rng(saved)
     assert torch.equal(torch.rand(4, device="cuda"), expected)
+
+
+def test_a_bad_mor_device_is_one_line_from_the_cli(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from train_helpers import one_error_line, repo_root
+
+    config = tmp_path / "run.yaml"
+    config.write_text("model: {}\n")
+    done = subprocess.run([sys.executable, "-m", "mor_megatron.pretrain", "--config", str(config)],
+                          capture_output=True, text=True, cwd=repo_root(), timeout=120,
+                          env=dict(os.environ, MOR_DEVICE="gpu"))
+    one_error_line(done.returncode, done.stdout, done.stderr, "MOR_DEVICE=gpu names no device of this torch")
