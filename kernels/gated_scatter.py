@@ -36,6 +36,7 @@ used by the tests) is honoured whenever it is set, even after import.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -225,6 +226,12 @@ def _use_fp64(*ts: torch.Tensor) -> bool:
     return any(t.dtype == torch.float64 for t in ts)
 
 
+def _on_device_of(t: torch.Tensor):
+    """Make `t`'s GPU current for a launch: Triton launches on the current CUDA device (and its
+    stream), whatever device the pointers it is handed live on."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
 def _fwd(hidden: torch.Tensor, index: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     s, b, d = hidden.shape
     k = index.shape[0]
@@ -238,10 +245,11 @@ def _fwd(hidden: torch.Tensor, index: torch.Tensor, gate: torch.Tensor, y: torch
     block_d = _block_d(d)
     fwd_kernel, _ = _kernels()
     grid = (s * b, triton.cdiv(d, block_d))
-    fwd_kernel[grid](
-        hidden, inv, gate, y, out, b, d,
-        BLOCK_D=block_d, IS_FP64=_use_fp64(hidden, gate, y), num_warps=_num_warps(block_d),
-    )
+    with _on_device_of(hidden):
+        fwd_kernel[grid](
+            hidden, inv, gate, y, out, b, d,
+            BLOCK_D=block_d, IS_FP64=_use_fp64(hidden, gate, y), num_warps=_num_warps(block_d),
+        )
     return out
 
 
@@ -255,10 +263,11 @@ def _bwd(
         return d_y, d_gate.zero_()
     block_d = _block_d(d)
     _, bwd_kernel = _kernels()
-    bwd_kernel[(k * b,)](
-        d_out, index, gate, y, d_y, d_gate, b, d,
-        BLOCK_D=block_d, IS_FP64=_use_fp64(d_out, gate, y), num_warps=_num_warps(block_d),
-    )
+    with _on_device_of(y):
+        bwd_kernel[(k * b,)](
+            d_out, index, gate, y, d_y, d_gate, b, d,
+            BLOCK_D=block_d, IS_FP64=_use_fp64(d_out, gate, y), num_warps=_num_warps(block_d),
+        )
     return d_y, d_gate
 
 

@@ -41,4 +41,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 if __name__ == "__main__":
     os.environ["CUDA_VISIBLE_DEVICES"] = ""  # conversion runs on CPU (gloo, CPU tensors) everywhere
+    os.environ["MOR_DEVICE"] = "cpu"  # a launcher's MOR_DEVICE=cuda:N would name a GPU hidden above
+    os.environ.pop("MOR_DIST_BACKEND", None)  # the CPU's backend (gloo), not a launcher's nccl
     sys.exit(main())

@@ -88,7 +88,8 @@ class MoRCache:
 class MoRRMSNorm(nn.Module):
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(size))
+        # torch's default device, as nn.Linear's weights: from_pretrained / .to() place them
+        self.weight = nn.Parameter(torch.ones(size))  # host: a parameter, made like nn.Linear's
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

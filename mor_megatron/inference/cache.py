@@ -42,9 +42,14 @@ def one_per_row(rows: Tensor) -> bool:
 
 def ranks_within_rows(rows: Tensor) -> Tensor:
     """For each token, how many tokens of the same row come before it in `rows` (stable)."""
-    count = rows.numel()
     if one_per_row(rows):
         return torch.zeros_like(rows)
+    return _ranks_in_order(rows)
+
+
+def _ranks_in_order(rows: Tensor) -> Tensor:
+    """`ranks_within_rows` by sorting (no device sync)."""
+    count = rows.numel()
     order = torch.argsort(rows, stable=True)
     ordered = rows[order]
     index = torch.arange(count, device=rows.device)
@@ -73,17 +78,26 @@ class RowGroups:
 
 
 def row_groups(rows: Tensor) -> RowGroups:
-    """Group `rows` (a plain decode tick, one token per row in order, skips the sorts)."""
+    """Group `rows` (a plain decode tick, one token per row in order, skips the sorts).
+
+    The host reads what it needs in one transfer: whether the rows are one per row in order, and
+    the first and last row (one device sync where there were three)."""
     count = rows.numel()
-    if one_per_row(rows):
-        first, last = (int(rows[0]), int(rows[-1])) if count else (0, -1)
+    if count == 0:
+        increasing, first, last = True, 0, -1
+    elif count == 1:
+        increasing, first = True, int(rows[0])
+        last = first
+    else:
+        increasing, first, last = torch.stack(((rows[1:] > rows[:-1]).all().to(rows.dtype), rows[0], rows[-1])).tolist()
+    if increasing:
         first_row = first if last - first == count - 1 else None
         return RowGroups(rows, torch.arange(count, device=rows.device), torch.zeros_like(rows), 1, True, first_row)
     unique, inverse = torch.unique(rows, return_inverse=True)
-    ranks = ranks_within_rows(rows)
-    first, last = int(unique[0]), int(unique[-1])
+    ranks = _ranks_in_order(rows)
+    first, last, top = torch.stack((unique[0], unique[-1], ranks.max())).tolist()
     first_row = first if last - first == unique.numel() - 1 else None
-    return RowGroups(unique, inverse, ranks, int(ranks.max()) + 1, False, first_row)
+    return RowGroups(unique, inverse, ranks, top + 1, False, first_row)
 
 
 class StaticKVCache:
@@ -118,25 +132,29 @@ class StaticKVCache:
     def used_bytes(self) -> int:
         return self.entries * self.entry_bytes
 
-    def reset(self, rows: Optional[Tensor] = None) -> None:
-        """Forget the entries of `rows` (all rows when None)."""
+    def reset(self, rows: Union[Tensor, slice, None] = None, stored: Optional[int] = None) -> None:
+        """Forget the entries of `rows` (all rows when None); `stored`: how many entries those
+        rows hold, when the caller has read it (`KVCacheSet.reset` reads every cache's at once)."""
         if rows is None:
             self.lengths.zero_()
             self.entries = 0
         else:
-            self.entries -= int(self.lengths[rows].sum())
+            self.entries -= int(self.lengths[rows].sum()) if stored is None else stored
             self.lengths[rows] = 0
 
     def append(
         self, rows: Tensor, positions: Tensor, key: Tensor, value: Tensor, groups: Optional[RowGroups] = None
     ) -> None:
         """Store `key`/`value` `[T, kv_heads, head_dim]` of tokens at (`rows`, `positions`);
-        `groups`: `row_groups(rows)` when the caller has it."""
+        `groups`: `row_groups(rows)` when the caller has it. Returns the longest of these rows'
+        lengths now (the span `attend` reads for them: the overflow check's one device read
+        serves both), None when no token came."""
         if rows.numel() == 0:
-            return
+            return None
         ranks = groups.ranks if groups is not None else ranks_within_rows(rows)
         slot = self.lengths[rows] + ranks
-        if int(slot.max()) >= self.slots:
+        top = int(slot.max())  # the last slot written: a row's new length minus one
+        if top >= self.slots:
             raise CacheOverflowError(
                 f"KV cache {self.name} is full ({self.slots} slots per row): allocate with "
                 "kv_slots='full', a larger capacity margin, or a larger max_seq"
@@ -146,13 +164,15 @@ class StaticKVCache:
         self.positions[rows, slot] = positions
         self.lengths.index_add_(0, rows, torch.ones_like(rows))
         self.entries += rows.numel()
+        return top + 1
 
     def attend(
         self, query: Tensor, rows: Tensor, positions: Tensor, scale: Optional[float],
-        groups: Optional[RowGroups] = None,
+        groups: Optional[RowGroups] = None, span: Optional[int] = None,
     ) -> Tensor:
         """Causal attention of `query` `[T, heads, head_dim]` over its row's stored entries at
-        positions <= its own; returns `[T, heads, head_dim]`."""
+        positions <= its own; returns `[T, heads, head_dim]`. `span`: the longest length among
+        `rows` when the caller knows it (what `append` of these rows returned), else read here."""
         heads, head_dim = query.shape[1:]
         groups = groups if groups is not None else row_groups(rows)
         unique, inverse, ranks, width = groups.unique, groups.inverse, groups.ranks, groups.width
@@ -167,7 +187,8 @@ class StaticKVCache:
             q_pos[inverse, ranks] = positions
         pick = unique if groups.first_row is None else slice(groups.first_row, groups.first_row + n)
         lengths = self.lengths[pick]
-        span = int(lengths.max())
+        if span is None:
+            span = int(lengths.max())
         k, v = self.k[pick, :span], self.v[pick, :span]  # [n, L, g, hd]
         stored = self.positions[pick, :span]
         valid = torch.arange(span, device=rows.device).unsqueeze(0) < lengths.unsqueeze(1)
@@ -282,7 +303,9 @@ class KVCacheSet:
                         max_batch, self.slots[step], groups, head_dim, dtype, device,
                         f"layer {layer} step {step + 1}",
                     )
+        self.device = torch.device(device)
         self.row_tokens = torch.zeros(max_batch, dtype=torch.long, device=device)
+        self.tokens = 0  # sum of `row_tokens`, kept on the host (as `StaticKVCache.entries`)
 
     def unit(self, position: int) -> StaticKVCache:
         return self.caches[("unit", position)]
@@ -295,17 +318,26 @@ class KVCacheSet:
         """Whether recursion `step` stores K/V (share_first: only the first step)."""
         return not self.share_first or step == 0
 
-    def reset(self, rows: Optional[Tensor] = None) -> None:
-        for cache in self.caches.values():
-            cache.reset(rows)
+    def reset(self, rows: Union[Tensor, slice, None] = None) -> None:
+        """Forget `rows` (a tensor of rows or a slice; all when None) in every cache."""
+        caches = list(self.caches.values())
         if rows is None:
+            for cache in caches:
+                cache.reset()
             self.row_tokens.zero_()
-        else:
-            self.row_tokens[rows] = 0
+            self.tokens = 0
+            return
+        # every cache's count and the rows' tokens in one device read
+        *stored, tokens = torch.stack([cache.lengths[rows].sum() for cache in caches] + [self.row_tokens[rows].sum()]).tolist()
+        for cache, count in zip(caches, stored):
+            cache.reset(rows, count)
+        self.row_tokens[rows] = 0
+        self.tokens -= tokens
 
     def count_tokens(self, rows: Tensor) -> None:
         """Record tokens entering the model (the vanilla comparison caches all of them)."""
         self.row_tokens.index_add_(0, rows, torch.ones_like(rows))
+        self.tokens += rows.numel()
 
     @property
     def allocated_bytes(self) -> int:
@@ -315,7 +347,7 @@ class KVCacheSet:
         config = self.config
         any_cache = next(iter(self.caches.values()))
         entry = any_cache.entry_bytes
-        tokens = int(self.row_tokens.sum())
+        tokens = self.tokens  # no device read: the engine's `track_memory` asks every tick
         depth = config.effective_layers
         plan = config.recursion_plan
         recursion_layers = len(plan.block) * plan.num_recursions if config.router != "none" else 0
@@ -339,7 +371,7 @@ def kv_bytes_per_row(config: MoRConfig, max_seq: int, kv_slots: str = "full", ca
     """Static KV bytes one row of a `KVCacheSet` allocates (without allocating it)."""
     dtype = dtype or config.params_dtype
     groups = (config.num_query_groups or config.num_attention_heads) // config.tensor_model_parallel_size
-    entry = 2 * groups * config.head_dim * torch.empty((), dtype=dtype).element_size()
+    entry = 2 * groups * config.head_dim * dtype.itemsize
     plan = config.recursion_plan
     units = decoder_units(config)
     total = sum(max_seq for unit in units if unit.kind == "layer")

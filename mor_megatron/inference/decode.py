@@ -66,7 +66,9 @@ class ModelStages:
         first, last = (steps[0], steps[-1]) if steps else (len(units), len(units))
         self.prefix = [(i, units[i].index) for i in range(first)]
         self.suffix = [(i, units[i].index) for i in range(last + 1, len(units))]
-        self.rope_table = model.rotary_pos_emb(caches.max_seq)  # [max_seq, 1, 1, rot_dim]
+        # [max_seq, 1, 1, rot_dim]; megatron makes it on `torch.cuda.current_device()` (its
+        # `inv_freq` is no buffer, so `model.to()` does not move it): bring it to the caches' device
+        self.rope_table = model.rotary_pos_emb(caches.max_seq).to(caches.device)
         mscale = rope_mscale(config)
         dtype = config.params_dtype
         self.cos_table = (torch.cos(self.rope_table[:, 0]) * mscale).to(dtype)  # [max_seq, 1, rot_dim]
@@ -83,9 +85,13 @@ class ModelStages:
 
     # -- pieces ---------------------------------------------------------------------------------
 
-    def batch(self, rows: Tensor, positions: Tensor) -> TokenBatch:
-        if positions.numel() and int(positions.max()) >= self.caches.max_seq:
-            raise ValueError(f"position {int(positions.max())} is beyond max_seq={self.caches.max_seq}")
+    def batch(self, rows: Tensor, positions: Tensor, check: bool = True) -> TokenBatch:
+        """The tokens' `TokenBatch`. check: refuse positions beyond the caches (a device read);
+        False where the caller has checked them (the engine, on the host)."""
+        if check and positions.numel():
+            top = int(positions.max())
+            if top >= self.caches.max_seq:
+                raise ValueError(f"position {top} is beyond max_seq={self.caches.max_seq}")
         return TokenBatch(rows, positions, self.rope_table[positions], self.cos_table[positions],
                           self.sin_table[positions])
 
@@ -98,9 +104,8 @@ class ModelStages:
 
     def _cached(self, cache: StaticKVCache, batch: TokenBatch, write: bool):
         def attend(query: Tensor, key: Tensor, value: Tensor) -> Tensor:
-            if write:
-                cache.append(batch.rows, batch.positions, key, value, batch.groups)
-            return cache.attend(query, batch.rows, batch.positions, self.scale, batch.groups)
+            span = cache.append(batch.rows, batch.positions, key, value, batch.groups) if write else None
+            return cache.attend(query, batch.rows, batch.positions, self.scale, batch.groups, span)
 
         return attend
 
@@ -111,21 +116,27 @@ class ModelStages:
             hidden = self.layers[layer](hidden, batch, self._cached(cache, batch, True))
         return hidden
 
-    def block(self, hidden: Tensor, batch: TokenBatch, steps: Tensor) -> Tensor:
+    def block(self, hidden: Tensor, batch: TokenBatch, steps: Tensor, present: Optional[list[int]] = None) -> Tensor:
         """f(hidden): the shared block once, each token at its own recursion step `steps` [T]
-        (attention through that step's cache); tokens of different steps share the matmuls."""
-        present = [int(s) for s in torch.unique(steps)]
-        groups = [(s, (steps == s).nonzero().squeeze(1)) for s in present]
+        (attention through that step's cache); tokens of different steps share the matmuls.
+        present: the distinct values of `steps` in increasing order, when the caller has them."""
+        present = torch.unique(steps).tolist() if present is None else present
+        # tokens of several steps: per step, its tokens and their batch, made once (every layer
+        # reuses the batch's row grouping instead of reading it from the device again)
+        groups = []
+        if len(present) > 1:
+            for step in present:
+                index = (steps == step).nonzero().squeeze(1)
+                groups.append((step, index, batch.select(index)))
         for layer in self.plan.block:
 
             def attend(query: Tensor, key: Tensor, value: Tensor, layer: int = layer) -> Tensor:
-                if len(groups) == 1:
-                    step = groups[0][0]
+                if len(present) == 1:
+                    step = present[0]
                     cache = self.caches.block(layer, step)
                     return self._cached(cache, batch, self.caches.writes(step))(query, key, value)
                 out = torch.empty_like(query)
-                for step, index in groups:
-                    sub = batch.select(index)
+                for step, index, sub in groups:
                     cache = self.caches.block(layer, step)
                     out[index] = self._cached(cache, sub, self.caches.writes(step))(
                         query[index], key[index], value[index]
@@ -262,7 +273,7 @@ class IncrementalDecoder:
     def forward(self, tokens: Tensor, rows: Optional[Tensor] = None) -> Tensor:
         """`[B, T]` new tokens for rows `rows` (default 0..B-1) -> logits `[B, T, V]`."""
         batch, count = tokens.shape
-        rows = torch.arange(batch) if rows is None else rows
+        rows = torch.arange(batch, device=self.device) if rows is None else rows
         flat_rows = rows.to(self.device).repeat_interleave(count)
         out = self.forward_flat(tokens.reshape(-1), flat_rows)
         return out.logits.view(batch, count, -1)
@@ -282,10 +293,11 @@ def generate_sequential(
     decoder = IncrementalDecoder(model, max_batch=1, max_seq=max_seq)
     generator = make_generator(params, decoder.device)
     decode = tokenizer.decode if tokenizer is not None else None
-    logits = decoder.forward(torch.tensor([prompt]))[0, -1]
+    logits = decoder.forward(torch.tensor([prompt], device=decoder.device))[0, -1]
     generated: list[int] = []
     while True:
         generated.append(sample(logits, params, generator))
-        if stop_reason(generated, params, decode) or int(decoder.lengths[0]) >= decoder.caches.max_seq:
+        fed = len(prompt) + len(generated) - 1  # `decoder.lengths[0]`, counted on the host
+        if stop_reason(generated, params, decode) or fed >= decoder.caches.max_seq:
             return generated
-        logits = decoder.forward(torch.tensor([[generated[-1]]]))[0, -1]
+        logits = decoder.forward(torch.tensor([[generated[-1]]], device=decoder.device))[0, -1]

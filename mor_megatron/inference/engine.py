@@ -86,13 +86,15 @@ class _Tokens:
 
     def split(self, mask: Tensor) -> tuple[Optional["_Tokens"], Optional["_Tokens"]]:
         """(the tokens where `mask`, the others); None for an empty side, and no copies when
-        one side is empty (the common case in a decode tick)."""
+        one side is empty (the common case in a decode tick). One device read (the count):
+        both sides are taken by integer index, where boolean masks would each read their size."""
         chosen = int(mask.sum())
         if chosen == self.count:
             return self, None
         if chosen == 0:
             return None, self
-        return self.take(mask), self.take(~mask)
+        order = torch.argsort((~mask).to(torch.uint8), stable=True)  # chosen first, each side in order
+        return self.take(order[:chosen]), self.take(order[chosen:])
 
     @property
     def count(self) -> int:
@@ -236,7 +238,7 @@ class Engine:
             if not self.queue:
                 break
             request = self.queue.popleft()
-            self.caches.reset(torch.tensor([row], device=self.device))
+            self.caches.reset(slice(row, row + 1))
             state = _Row(request, make_generator(request.params, self.device))
             state.pending = list(request.prompt)
             self.rows[row] = state
@@ -253,12 +255,15 @@ class Engine:
             positions += range(state.next_position, state.next_position + count)
             state.next_position += count
             state.pending = []
-        as_long = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
-        tokens, rows, positions = as_long(tokens), as_long(rows), as_long(positions)
+        top = max(positions)  # the caches' bound, checked here on the host (the stages would read the device)
+        if top >= self.max_seq:
+            raise ValueError(f"position {top} is beyond max_seq={self.max_seq}")
+        # one host-to-device copy for the three (each copy from pageable memory waits for the stream)
+        tokens, rows, positions = torch.tensor([tokens, rows, positions], dtype=torch.long, device=self.device).unbind(0)
         self.stats.entered_tokens += tokens.numel()
         stages = self.stages
         self.stats.layer_tokens += tokens.numel() * len(stages.prefix)
-        batch = stages.batch(rows, positions)
+        batch = stages.batch(rows, positions, check=False)  # checked above, on the host
         hidden = stages.run_units(stages.prefix, stages.embed(tokens, batch), batch)
         zeros = torch.zeros_like(rows)
         fresh = _Tokens(rows, positions, hidden, zeros, hidden.new_zeros(rows.shape))
@@ -284,17 +289,19 @@ class Engine:
             self._waited.clear()
             return torch.ones_like(pool.rows, dtype=torch.bool)
         rows, counts = torch.unique(pool.rows, return_counts=True)
-        step = torch.zeros(self.max_batch, dtype=torch.long, device=self.device)
-        step[pool.rows] = pool.step
-        priority = {
-            row: int(step[row]) + self._waited.get(row, 0) for row in rows.tolist()
-        }
+        # a row's step: that of its last token in the pool (what `step[pool.rows] = pool.step`
+        # left on the host, where the last write wins; on CUDA such a write keeps any of them)
+        index = torch.arange(pool.count, device=self.device)
+        last = torch.zeros(self.max_batch, dtype=torch.long, device=self.device)
+        last.scatter_reduce_(0, pool.rows, index, reduce="amax")
+        rows, counts, steps = torch.stack((rows, counts, pool.step[last[rows]])).tolist()  # one device read
+        priority = {row: step + self._waited.get(row, 0) for row, step in zip(rows, steps)}
         taken, used = [], 0
-        for row, count in sorted(zip(rows.tolist(), counts.tolist()), key=lambda rc: -priority[rc[0]]):
+        for row, count in sorted(zip(rows, counts), key=lambda rc: -priority[rc[0]]):
             if not taken or used + count <= cap:
                 taken.append(row)
                 used += count
-        for row in rows.tolist():
+        for row in rows:
             self._waited[row] = 0 if row in taken else self._waited.get(row, 0) + 1
         return torch.isin(pool.rows, torch.tensor(taken, device=self.device))
 
@@ -304,12 +311,12 @@ class Engine:
             return
         run, waiting = pool.split(self._pick(pool))
         stages = self.stages
-        batch = stages.batch(run.rows, run.positions)
-        out = stages.block(run.hidden, batch, run.step)
+        batch = stages.batch(run.rows, run.positions, check=False)  # checked when they entered
+        present = torch.unique(run.step).tolist()  # the recursion steps this call runs
+        out = stages.block(run.hidden, batch, run.step, present)
         self.stats.block_calls += 1
         self.stats.block_tokens += run.count
         self.stats.layer_tokens += run.count * len(stages.plan.block)
-        present = [int(s) for s in torch.unique(run.step)]  # the recursion steps this call ran
         self.stats.mixed_depth_calls += int(len(present) > 1)
         nxt = run.step + 1
         last = stages.num_recursions
@@ -345,26 +352,30 @@ class Engine:
         ready = torch.ones_like(exited.rows, dtype=torch.bool)
         if self.pool is not None and self.pool.count:
             ready = ~torch.isin(exited.rows, self.pool.rows)
-        if not bool(ready.any()):
+        done, rest = exited.split(ready)
+        if done is None:
             return []
-        done, self.exited = exited.split(ready)
+        self.exited = rest
         stages = self.stages
-        batch = stages.batch(done.rows, done.positions)
+        batch = stages.batch(done.rows, done.positions, check=False)  # checked when they entered
         hidden = stages.run_units(stages.suffix, done.hidden, batch)
         self.stats.layer_tokens += done.count * len(stages.suffix)
-        # the last token of each row: larger position wins
+        rows, positions, steps = torch.stack((done.rows, done.positions, done.step)).tolist()  # one device read
+        ready_rows = sorted(set(rows))
+        # the last token of each row (larger position wins), in row order
         key = done.rows * (self.max_seq + 1) + done.positions
         order = torch.argsort(key)
         rows_sorted = done.rows[order]
         is_last = torch.ones_like(rows_sorted, dtype=torch.bool)
         is_last[:-1] = rows_sorted[1:] != rows_sorted[:-1]
-        last = order[is_last]
+        # order[is_last] without reading its size from the device: one last token per ready row
+        last = order[torch.argsort((~is_last).to(torch.uint8), stable=True)[: len(ready_rows)]]
         logits = stages.head(hidden[last])
-        for row, position, depth in zip(done.rows.tolist(), done.positions.tolist(), done.step.tolist()):
+        for row, position, depth in zip(rows, positions, steps):
             self.rows[row].depths[position] = depth
         greedy = logits.argmax(dim=-1).tolist()  # one call for every row (most requests are greedy)
         finished = []
-        for index, row in enumerate(done.rows[last].tolist()):
+        for index, row in enumerate(ready_rows):
             completion = self._sample(row, logits[index], greedy[index])
             if completion is not None:
                 finished.append(completion)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 
+from mor_megatron.device import compute_device
 from mor_megatron.errors import UserError
 
 
@@ -47,11 +50,14 @@ def load_model(checkpoint: Union[str, Path], device: Union[str, torch.device, No
     directory = resolve_checkpoint(checkpoint)
     meta = read_checkpoint_meta(directory)
     config = model_config_from_dict(meta["config"]["model"], f"{directory}/meta.json")
-    initialize_parallel()
-    model = MoRGPTModel(config)
+    initialize_parallel()  # binds the compute device (`torch.cuda.current_device()` on CUDA)
+    device = compute_device() if device is None else torch.device(device)
+    # build the weights where they will run: megatron allocates them on the host with
+    # `use_cpu_initialization`, else on the current CUDA device (made `device` for the build)
+    config = dataclasses.replace(config, use_cpu_initialization=device.type != "cuda")
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        model = MoRGPTModel(config)
     load_weights(model, str(directory))
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     return model.to(device).eval(), directory, meta
 
 

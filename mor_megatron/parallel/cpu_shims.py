@@ -63,7 +63,7 @@ class CpuRNGStatesTracker(CudaRNGStatesTracker):
         if name in self.states_:
             raise RuntimeError(f"RNG state {name} already exists in the CPU RNG tracker")
         self.seeds_.add(seed)
-        self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+        self.states_[name] = torch.Generator().manual_seed(seed).get_state()  # host: shim R, never on CUDA
 
     @contextlib.contextmanager
     def fork(self, name: str = "model-parallel-rng"):

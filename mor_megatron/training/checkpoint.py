@@ -245,7 +245,9 @@ def _load_universal(engine, model, directory: Path, step: int) -> None:
             }
     for state in engine.basic_optimizer.state.values():
         if "step" in state:
-            state["step"] = torch.full_like(torch.as_tensor(state["step"], dtype=torch.float32), step)
+            state["step"] = torch.full_like(
+                torch.as_tensor(state["step"], dtype=torch.float32), step  # host: AdamW's step, a float or host tensor
+            )
 
 
 # -- save -------------------------------------------------------------------------------------------
