@@ -3,8 +3,9 @@ continuous batching (MOR_SPEC 6), and our vanilla engine vs transformers `genera
 
     python tools/bench_decode.py                                  # CPU-sized defaults
     python tools/bench_decode.py --hidden 960 --heads 15 --kv-heads 5 --ffn 2560 --vocab 49152 \\
-        --effective-layers 32 --recursions 2 3 4 --batch 32 --memory-budget-mib 60000 \\
+        --effective-layers 32 --recursions 2 3 --batch 32 --memory-budget-mib 60000 \\
         --prompt-len 64 --gen-len 256 --dtype bf16                 # the paper's 360M shape, one GPU
+    # MoR-4 needs (L-2) % 4 == 0: the same with --effective-layers 34 --recursions 4
 
 Every model has the same effective depth L (vanilla: L unique layers; MoR-Nr: middle-cycle,
 1 + (L-2)/Nr x Nr + 1, so (L-2) must divide by every Nr). Each runs the same random prompts,
