@@ -37,10 +37,6 @@ class StepResult:
     bad_microbatch: Optional[tuple[int, int]] = None
 
 
-def position_ids(tokens: Tensor) -> Tensor:
-    return torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
-
-
 def lm_loss(per_token: Tensor, loss_mask: Tensor) -> Tensor:
     mask = loss_mask.to(per_token.dtype)
     return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
@@ -50,8 +46,7 @@ def forward_batch(module, batch: dict) -> tuple[Tensor, Tensor]:
     """(per-token LM loss, loss mask) of one host micro-batch: the one place a batch moves to the
     compute device (training and evaluation, pipelined or not)."""
     batch = to_device(batch)
-    tokens = batch["tokens"]
-    return module(tokens, position_ids(tokens), None, labels=batch["labels"]), batch["loss_mask"]
+    return module(batch["tokens"], batch["position_ids"], None, labels=batch["labels"]), batch["loss_mask"]
 
 
 def broadcast_from_last_stage(value: Tensor) -> Tensor:

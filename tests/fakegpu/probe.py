@@ -64,12 +64,10 @@ def main(config: str, out: str) -> None:
     def _():
         from mor_megatron.data import ValidationBatches
         from mor_megatron.training.loop import build_model
-        from mor_megatron.training.step import position_ids
 
         model = build_model(run)[0].to(DEVICE)
         batch = next(iter(ValidationBatches(run.data.valid, run.model.seq_length, 2)))
-        tokens = batch["tokens"]
-        return refused(model, tokens, position_ids(tokens), None)
+        return refused(model, batch["tokens"], batch["position_ids"], None)
 
     @check("host tensor in a collective")
     def _():
