@@ -97,7 +97,7 @@ def stage_memory(config: MoRConfig, layout: Layout) -> list[dict[str, float]]:
     return out
 
 
-def memory_report(config: MoRConfig, layout: Layout) -> dict:
+def training_memory(config: MoRConfig, layout: Layout) -> dict:
     stages = stage_memory(config, layout)
     return {
         "layout": vars(layout),

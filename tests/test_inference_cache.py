@@ -94,7 +94,7 @@ def capacity_pattern(num_recursions: int):
 @pytest.mark.parametrize("router", ["expert_choice", "token_choice"])
 @pytest.mark.parametrize("kv_mode", ["recursion_wise", "share_first"])
 @pytest.mark.parametrize("nr", [2, 3, 4])
-def test_memory_report_equals_spec_ratio(parallel, router, kv_mode, nr):
+def test_kv_usage_equals_spec_ratio(parallel, router, kv_mode, nr):
     seq = 12  # divisible by 2, 3 and 4
     config = tiny_config(router=router, kv_mode=kv_mode, num_recursions=nr, effective_layers=2 + nr, seq_length=seq)
     model = build(config)
@@ -106,7 +106,7 @@ def test_memory_report_equals_spec_ratio(parallel, router, kv_mode, nr):
     decoder.forward(tokens[:, :5])
     for i in range(5, seq):
         decoder.forward(tokens[:, i : i + 1])
-    report = decoder.memory_report()
+    report = decoder.caches.kv_usage()
     spec = Fraction(1, nr) if kv_mode == "share_first" else Fraction(nr + 1, 2 * nr)
     assert Fraction(report.recursion_used_bytes, report.recursion_vanilla_bytes) == spec
     assert expected_recursion_ratio(config) == pytest.approx(float(spec))
@@ -130,8 +130,8 @@ def test_full_slots_allocate_like_vanilla_and_rows_reset(parallel):
     model = build(config)
     decoder = IncrementalDecoder(model, max_batch=2, max_seq=12)
     assert decoder.caches.allocated_bytes == kv_bytes_per_row(config, 12) * 2
-    assert decoder.memory_report().allocated_ratio == 1.0
+    assert decoder.caches.kv_usage().allocated_ratio == 1.0
     decoder.forward(torch.zeros(2, 4, dtype=torch.long))
     decoder.reset(torch.tensor([1]))
-    assert decoder.memory_report().tokens == 4
+    assert decoder.caches.kv_usage().tokens == 4
     assert decoder.caches.unit(0).lengths.tolist() == [4, 0]

@@ -98,7 +98,7 @@ def test_models_without_router(parallel, sharing):
     full = full_logits(model, tokens)
     decoder = IncrementalDecoder(model, max_batch=2)
     assert (incremental_logits(decoder, tokens, prefill=3) - full).abs().max() < 1e-4
-    report = decoder.memory_report()
+    report = decoder.caches.kv_usage()
     assert report.used_bytes == report.vanilla_used_bytes
 
 

@@ -68,7 +68,7 @@ def test_rows_are_refilled_from_the_queue(parallel):
         engine.add_request(prompt, SamplingParams(max_tokens=n))
     held, finished = [], []
     while engine.busy:
-        now = engine.step()
+        now = engine.tick()
         finished += now
         # requests in flight during this step: still held, or finished by it
         held.append({state.request.request_id for state in engine.rows.values()} | {c.request_id for c in now})

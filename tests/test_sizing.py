@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from mor_megatron.report import embedding_params, non_embedding_params
-from mor_megatron.sizing import GB, Layout, memory_report, stage_memory
+from mor_megatron.sizing import GB, Layout, training_memory, stage_memory
 from mor_megatron.yaml_config import load_model_config
 
 
@@ -43,8 +43,8 @@ def test_layout_knobs(mor360):
 
 def test_mor_needs_less_activation_memory_than_vanilla(mor360):
     vanilla = load_model_config("configs/vanilla_360m.yaml")
-    ours = memory_report(mor360, Layout(micro_batch_size=8))["max_total_gib"]
-    theirs = memory_report(vanilla, Layout(micro_batch_size=8))["max_total_gib"]
+    ours = training_memory(mor360, Layout(micro_batch_size=8))["max_total_gib"]
+    theirs = training_memory(vanilla, Layout(micro_batch_size=8))["max_total_gib"]
     assert ours < theirs
 
 

@@ -340,7 +340,7 @@ def test_shared_weight_fp8_gradient_is_the_sum_over_recursions(te, recipe):
 def _fp8_deepspeed(seed: int = 0):
     """A TE model with FP8 in a DeepSpeed engine, and one batch for it."""
     from mor_megatron.training.config import TrainingConfig
-    from mor_megatron.training.engine import build_engine
+    from mor_megatron.training.optimizer import build_engine
 
     # expert-choice capacities whose k_r * B are multiples of 16 (FP8 GEMMs) without padding
     config = _gpu_config(fp8="hybrid", capacities=(1.0, 0.5, 0.25))

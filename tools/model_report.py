@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 from mor_megatron.config import ConfigError
 from mor_megatron.report import model_report
-from mor_megatron.sizing import Layout, memory_report
+from mor_megatron.sizing import Layout, training_memory
 from mor_megatron.yaml_config import load_model_config
 
 
@@ -44,7 +44,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     layout = Layout(args.tp, args.pp, args.dp, args.zero, args.micro_batch, args.recompute, not args.fp32)
     try:
-        memory = memory_report(config, layout)
+        memory = training_memory(config, layout)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from mor_megatron.data.errors import DataError
-from mor_megatron.data.sampling import BlendedShuffledIndex
+from mor_megatron.data.blending import BlendedShuffledIndex
 from mor_megatron.data.shards import TokenStream
 
 Blend = Sequence[tuple[float, str]]

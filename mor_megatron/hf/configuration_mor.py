@@ -45,7 +45,7 @@ def recursion_plan(sharing: str, effective_layers: int, num_recursions: int) -> 
     return {"unrolled": unrolled, "prefix": prefix, "block": [], "suffix": suffix}
 
 
-class MoRConfig(PretrainedConfig):
+class MoRHFConfig(PretrainedConfig):
     """Llama shape (RMSNorm, RoPE, GQA, SwiGLU, no biases) plus the MoR recursion and routing.
 
     `num_hidden_layers` counts the unique layers (those that own weights); `effective_layers` is

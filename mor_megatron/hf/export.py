@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 HERE = Path(__file__).resolve().parent
 REMOTE_CODE = ("configuration_mor.py", "modeling_mor.py")
 AUTO_MAP = {
-    "AutoConfig": "configuration_mor.MoRConfig",
+    "AutoConfig": "configuration_mor.MoRHFConfig",
     "AutoModel": "modeling_mor.MoRModel",
     "AutoModelForCausalLM": "modeling_mor.MoRForCausalLM",
 }
@@ -169,7 +169,7 @@ def _dtype_name(config: MoRConfig) -> str:
 
 
 def hf_config(config: MoRConfig, special: dict) -> "PretrainedConfig":
-    """`LlamaConfig` for a vanilla model, else the remote-code `MoRConfig` (every MoR setting)."""
+    """`LlamaConfig` for a vanilla model, else the remote-code `MoRHFConfig` (every MoR setting)."""
     from mor_megatron.yaml_config import dump_model_config
 
     common = dict(
@@ -198,9 +198,9 @@ def hf_config(config: MoRConfig, special: dict) -> "PretrainedConfig":
         )
         hf.architectures = ["LlamaForCausalLM"]
         return hf
-    from mor_megatron.hf.configuration_mor import MoRConfig as HFMoRConfig
+    from mor_megatron.hf.configuration_mor import MoRHFConfig
 
-    hf = HFMoRConfig(
+    hf = MoRHFConfig(
         rotary_base=config.rotary_base,
         effective_layers=config.effective_layers,
         num_recursions=config.num_recursions,

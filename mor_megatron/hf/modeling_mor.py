@@ -32,7 +32,7 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from .configuration_mor import MoRConfig
+from .configuration_mor import MoRHFConfig
 
 
 # -- cache ----------------------------------------------------------------------------------------
@@ -129,7 +129,7 @@ class StepContext:
 
 
 class MoRAttention(nn.Module):
-    def __init__(self, config: MoRConfig) -> None:
+    def __init__(self, config: MoRHFConfig) -> None:
         super().__init__()
         self.heads, self.groups, self.head_dim = (
             config.num_attention_heads,
@@ -165,7 +165,7 @@ class MoRAttention(nn.Module):
 
 
 class MoRMLP(nn.Module):
-    def __init__(self, config: MoRConfig) -> None:
+    def __init__(self, config: MoRHFConfig) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
@@ -176,7 +176,7 @@ class MoRMLP(nn.Module):
 
 
 class MoRDecoderLayer(nn.Module):
-    def __init__(self, config: MoRConfig) -> None:
+    def __init__(self, config: MoRHFConfig) -> None:
         super().__init__()
         self.input_layernorm = MoRRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = MoRAttention(config)
@@ -192,7 +192,7 @@ class MoRDecoderLayer(nn.Module):
 
 
 class MoRPreTrainedModel(PreTrainedModel):
-    config_class = MoRConfig
+    config_class = MoRHFConfig
     base_model_prefix = "model"
     _no_split_modules = ["MoRDecoderLayer"]
     supports_gradient_checkpointing = False
@@ -224,7 +224,7 @@ class MoRCausalLMOutput(ModelOutput):
 class MoRModel(MoRPreTrainedModel):
     """Embedding, unique layers, routers and final norm; `forward` runs the recursion."""
 
-    def __init__(self, config: MoRConfig) -> None:
+    def __init__(self, config: MoRHFConfig) -> None:
         super().__init__(config)
         size, nr = config.hidden_size, config.num_recursions
         self.embed_tokens = nn.Embedding(config.vocab_size, size)
@@ -365,7 +365,7 @@ class MoRModel(MoRPreTrainedModel):
 class MoRForCausalLM(MoRPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
-    def __init__(self, config: MoRConfig) -> None:
+    def __init__(self, config: MoRHFConfig) -> None:
         super().__init__(config)
         self.model = MoRModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)

@@ -3,7 +3,7 @@
 from mor_megatron.inference.cache import (
     CacheOverflowError,
     KVCacheSet,
-    MemoryReport,
+    KVUsage,
     StaticKVCache,
     expected_recursion_ratio,
     kv_bytes_per_row,
@@ -25,7 +25,7 @@ __all__ = [
     "EngineStats",
     "IncrementalDecoder",
     "KVCacheSet",
-    "MemoryReport",
+    "KVUsage",
     "ModelStages",
     "SamplingParams",
     "StaticKVCache",

@@ -205,7 +205,7 @@ class StaticKVCache:
 
 
 @dataclass
-class MemoryReport:
+class KVUsage:
     """KV bytes of the realised routing against a vanilla model of the same effective depth.
 
     `used`: entries actually stored; `allocated`: the static buffers. The vanilla model caches
@@ -343,7 +343,7 @@ class KVCacheSet:
     def allocated_bytes(self) -> int:
         return sum(cache.allocated_bytes for cache in self.caches.values())
 
-    def memory_report(self) -> MemoryReport:
+    def kv_usage(self) -> KVUsage:
         config = self.config
         any_cache = next(iter(self.caches.values()))
         entry = any_cache.entry_bytes
@@ -354,7 +354,7 @@ class KVCacheSet:
         recursion_used = sum(
             cache.used_bytes for key, cache in self.caches.items() if key[0] == "block"
         )
-        return MemoryReport(
+        return KVUsage(
             entry_bytes=entry,
             tokens=tokens,
             used_bytes=sum(cache.used_bytes for cache in self.caches.values()),

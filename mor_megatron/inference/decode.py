@@ -278,8 +278,6 @@ class IncrementalDecoder:
         out = self.forward_flat(tokens.reshape(-1), flat_rows)
         return out.logits.view(batch, count, -1)
 
-    def memory_report(self):
-        return self.caches.memory_report()
 
 
 @torch.no_grad()

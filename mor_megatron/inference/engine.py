@@ -212,13 +212,13 @@ class Engine:
         """Step until the queue and every row are empty."""
         finished: list[Completion] = []
         while self.busy:
-            finished.extend(self.step())
+            finished.extend(self.tick())
         return finished
 
     # -- one tick --------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def step(self) -> list[Completion]:
+    def tick(self) -> list[Completion]:
         """Admit, enter, one shared-block call, exit; returns the requests finished now."""
         self.stats.ticks += 1
         with shim_m_suspended():  # decoding names no CUDA device: skip the CPU shim's dispatch
@@ -226,7 +226,7 @@ class Engine:
             self._enter()
             self._run_block()
             if self.track_memory:
-                report = self.caches.memory_report()
+                report = self.caches.kv_usage()
                 if report.used_bytes > self.stats.peak_kv_used_bytes:
                     self.stats.peak_kv_used_bytes = report.used_bytes
                     self.stats.peak_kv_vanilla_bytes = report.vanilla_used_bytes
@@ -402,7 +402,3 @@ class Engine:
         return Completion(
             state.request.request_id, state.request.prompt, state.generated, reason, depths, text
         )
-
-    def memory_report(self):
-        """KV bytes of the tokens now cached (see `KVCacheSet.memory_report`)."""
-        return self.caches.memory_report()

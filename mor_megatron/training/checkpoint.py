@@ -52,7 +52,7 @@ from megatron.core.dist_checkpointing.optimizer import (
 from mor_megatron.device import collective_device, compute_device
 from mor_megatron.errors import UserError
 from mor_megatron.training import faults
-from mor_megatron.training.engine import sync_learning_rate
+from mor_megatron.training.optimizer import sync_learning_rate
 from mor_megatron.training.checkpoint_files import (
     LATEST,
     checkpoint_dirs,

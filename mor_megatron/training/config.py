@@ -148,7 +148,7 @@ def check_data(run: RunConfig) -> None:
     whole, holds a row and fits model.vocab_size. Cheap: index headers and file sizes. Raises
     `DataError`."""
     from mor_megatron.data.dataset import ValidationBatches, parse_blend
-    from mor_megatron.data.sampling import normalize_weights
+    from mor_megatron.data.blending import normalize_weights
     from mor_megatron.data.shards import TokenStream, check_shard_vocab
     from mor_megatron.data.tokenizer import check_vocab, load_tokenizer
 

@@ -33,7 +33,7 @@ from mor_megatron.training.checkpoint import (
 from mor_megatron.training import faults
 from mor_megatron.training.checkpoint_files import checkpoint_dirs, find_latest
 from mor_megatron.training.config import RunConfig, check_data, check_layout, run_config_dict
-from mor_megatron.training.engine import build_engine, use_bf16
+from mor_megatron.training.optimizer import build_engine, use_bf16
 from mor_megatron.training.fp8 import check_fp8_supported, refresh_fp8_weight_cache
 from mor_megatron.training.metrics import MetricsWriter, peak_tflops, router_metrics
 from mor_megatron.training.step import broadcast_from_last_stage, dp_mean, forward_batch, lm_loss, train_step
