@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
-from kernels.reference import _check_shapes, gated_scatter_add_reference
+from .reference import _check_shapes, gated_scatter_add_reference
 
 try:  # triton is optional: CPU-only machines fall back to the reference.
     import triton

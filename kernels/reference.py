@@ -1,4 +1,4 @@
-"""Plain-PyTorch references for the fused kernels in :mod:`kernels`.
+"""Plain-PyTorch references for the fused kernels in :mod:`mor_megatron.kernels`.
 
 They define the math the Triton kernels must reproduce, are the CPU fallback
 of the dispatchers, and are what the tests and the benchmark compare against.

@@ -8,8 +8,8 @@ Usage: launch/quickstart.sh [trainer overrides ...]      (e.g. launch/quickstart
 
 Creates .venv (if missing), installs requirements.txt and this package, tokenizes the Python
 standard library into data/stdlib_{train,valid} (skipped when the shards exist), trains
-configs/tiny.yaml on this machine (CPU is fine: a few minutes), and prints where the checkpoint
-and the TensorBoard logs are. Safe to rerun: finished steps are skipped.
+configs/tiny.yaml on this machine (CPU is fine: a few minutes), and prints where the checkpoints
+and the TensorBoard logs are and the commands to try next. Safe to rerun: finished steps are skipped.
 
 Environment:
   QUICKSTART_STEPS     training steps                               [200]
@@ -64,7 +64,8 @@ if [ "${QUICKSTART_REINSTALL:-0}" = 1 ] || [ "$(cat "$STAMP" 2>/dev/null || true
     step "Installing requirements.txt and mor-megatron (editable) into $VENV"
     "$PY" -m pip install -q --upgrade pip
     "$PY" -m pip install -q -r requirements.txt
-    "$PY" -m pip install -q --no-deps -e .
+    # the editable install of a package with linked subfolders warns about same-named folders
+    PYTHONWARNINGS=ignore "$PY" -m pip install -q --no-deps -e .
     echo "$WANT" > "$STAMP"
 else
     step "Dependencies already installed in $VENV (QUICKSTART_REINSTALL=1 to redo)"
@@ -89,12 +90,5 @@ step "Training $CONFIG for $STEPS steps into $RUN_DIR"
 PYTHON="$PY" launch/torchrun.sh --nnodes 1 --nproc-per-node 1 --master-addr 127.0.0.1 --master-port "$PORT" \
     --rdzv-id quickstart -- --config "$CONFIG" "${OVERRIDES[@]}" "$@"
 
-# 5. Where things are (the trainer keeps checkpoints in <logging.dir>/checkpoints).
+# 5. The trainer has printed where the checkpoints and TensorBoard logs are, and what to try next.
 step "Done in $((SECONDS - START)) s"
-CKPT_DIR="$RUN_DIR/checkpoints"
-CKPTS=$(find "$CKPT_DIR" -mindepth 1 -maxdepth 1 -type d 2>/dev/null | sort | tail -3)
-EVENTS=$(find "$RUN_DIR" -name 'events.out.tfevents*' -printf '%h\n' 2>/dev/null | sort -u | head -3)
-echo "Run directory:    $RUN_DIR"
-echo "Checkpoints:      ${CKPTS:-(none found in $CKPT_DIR)}" | sed '2,$s/^/                  /'
-echo "TensorBoard logs: ${EVENTS:-(none found under $RUN_DIR)}" | sed '2,$s/^/                  /'
-echo "View them with:   $VENV/bin/tensorboard --logdir $RUN_DIR --host 127.0.0.1   (localhost only: forward the port)"

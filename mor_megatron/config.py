@@ -7,10 +7,12 @@ megatron builds, splits over pipeline stages and names in checkpoints).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
+import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -28,6 +30,54 @@ ROUTERS = ("expert_choice", "token_choice", "none")
 KV_MODES = ("recursion_wise", "share_first")
 ROUTER_ACTIVATIONS = {"expert_choice": ("sigmoid", "tanh"), "token_choice": ("softmax", "sigmoid")}
 DEFAULT_ALPHA = {"expert_choice": 0.1, "token_choice": 1.0}
+# Settings whose default depends on the router: left unset (None), each takes its router's value,
+# so switching `router` alone switches the gate too (a config file must not pin these).
+ROUTER_DEFAULTS = {
+    router: {"router_activation": ROUTER_ACTIVATIONS[router][0], "router_alpha": DEFAULT_ALPHA[router]}
+    for router in ROUTER_ACTIVATIONS
+}
+
+# c_r * S in floating point can land just below a whole number (0.7 * 90 = 62.99999999999999):
+# floor must not lose that token, so k_r is floored after adding this much.
+CAPACITY_ROUNDING_SLACK = 1e-9
+
+# The megatron-core `TransformerConfig` settings the MoR model honours (its layers, GPT embedding
+# and output, schedules, precision), with those megatron derives itself or the code sets (hooks,
+# init functions). Any other inherited setting changed from its default would be accepted and
+# silently ignored by the MoR layers, so validation refuses it.
+MEGATRON_FIELDS = frozenset({
+    # shape and layer
+    "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+    "kv_channels", "softmax_scale", "add_qkv_bias", "rotary_interleaved", "qk_layernorm",
+    "fp32_residual_connection",
+    # initialisation
+    "init_method_std", "embedding_init_method_std", "perform_initialization", "init_method",
+    "output_layer_init_method", "embedding_init_method",
+    # precision
+    "fp16", "bf16", "params_dtype", "pipeline_dtype", "autocast_dtype", "fp8", "fp8_recipe",
+    "fp8_param", "fp8_margin", "fp8_interval", "fp8_amax_history_len", "fp8_amax_compute_algo",
+    "fp8_wgrad", "fp8_dot_product_attention", "fp8_multi_head_attention", "tp_only_amax_red",
+    "first_last_layers_bf16", "num_layers_at_start_in_bf16", "num_layers_at_end_in_bf16",
+    # fused kernels
+    "gradient_accumulation_fusion", "bias_activation_fusion", "bias_dropout_fusion",
+    "apply_rope_fusion", "cross_entropy_loss_fusion", "cross_entropy_fusion_impl",
+    "deterministic_mode",
+    # layout, pipeline schedule, recompute (set by the run from its parallel/training sections)
+    "tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_tensor_parallel_size",
+    "microbatch_group_size_per_vp_stage", "deallocate_pipeline_outputs", "batch_p2p_comm",
+    "cp_comm_type", "recompute_granularity", "recompute_method", "recompute_num_layers",
+    "recompute_modules", "cuda_graph_scope",
+    # set by the code: megatron's schedule hooks and objects
+    "timers", "finalize_model_grads_func", "grad_scale_func", "no_sync_func", "grad_sync_func",
+    "param_sync_func", "_cpu_offloading_context", "attention_backend", "quant_recipe",
+})
+
+# Fields megatron itself assigns on a built config: its pipeline schedule installs the
+# gradient/parameter sync hooks, its block keeps the CPU-offloading context.
+RUNTIME_FIELDS = frozenset({
+    "timers", "finalize_model_grads_func", "grad_scale_func", "no_sync_func", "grad_sync_func",
+    "param_sync_func", "_cpu_offloading_context",
+})
 
 
 class ConfigError(UserError, ValueError):
@@ -44,9 +94,22 @@ def default_capacities(num_recursions: int) -> tuple[float, ...]:
     return tuple((num_recursions - r) / num_recursions for r in range(num_recursions))
 
 
+def field_default(f: dataclasses.Field) -> Any:
+    """A dataclass field's default value (its factory called), or MISSING."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
 @dataclass
 class MoRConfig(TransformerConfig):
-    """Llama-architecture MoR model. Defaults follow MOR_SPEC (middle-cycle, expert-choice)."""
+    """Llama-architecture MoR model. Defaults follow docs/DESIGN.md 2-3 (middle-cycle, expert-choice).
+
+    Built once and then frozen: assigning a setting afterwards raises (megatron's own runtime
+    hooks, `RUNTIME_FIELDS`, excepted); derive a changed copy with `dataclasses.replace`.
+    """
 
     # Llama defaults in place of megatron's GPT ones.
     normalization: str = "RMSNorm"
@@ -96,11 +159,38 @@ class MoRConfig(TransformerConfig):
                 "set effective_layers only; num_layers is derived"
             )
         self.num_layers = plan.num_unique_layers
-        if self.pipeline_dtype is None:
-            self.pipeline_dtype = self.params_dtype
+        if self.pipeline_dtype is None:  # activations sent between pipeline stages
+            self.pipeline_dtype = torch.bfloat16 if self.bf16 else self.params_dtype
         super().__post_init__()
+        object.__setattr__(self, "_frozen", True)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self.__dict__.get("_frozen") and name in self.__dataclass_fields__ and name not in RUNTIME_FIELDS:
+            raise ConfigError(
+                f"MoRConfig.{name} cannot change after the config is built: set it where the config "
+                "is made (YAML or the constructor), or derive a copy with dataclasses.replace"
+            )
+        super().__setattr__(name, value)
+
+    def _validate_megatron_fields(self) -> None:
+        """Refuse inherited settings the MoR layers would ignore (see `MEGATRON_FIELDS`)."""
+        own = MoRConfig.__annotations__
+        for f in dataclasses.fields(TransformerConfig):
+            if f.name in own or f.name in MEGATRON_FIELDS or not f.init:
+                continue
+            if getattr(self, f.name) != field_default(f):
+                raise ConfigError(
+                    f"model.{f.name}={getattr(self, f.name)!r} is a megatron-core setting the MoR "
+                    "layers do not implement (it would be ignored): remove it"
+                )
+        if self.normalization != "RMSNorm":
+            raise ConfigError(
+                f"normalization '{self.normalization}' is not supported: the MoR layers are "
+                "Llama-shaped and always use RMSNorm; remove model.normalization"
+            )
 
     def _validate_mor(self) -> None:
+        self._validate_megatron_fields()
         _choice("sharing", self.sharing, SHARING_STRATEGIES)
         _choice("router", self.router, ROUTERS)
         _choice("kv_mode", self.kv_mode, KV_MODES)
@@ -126,12 +216,10 @@ class MoRConfig(TransformerConfig):
         self._validate_attention_shape()
         if self.router == "none":
             return
-        allowed = ROUTER_ACTIVATIONS[self.router]
-        if self.router_activation is None:
-            self.router_activation = allowed[0]
-        _choice(f"{self.router} router_activation", self.router_activation, allowed)
-        if self.router_alpha is None:
-            self.router_alpha = DEFAULT_ALPHA[self.router]
+        for name, default in ROUTER_DEFAULTS[self.router].items():
+            if getattr(self, name) is None:
+                setattr(self, name, default)
+        _choice(f"{self.router} router_activation", self.router_activation, ROUTER_ACTIVATIONS[self.router])
         self._validate_capacities()
         factor = self.token_choice_capacity_factor
         if factor is not None and (self.router != "token_choice" or factor <= 0):
@@ -199,4 +287,4 @@ class MoRConfig(TransformerConfig):
 
     def capacity_tokens(self, seq_len: int) -> list[int]:
         """k_r = max(1, floor(c_r * S)) tokens per sequence at each recursion (expert-choice)."""
-        return [max(1, math.floor(c * seq_len + 1e-9)) for c in self.capacities]
+        return [max(1, math.floor(c * seq_len + CAPACITY_ROUNDING_SLACK)) for c in self.capacities]

@@ -1,4 +1,4 @@
-"""Parameter-sharing strategies: which unique layer each unrolled layer uses (MOR_SPEC section 2)."""
+"""Parameter-sharing strategies: which unique layer each unrolled layer uses (docs/DESIGN.md 2)."""
 
 from __future__ import annotations
 

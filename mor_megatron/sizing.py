@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mor_megatron.config import MoRConfig
-from mor_megatron.model.units import unit_layers
+from mor_megatron.model.rules import unit_layers
 from mor_megatron.parallel.pipeline import plan_stages
 from mor_megatron.report import layer_params, router_params
 

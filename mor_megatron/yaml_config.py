@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import enum
 import re
 import types
 import typing
@@ -22,7 +23,7 @@ from typing import Any, Sequence, Union
 import torch
 import yaml
 
-from mor_megatron.config import ConfigError, MoRConfig
+from mor_megatron.config import ConfigError, MoRConfig, field_default
 
 KNOWN_SECTIONS = ("model", "parallel", "training", "data", "logging")
 
@@ -35,20 +36,38 @@ DERIVED_FIELDS = {
 DTYPE_FIELDS = ("params_dtype",)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# Megatron fields that shape the Llama model; with the fields MoRConfig declares itself they are
-# what `dump_model_config` writes.
-ARCHITECTURE_FIELDS = (
-    "hidden_size",
-    "num_attention_heads",
-    "num_query_groups",
-    "kv_channels",
-    "ffn_hidden_size",
-    "init_method_std",
-    "params_dtype",
-    "bf16",
-    "fp16",
-)
-_NOT_DUMPED = ("activation_func", "use_cpu_initialization")
+# Settings of one run rather than of the model: `dump_model_config` leaves them out, so a dump
+# rebuilds the same model at any layout, precision and machine. Each names where it comes from;
+# those set by another section of a run config are refused in its `model:` section.
+_LAYOUT = "the run's layout (parallel section)"
+_FP8 = "the run's FP8 precision (needs a GPU; decode and export run without it)"
+RUN_ONLY_FIELDS = {
+    # layout
+    "tensor_model_parallel_size": "parallel.tensor_model_parallel_size",
+    "pipeline_model_parallel_size": "parallel.pipeline_model_parallel_size",
+    "expert_tensor_parallel_size": _LAYOUT,
+    "microbatch_group_size_per_vp_stage": _LAYOUT,
+    # precision
+    "bf16": "training.bf16",
+    **{name: _FP8 for name in (
+        "fp8", "fp8_recipe", "fp8_param", "fp8_margin", "fp8_interval", "fp8_amax_history_len",
+        "fp8_amax_compute_algo", "fp8_wgrad", "fp8_dot_product_attention",
+        "fp8_multi_head_attention", "tp_only_amax_red", "first_last_layers_bf16",
+        "num_layers_at_start_in_bf16", "num_layers_at_end_in_bf16",
+    )},
+    # recompute
+    "recompute_granularity": "training.recompute",
+    "recompute_method": "training.recompute",
+    "recompute_num_layers": "training.recompute",
+    "recompute_modules": "training.recompute",
+    "cuda_graph_scope": "megatron (derived; CUDA graphs are not used)",
+    # where the weights are built
+    "use_cpu_initialization": "the machine that builds the weights",
+    "perform_initialization": "the code that builds the weights",
+}
+
+# Fields whose unset value is another field's: dumped only when they differ from it.
+DEFAULTS_FROM = {"embedding_init_method_std": "init_method_std"}
 
 
 class _Loader(yaml.SafeLoader):
@@ -317,27 +336,37 @@ def section_from_dict(cls: type, section: Any, name: str, source: str = "config"
                 f"{source}: {name}.{key} has the wrong type: expected {_describe(hints[key])}, "
                 f"got {type(value).__name__} {value!r}"
             ) from None
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:  # the section's own checks
+        raise ConfigError(f"{source}: {err}") from None
 
 
 # -- dumping ---------------------------------------------------------------------------------------
 
 
-def _dumped_fields() -> list[str]:
-    own = [name for name in MoRConfig.__annotations__ if name not in _NOT_DUMPED]
-    return list(ARCHITECTURE_FIELDS) + [name for name in own if name not in ARCHITECTURE_FIELDS]
+def settable_fields() -> list[str]:
+    """The `model:` keys a YAML file can set (every `MoRConfig` field of a YAML-able type, inherited
+    megatron ones included, but not the derived `num_layers`), in field order."""
+    return [
+        name for name, tp in _field_types().items()
+        if (name in DTYPE_FIELDS or _settable(tp)) and name not in DERIVED_FIELDS
+    ]
+
+
+def dumped_fields() -> list[str]:
+    """The fields `dump_model_config` writes (when not at their default): every settable field
+    but the run-only ones."""
+    return [name for name in settable_fields() if name not in RUN_ONLY_FIELDS]
 
 
 def _default(name: str) -> Any:
-    field = MoRConfig.__dataclass_fields__[name]
-    if field.default is not dataclasses.MISSING:
-        return field.default
-    if field.default_factory is not dataclasses.MISSING:
-        return field.default_factory()
-    return dataclasses.MISSING
+    return field_default(MoRConfig.__dataclass_fields__[name])
 
 
 def _plain(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
     if isinstance(value, torch.dtype):
         names = [name for name, dtype in DTYPES.items() if dtype == value]
         return names[0] if names else str(value).removeprefix("torch.")
@@ -349,12 +378,15 @@ def _plain(value: Any) -> Any:
 def dump_model_config(config: MoRConfig) -> dict[str, Any]:
     """The model settings of `config` that differ from the defaults, as plain YAML-able values.
 
-    Covers the Llama shape, precision and every MoR field; `load_model_config` of
-    `{"model": dump_model_config(config)}` rebuilds the same settings.
+    Every settable field (`dumped_fields`: MoR and inherited megatron ones) but the run-only ones
+    (`RUN_ONLY_FIELDS`); `load_model_config` of `{"model": dump_model_config(config)}` rebuilds
+    the same model settings.
     """
     out: dict[str, Any] = {}
-    for name in _dumped_fields():
+    for name in dumped_fields():
         value = getattr(config, name)
-        if value != _default(name):
+        source = DEFAULTS_FROM.get(name)
+        default = getattr(config, source) if source else _default(name)
+        if value != default:
             out[name] = _plain(value)
     return out

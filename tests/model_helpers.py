@@ -38,5 +38,29 @@ def batch(config: MoRConfig, batch_size: int = 2, seed: int = 1) -> tuple[torch.
 
 
 def logits(model: MoRGPTModel, tokens: torch.Tensor, positions: torch.Tensor, **kwargs) -> torch.Tensor:
-    extra = {"routing_mode": kwargs.pop("routing_mode")} if "routing_mode" in kwargs else None
-    return model(tokens, positions, None, extra_block_kwargs=extra, **kwargs)
+    """The model's forward; a MoR model keeps each step's selection mask (`router_output.selections`)."""
+    extra = {"record_selections": True} if isinstance(model, MoRGPTModel) else {}
+    if "routing_mode" in kwargs:
+        extra["routing_mode"] = kwargs.pop("routing_mode")
+    return model(tokens, positions, None, extra_block_kwargs=extra or None, **kwargs)
+
+
+@torch.no_grad()
+def generate_sequential(model, prompt: list[int], params=None, max_seq=None, tokenizer=None) -> list[int]:
+    """One request alone, prefill then one token at a time through `IncrementalDecoder`: the
+    reference the engine's continuous batching is checked against."""
+    from mor_megatron.inference import IncrementalDecoder, SamplingParams
+    from mor_megatron.inference.sampling import make_generator, sample, stop_reason
+
+    params = params or SamplingParams()
+    decoder = IncrementalDecoder(model, max_batch=1, max_seq=max_seq)
+    generator = make_generator(params, decoder.device)
+    decode = tokenizer.decode if tokenizer is not None else None
+    logits = decoder.forward(torch.tensor([prompt], device=decoder.device))[0, -1]
+    generated: list[int] = []
+    while True:
+        generated.append(sample(logits, params, generator))
+        fed = len(prompt) + len(generated) - 1  # `decoder.lengths[0]`, counted on the host
+        if stop_reason(generated, params, decode) or fed >= decoder.caches.max_seq:
+            return generated
+        logits = decoder.forward(torch.tensor([[generated[-1]]], device=decoder.device))[0, -1]

@@ -9,7 +9,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q -r requirements.txt
-"$VENV/bin/python" -m pip install -q --no-deps -e .
+PYTHONWARNINGS=ignore "$VENV/bin/python" -m pip install -q --no-deps -e .  # setuptools notes on the kernels/tools links
 export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
 # DeepSpeed JIT-compiles a C++ op on first use; keep that build (and its lock file) inside the
 # venv, so a build killed elsewhere can never leave a stale lock that blocks this run.

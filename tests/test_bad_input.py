@@ -305,7 +305,7 @@ def previous_output(existing, tmp_path):
 
 @pytest.mark.parametrize("row", list(PREPROCESS_ROWS))
 def test_preprocess_bad_input(row, existing, tmp_path, previous_output, capfd):
-    from tools.preprocess_data import main
+    from mor_megatron.tools.preprocess_data import main
 
     args = PREPROCESS_ROWS[row][0](tmp_path, existing["corpus"]["tokenizer"])
     before = tree_digest(previous_output)
@@ -320,7 +320,7 @@ def test_preprocess_bad_input(row, existing, tmp_path, previous_output, capfd):
 
 def test_preprocess_debug_raises_the_error(existing, tmp_path, previous_output):
     from mor_megatron.data.errors import DataError
-    from tools.preprocess_data import main
+    from mor_megatron.tools.preprocess_data import main
 
     with pytest.raises(DataError, match="is not UTF-8 text"):
         main(["--input", _latin1(tmp_path / "latin.txt"), "--tokenizer", existing["corpus"]["tokenizer"],

@@ -13,7 +13,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tools.bench_train import paper_depth  # noqa: E402
+from mor_megatron.tools.bench_train import paper_depth  # noqa: E402
 
 MODEL_KEYS = (
     "kind", "effective_layers", "unique_layers", "params", "step_times_s", "step_time_s",

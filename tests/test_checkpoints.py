@@ -113,7 +113,8 @@ def test_init_weights_of_another_shape_are_refused_before_loading(expert_setup, 
     import dataclasses
 
     from mor_megatron.model import MoRGPTModel
-    from mor_megatron.training.checkpoint import CheckpointError, load_weights
+    from mor_megatron.checkpoint_files import CheckpointError
+    from mor_megatron.weights import load_weights
     from mor_megatron.training.config import load_run_config
 
     config, overrides, _, _ = expert_setup

@@ -113,7 +113,7 @@ def test_te_backend_on_cpu_is_one_clear_error():
 @pytest.mark.parametrize("num_recursions,depth", [(2, 8), (3, 8), (4, 10)])
 def test_pipeline_plan_balances_recursion_steps(num_recursions, depth):
     from mor_megatron.parallel.pipeline import plan_stages, stage_flops, unit_forward_flops
-    from mor_megatron.model.units import decoder_units
+    from mor_megatron.model.rules import decoder_units
 
     cfg = config(effective_layers=depth, num_recursions=num_recursions, seq_length=256, vocab_size=512)
     stages = plan_stages(cfg, 2)

@@ -86,7 +86,7 @@ def test_ten_random_kills_each_resume_exactly(corpus, tmp_path):
 def test_disk_full_during_a_save_keeps_the_previous_checkpoint(corpus, tmp_path, monkeypatch, parallel):
     """The second save's first file goes to /dev/full, where every write fails with ENOSPC: the
     real kernel error through torch's real writer (which reports it as a RuntimeError)."""
-    from mor_megatron.training.checkpoint import CheckpointError
+    from mor_megatron.checkpoint_files import CheckpointError
     from mor_megatron.training.config import load_run_config
     from mor_megatron.training.loop import pretrain
 

@@ -47,13 +47,13 @@ def test_recomputation_gives_the_same_training(expert_setup):
 def _run_in_process(config, run_dir, overrides, nan_steps, monkeypatch, microbatch=None):
     """pretrain() in this process with the LM loss poisoned at the given (1-based) steps, in every
     micro-batch or only in the given (0-based) one."""
-    from mor_megatron.training import step as step_module
+    from mor_megatron.training import schedule
     from mor_megatron.training.config import load_run_config
     from mor_megatron.training.loop import pretrain
 
     calls = {"step": 0, "micro": 0}
-    original = step_module.lm_loss
-    original_train_step = step_module.train_step
+    original = schedule.lm_loss
+    original_train_step = schedule.train_step
 
     def counting_train_step(*args, **kwargs):
         calls["step"] += 1
@@ -66,7 +66,7 @@ def _run_in_process(config, run_dir, overrides, nan_steps, monkeypatch, microbat
         hit = calls["step"] in nan_steps and microbatch in (None, calls["micro"] - 1)
         return loss * float("nan") if hit else loss
 
-    monkeypatch.setattr(step_module, "lm_loss", poisoned)
+    monkeypatch.setattr(schedule, "lm_loss", poisoned)
     monkeypatch.setattr("mor_megatron.training.loop.train_step", counting_train_step)
     run = load_run_config(config, [f"logging.dir={run_dir}", *overrides])
     return pretrain(run, log=lambda message: None)

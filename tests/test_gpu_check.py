@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tools import gpu_check
+from mor_megatron.tools import gpu_check
 
 REPO = Path(__file__).resolve().parent.parent
 

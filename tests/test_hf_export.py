@@ -38,7 +38,7 @@ def _quiet(message: str) -> None:
 
 def save_model(model, config, directory: Path) -> tuple[Path, Path]:
     """Layout-free weights of `model` plus a run YAML holding its model section."""
-    from mor_megatron.training.checkpoint import save_weights
+    from mor_megatron.weights import save_weights
     from mor_megatron.yaml_config import dump_model_config
 
     weights, run_yaml = directory / "weights", directory / "run.yaml"
@@ -123,7 +123,7 @@ def test_vanilla_exports_as_llama(parallel, tmp_path, tied):
 
 
 def test_shape_mismatch_is_one_line(parallel, tmp_path, capsys):
-    from tools.convert_to_hf import main
+    from mor_megatron.tools.convert_to_hf import main
 
     config = tiny_config(init_method_std=STD)
     weights, _ = save_model(build(config), config, tmp_path)
@@ -217,9 +217,9 @@ def test_tp2_checkpoint_exports_like_tp1_initial_weights(parallel, corpus, tmp_p
 
     from mor_megatron.hf.export import export
     from mor_megatron.model import MoRGPTModel
-    from mor_megatron.training.checkpoint import load_weights, save_weights
+    from mor_megatron.weights import load_weights, save_weights
     from mor_megatron.training.config import load_run_config
-    from tools.convert_to_hf import main
+    from mor_megatron.tools.convert_to_hf import main
     from train_helpers import launch, write_config
 
     run_yaml = write_config(

@@ -52,7 +52,7 @@ def write_config(path: Path, **model) -> Path:
 
 def load_ours(config_path: Path, weights: Path):
     from mor_megatron.model import MoRGPTModel
-    from mor_megatron.training.checkpoint import load_weights
+    from mor_megatron.weights import load_weights
     from mor_megatron.yaml_config import load_model_config
 
     model = MoRGPTModel(load_model_config(config_path)).eval()
@@ -102,7 +102,7 @@ EXPECTED = {  # middle-cycle 1 + 2x3 + 1 over 8 base layers: middle base layers 
 
 @pytest.mark.parametrize("init", list(EXPECTED))
 def test_mor_import_ties_the_expected_base_layers(parallel, tmp_path, init):
-    from tools.convert_from_hf import main
+    from mor_megatron.tools.convert_from_hf import main
 
     base = make_llama(tmp_path / "llama")
     base_state = {k: v.detach() for k, v in base.state_dict().items()}
@@ -126,7 +126,7 @@ def test_mor_import_ties_the_expected_base_layers(parallel, tmp_path, init):
 
 
 def test_config_mismatch_is_one_line(parallel, tmp_path, capsys):
-    from tools.convert_from_hf import main
+    from mor_megatron.tools.convert_from_hf import main
 
     make_llama(tmp_path / "llama")
     capsys.readouterr()
@@ -171,7 +171,7 @@ def test_too_shallow_base_and_unknown_family(parallel, tmp_path):
 def test_exported_mor_imports_back_unchanged(parallel, tmp_path):
     from mor_megatron.hf.export import export
     from mor_megatron.hf.importer import import_hf
-    from mor_megatron.training.checkpoint import save_weights
+    from mor_megatron.weights import save_weights
     from mor_megatron.yaml_config import load_model_config
     from model_helpers import build
 
@@ -189,7 +189,7 @@ def test_exported_mor_imports_back_unchanged(parallel, tmp_path):
 def test_pickled_weights_need_the_explicit_flag(parallel, tmp_path, capsys):
     """A folder with only `pytorch_model.bin` is refused by default (pickles can run code) and read
     with `--allow-pickle`, through torch's weights_only unpickler, to the same weights."""
-    from tools.convert_from_hf import main
+    from mor_megatron.tools.convert_from_hf import main
 
     base = make_llama(tmp_path / "llama")
     (tmp_path / "llama" / "model.safetensors").unlink()

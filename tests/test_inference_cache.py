@@ -1,5 +1,5 @@
 """Static KV caches: cached attention against a dense reference, overflow, and the memory report
-against MOR_SPEC 5 for a forced routing pattern that realises the default capacities."""
+against docs/DESIGN.md 5 for a forced routing pattern that realises the default capacities."""
 
 from fractions import Fraction
 

@@ -19,7 +19,7 @@ COMBOS = [
 def full_logits(model, tokens):
     positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
     with torch.no_grad():
-        return model(tokens, positions, None, extra_block_kwargs={"routing_mode": "threshold"})
+        return model(tokens, positions, None, extra_block_kwargs={"routing_mode": "threshold", "record_selections": True})
 
 
 def incremental_logits(decoder, tokens, prefill):

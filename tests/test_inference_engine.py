@@ -5,8 +5,8 @@ options and stop rules."""
 import pytest
 import torch
 
-from model_helpers import build, tiny_config
-from mor_megatron.inference import Engine, SamplingParams, generate_sequential
+from model_helpers import build, generate_sequential, tiny_config
+from mor_megatron.inference import Engine, SamplingParams
 
 MAX_SEQ = 40
 LENGTHS = [5, 9, 3, 11, 4]

@@ -4,9 +4,9 @@ sampling (the same tokens at any batch size and as decoding alone), and the logi
 import pytest
 import torch
 
-from mor_megatron.inference import Engine, SamplingParams, generate_sequential
+from mor_megatron.inference import Engine, SamplingParams
 from mor_megatron.inference.sampling import cut_at_stop, filter_logits, sample
-from model_helpers import build, tiny_config
+from model_helpers import build, generate_sequential, tiny_config
 
 MAX_SEQ = 40
 

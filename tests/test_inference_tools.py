@@ -10,9 +10,9 @@ from model_helpers import build, tiny_config
 from mor_megatron.data.tokenizer import TextTokenizer
 from mor_megatron.inference import Engine, SamplingParams
 from mor_megatron.inference.loading import LoadError, load_model
-from mor_megatron.training.checkpoint import save_weights
+from mor_megatron.weights import save_weights
 from mor_megatron.yaml_config import dump_model_config
-from tools import bench_decode, generate, show_depth
+from mor_megatron.tools import bench_decode, generate, show_depth
 
 TEXTS = ["def add(a, b):\n    return a + b\n", "for item in items:\n    print(item)\n"] * 20
 
@@ -68,6 +68,11 @@ def test_generate_cli(checkpoint, tmp_path, capsys):
     assert generate.main(["--checkpoint", str(step), "--prompts", str(prompts), "--stop", "e",
                           "--max-tokens", "8"]) == 0
     assert generate.main(["--checkpoint", str(root / "missing"), "--prompts", str(prompts)]) == 2
+    # an inline prompt (as the trainer's closing message prints it) decodes like the file's line
+    inline = tmp_path / "inline.jsonl"
+    assert generate.main(["--checkpoint", str(step), "--prompt", "def add(a, b):", "--greedy", "--max-tokens", "6",
+                          "--output", str(inline)]) == 0
+    assert json.loads(inline.read_text())["token_ids"] == records[0]["token_ids"]
 
 
 def test_show_depth_writes_html_and_png(checkpoint, tmp_path, capsys):

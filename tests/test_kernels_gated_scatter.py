@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels.gated_scatter as gs
-from kernels import gated_scatter_add, gated_scatter_add_reference
+import mor_megatron.kernels.gated_scatter as gs
+from mor_megatron.kernels import gated_scatter_add, gated_scatter_add_reference
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -186,7 +186,7 @@ def test_triton_backend_on_cpu_without_interpreter_errors() -> None:
     proc = _run_snippet(
         """
         import torch
-        from kernels import gated_scatter_add
+        from mor_megatron.kernels import gated_scatter_add
         h = torch.zeros(4, 2, 3); idx = torch.tensor([[0, 1], [2, 3]]); g = torch.ones(2, 2); y = torch.ones(2, 2, 3)
         try:
             gated_scatter_add(h, idx, g, y, backend="triton")
@@ -209,8 +209,8 @@ def test_module_imports_without_triton() -> None:
         sys.modules["triton"] = None  # makes `import triton` raise ImportError
         sys.modules["triton.language"] = None
         import torch
-        import kernels
-        from kernels import gated_scatter_add, gated_scatter_add_reference
+        import mor_megatron.kernels as kernels
+        from mor_megatron.kernels import gated_scatter_add, gated_scatter_add_reference
         assert not kernels.HAS_TRITON
         h = torch.randn(4, 2, 3); idx = torch.tensor([[0, 1], [2, 3]]); g = torch.rand(2, 2); y = torch.randn(2, 2, 3)
         assert torch.equal(gated_scatter_add(h, idx, g, y), gated_scatter_add_reference(h, idx, g, y))
@@ -262,7 +262,7 @@ def test_kernels_compile_for_sm90_without_gpu(monkeypatch: pytest.MonkeyPatch, d
 
 
 def test_bench_tool_runs_on_cpu(capsys: pytest.CaptureFixture) -> None:
-    from tools.bench_kernels import main
+    from mor_megatron.tools.bench_kernels import main
 
     main(["--device", "cpu", "--shapes", "16x2x8", "--k-fracs", "0.5", "--min-run-time", "0.01"])
     out = capsys.readouterr().out

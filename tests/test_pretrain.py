@@ -3,6 +3,7 @@ TensorBoard events and metrics; a two-"node" launch through launch/torchrun.sh t
 one rank and a relaunch with the same command: tests/test_crash_recovery.py, ten times.)"""
 
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -24,7 +25,7 @@ def test_loss_goes_down_and_artifacts_appear(corpus, tmp_path, nproc):
     config = write_config(tmp_path / "run.yaml", corpus,
                           training=dict(LEARN, save_interval=6, eval_interval=6, micro_batch_size=2))
     run_dir = tmp_path / "run"
-    launch(config, run_dir, nproc=nproc)
+    result = launch(config, run_dir, nproc=nproc)
     losses = series(run_dir, "train/loss")
     assert len(losses) == 12
     assert _mean(losses[-3:]) < _mean(losses[:3]) - 0.1, losses
@@ -35,6 +36,30 @@ def test_loss_goes_down_and_artifacts_appear(corpus, tmp_path, nproc):
         assert key in rows[-1], key
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_00000006", "step_00000012"]
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    if nproc == 1:
+        _next_steps_run_as_printed(result.stdout, run_dir)
+
+
+def _next_steps_run_as_printed(stdout: str, run_dir) -> None:
+    """The commands the trainer prints at the end work as printed (from the repo root): decode,
+    depth colouring, TensorBoard (its --help: it would serve forever) and a resume (one step)."""
+    tail = stdout[stdout.index("Next (checkpoints in"):].splitlines()[1:]
+    commands = {line.split(":", 1)[0].strip(): shlex.split(line.split(":", 1)[1].split("   (")[0]) for line in tail}
+    assert set(commands) == {"generate text", "recursion depth", "TensorBoard", "train further"}, tail
+
+    def run(argv: list[str]) -> subprocess.CompletedProcess:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=repo_root(),
+                              env=dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1"))
+
+    generated = run(commands["generate text"])
+    assert generated.returncode == 0 and "--- 'def main():'" in generated.stdout, generated.stderr[-2000:]
+    depth = run(commands["recursion depth"])
+    assert depth.returncode == 0 and (run_dir / "depth.html").is_file(), depth.stderr[-2000:]
+    assert commands["TensorBoard"][-2:] == ["--host", "127.0.0.1"]  # localhost only
+    assert run(commands["TensorBoard"][:1] + ["--help"]).returncode == 0
+    resumed = run(commands["train further"] + ["training.exit_after_steps=1"])
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-2000:]
+    assert (run_dir / "checkpoints" / "step_00000013").is_dir()
 
 
 def _free_port() -> int:

@@ -84,7 +84,7 @@ def test_threshold_routing_selects_per_token():
 
 
 def test_training_topk_leaks_future_information():
-    """Known limitation of expert-choice training (MOR_SPEC 3.8): the per-sequence top-k looks at
+    """Known limitation of expert-choice training (docs/DESIGN.md 3.4): the per-sequence top-k looks at
     later tokens, so changing the future can change earlier logits. Decoding uses threshold
     routing instead (tested above)."""
     config = tiny_config()

@@ -1,4 +1,5 @@
-"""The te backend's attention (`TEActiveTokenAttention`) and the FP8 helpers (`training/fp8.py`).
+"""The te backend's attention (`TEActiveTokenAttention`) and the FP8 helpers (`model/precision.py`,
+`training/fp8.py`).
 
 On CPU: both modules import without Transformer Engine; FP8 asked for on CPU is one clear line;
 and the TE attention's layout code (sbhd / thd cu_seqlens / KV-sharing scatter / fallback / FP8
@@ -25,15 +26,17 @@ from mor_megatron.model import te_attention
 from mor_megatron.model.attention import ActiveTokenAttention
 from mor_megatron.model.decoder import MoRDecoder
 from mor_megatron.model.specs import get_mor_layer_spec
-from mor_megatron.model.te_attention import TEActiveTokenAttention, fp8_align_size, pad_active_tokens
+from mor_megatron.model.te_attention import TEActiveTokenAttention
 from mor_megatron.model.token_set import TokenSet
-from mor_megatron.training import fp8
-from mor_megatron.training.fp8 import (
+from mor_megatron.model import precision as fp8
+from mor_megatron.model.precision import (
     FP8UnavailableError,
     check_fp8_supported,
+    fp8_align_size,
     fp8_context,
-    refresh_fp8_weight_cache,
+    pad_active_tokens,
 )
+from mor_megatron.training.fp8 import refresh_fp8_weight_cache
 
 pytestmark = pytest.mark.usefixtures("parallel")
 
@@ -58,7 +61,8 @@ def test_modules_import_without_transformer_engine():
         "    def find_spec(self, name, path, target=None):\n"
         "        if name.split('.')[0] == 'transformer_engine': raise ModuleNotFoundError(name)\n"
         "sys.meta_path.insert(0, Block())\n"
-        "import mor_megatron.model.te_attention, mor_megatron.training.fp8, mor_megatron.model.specs\n"
+        "import mor_megatron.model.te_attention, mor_megatron.model.precision, mor_megatron.model.specs\n"
+        "import mor_megatron.training.fp8\n"
         "print('ok')\n"
     )
     result = subprocess.run(
@@ -356,8 +360,8 @@ def _fp8_deepspeed(seed: int = 0):
 def test_deepspeed_fp8_steps_refresh_the_weight_cache(te, monkeypatch):
     """Three FP8 steps through DeepSpeed: the cached FP8 weight follows every update; without
     the refresh it would stay at the first step's weights."""
-    from mor_megatron.training import step
-    from mor_megatron.training.step import train_step
+    from mor_megatron.training import schedule
+    from mor_megatron.training.schedule import train_step
 
     model, engine, step_batch = _fp8_deepspeed()
     linear = model.decoder.layers[model.config.recursion_plan.block[0]].self_attention.linear_qkv
@@ -373,7 +377,7 @@ def test_deepspeed_fp8_steps_refresh_the_weight_cache(te, monkeypatch):
     assert all(not torch.equal(a, b) for a, b in zip(snapshots, snapshots[1:]))
     # no refresh (also not the one train_step makes): the cache keeps the previous step's
     # weights, the trap a DeepSpeed loop falls into
-    monkeypatch.setattr(step, "refresh_fp8_weight_cache", lambda engine: 0, raising=False)
+    monkeypatch.setattr(schedule, "refresh_fp8_weight_cache", lambda engine: 0, raising=False)
     train_step(engine, step_batch)
     torch.testing.assert_close(cached(), snapshots[-1], rtol=0, atol=0)
 
@@ -382,7 +386,7 @@ def test_fp8_state_survives_a_checkpoint(te, tmp_path):
     """The FP8 scaling state of every TE module (scales and amax history, in its `_extra_state`)
     is written with a checkpoint and restored by a resume at the same layout."""
     from mor_megatron.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
-    from mor_megatron.training.step import train_step
+    from mor_megatron.training.schedule import train_step
 
     model, engine, step_batch = _fp8_deepspeed()
     for _ in range(2):

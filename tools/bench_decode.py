@@ -1,5 +1,5 @@
 """Decode throughput: MoR with continuous depth-wise batching vs vanilla with sequence-wise
-continuous batching (MOR_SPEC 6), and our vanilla engine vs transformers `generate()`.
+continuous batching (docs/DESIGN.md 6), and our vanilla engine vs transformers `generate()`.
 
     python tools/bench_decode.py                                  # CPU-sized defaults
     python tools/bench_decode.py --hidden 960 --heads 15 --kv-heads 5 --ffn 2560 --vocab 49152 \\
@@ -49,7 +49,7 @@ class Result:
 
     @property
     def tokens_per_s(self) -> float:
-        return self.tokens / max(self.seconds, 1e-9)
+        return self.tokens / self.seconds if self.seconds > 0 else float("nan")  # nan: too short to time
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed runs of every model, round-robin; the median is reported")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks and library warnings")
     parser.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -205,16 +206,17 @@ def hf_compare(model, prompts: list[list[int]], args, device: torch.device) -> O
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from mor_megatron.errors import UserError
+    from mor_megatron.errors import run_cli
+
+    return run_cli(lambda: _run(args), args.debug)
+
+
+def _run(args: argparse.Namespace) -> None:
     from mor_megatron.model import MoRGPTModel
     from mor_megatron.parallel.state import initialize_parallel
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    try:
-        configs = [("vanilla", make_config(args, None))] + [(f"MoR-{nr}", make_config(args, nr)) for nr in args.recursions]
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    configs = [("vanilla", make_config(args, None))] + [(f"MoR-{nr}", make_config(args, nr)) for nr in args.recursions]
     initialize_parallel(seed=args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     requests = args.requests or 2 * args.batch
@@ -261,7 +263,6 @@ def main(argv: Optional[list[str]] = None) -> int:
             ours, theirs, same = compared
             print(f"\nvanilla, batch {args.batch}: our engine {ours:.1f} tok/s, transformers generate() with a "
                   f"static cache {theirs:.1f} tok/s: {ours / theirs:.2f}x; equal greedy tokens {same:.1%}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -2,9 +2,9 @@
 
 Usage::
 
-    python -m tools.bench_kernels                     # MoR-like shapes, device auto
-    python -m tools.bench_kernels --dtype fp32 --min-run-time 1.0
-    python -m tools.bench_kernels --shapes 2048x8x960 --k-fracs 0.5
+    python tools/bench_kernels.py                     # MoR-like shapes, device auto
+    python tools/bench_kernels.py --dtype fp32 --min-run-time 1.0
+    python tools/bench_kernels.py --shapes 2048x8x960 --k-fracs 0.5
 
 On CUDA it prints the reference and the Triton timings and their ratio
 (forward, forward+backward). On CPU only the reference is timed: the Triton
@@ -19,13 +19,14 @@ are taken with ``torch.autograd.grad`` so no ``.grad`` accumulation is timed.
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch.utils import benchmark
 
-from kernels import HAS_TRITON, gated_scatter_add, gated_scatter_add_reference
+from mor_megatron.kernels import HAS_TRITON, gated_scatter_add, gated_scatter_add_reference
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_SHAPES = ("2048x8x960", "2048x8x2048")
@@ -98,12 +99,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES), help="SxBxD, e.g. 2048x8x960")
     p.add_argument("--k-fracs", nargs="+", type=float, default=list(DEFAULT_K_FRACS), help="k = int(S * frac)")
     p.add_argument("--min-run-time", type=float, default=0.5, help="seconds per timing (blocked_autorange)")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks and library warnings")
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     """Print a table of reference vs Triton timings for MoR-like shapes."""
     args = parse_args(argv)
+    from mor_megatron.errors import run_cli
+
+    return run_cli(lambda: _run(args), args.debug)
+
+
+def _run(args: argparse.Namespace) -> None:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
@@ -148,4 +156,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

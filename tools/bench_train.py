@@ -67,7 +67,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -708,6 +707,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="run transformers under the same CPU shims as megatron (diagnostic)")
     parser.add_argument("--json", help="write every number to this JSON file")
     parser.add_argument("--verbose", action="store_true", help="show the workers' stderr")
+    parser.add_argument("--debug", action="store_true", help="show library warnings and full tracebacks")
     parser.add_argument("overrides", nargs="*", help="model.key=value overrides of the config")
     parser.add_argument("--worker", choices=("megatron", "transformers", "probe"),
                         help=argparse.SUPPRESS)
@@ -726,29 +726,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     if args.worker:
         return _worker_main(args.worker)
+    from mor_megatron.errors import run_cli
 
+    return run_cli(lambda: _benchmark(args), debug=args.debug)
+
+
+def _benchmark(args: argparse.Namespace) -> int:
     import torch
 
-    with warnings.catch_warnings():  # megatron's "Apex/TE not installed" notes on import
-        warnings.simplefilter("ignore")
-        from mor_megatron.config import ConfigError
-        from mor_megatron.report import training_flops_per_token
-        from mor_megatron.yaml_config import dump_model_config, load_model_config
+    from mor_megatron.errors import UserError
+    from mor_megatron.report import training_flops_per_token
+    from mor_megatron.yaml_config import dump_model_config, load_model_config
 
     overrides = list(args.overrides)
     if args.seq_length:
         overrides.append(f"model.seq_length={args.seq_length}")
     try:
         recursions = [int(x) for x in args.recursions.split(",") if x.strip()]
-        if not recursions or min(recursions) < 2:
-            raise ValueError(f"--recursions {args.recursions}: give Nr values of at least 2")
-        with warnings.catch_warnings():  # megatron's deprecation notes on TransformerConfig
-            warnings.simplefilter("ignore")
-            base = load_model_config(args.config, overrides)
-            entries = plan_models(base, recursions, args.dtype)
-    except (ConfigError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except ValueError:
+        recursions = []
+    if not recursions or min(recursions) < 2:
+        raise UserError(f"--recursions {args.recursions}: give comma-separated Nr values of at least 2")
+    base = load_model_config(args.config, overrides)
+    try:
+        entries = plan_models(base, recursions, args.dtype)
+    except ValueError as err:
+        raise UserError(str(err)) from err
 
     cuda = torch.cuda.is_available()
     device = torch.cuda.get_device_name() if cuda else _cpu_name(args.threads)

@@ -17,23 +17,28 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("path", help="a checkpoint directory or the folder holding them")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     args = parser.parse_args(argv)
-    from mor_megatron.training.checkpoint_files import checkpoint_problem, find_latest, read_meta
+    from mor_megatron.errors import run_cli
 
-    path = Path(args.path)
+    return run_cli(lambda: describe(Path(args.path)), args.debug)
+
+
+def describe(path: Path) -> None:
+    """Print the checkpoint at `path` (or the newest complete one in it)."""
+    from mor_megatron.checkpoint_files import checkpoint_problem, find_latest, read_meta
+    from mor_megatron.errors import UserError
+
     if not path.is_dir():
-        print(f"error: {path} is not a directory: give a checkpoint or checkpoints folder", file=sys.stderr)
-        return 2
+        raise UserError(f"{path} is not a directory: give a checkpoint or checkpoints folder")
     if not (path / "meta.json").exists() and not path.name.startswith("step_"):
         found = find_latest(str(path), log=lambda message: print(message, file=sys.stderr))
         if found is None:
-            print(f"error: no complete checkpoint in {path}", file=sys.stderr)
-            return 2
+            raise UserError(f"no complete checkpoint in {path}")
         path = found
     problem = checkpoint_problem(path)
     if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
+        raise UserError(problem)
     meta = read_meta(path)
     state, layout = meta["train_state"], meta["layout"]
     print(f"checkpoint   {path}")
@@ -47,7 +52,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"files        {len(meta['files'])} ({sum(meta['files'].values()) / 1e6:.1f} MB)")
     print("config")
     print(json.dumps(meta["config"], indent=2))
-    return 0
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 from typing import Optional, Sequence
 
 INITS = ("stepwise", "average", "lower", "upper", "random")
@@ -30,10 +29,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--allow-pickle", action="store_true",
                         help="read pytorch_model.bin when the folder has no safetensors (pickles can run code: "
                              "only for sources you trust; loaded with torch's weights_only unpickler)")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks and library warnings")
     args = parser.parse_args(argv)
-    if not args.debug:
-        warnings.filterwarnings("ignore")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from mor_megatron.errors import run_cli
     from mor_megatron.hf.importer import import_hf
@@ -42,8 +39,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                      allow_pickle=args.allow_pickle), args.debug)
 
 
-if __name__ == "__main__":
+def cli() -> int:
+    """The command (`python tools/X.py`, console script): a process of its own, on the CPU."""
     os.environ["CUDA_VISIBLE_DEVICES"] = ""  # conversion runs on CPU (gloo, CPU tensors) everywhere
     os.environ["MOR_DEVICE"] = "cpu"  # a launcher's MOR_DEVICE=cuda:N would name a GPU hidden above
     os.environ.pop("MOR_DIST_BACKEND", None)  # the CPU's backend (gloo), not a launcher's nccl
-    sys.exit(main())
+    return main()
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

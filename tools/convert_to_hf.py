@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 from typing import Optional, Sequence
 
 
@@ -25,10 +24,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--config", help="run YAML giving the model (needed for a bare weights folder)")
     parser.add_argument("--tokenizer", help="tokenizer folder to include (default: the run's data.tokenizer)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (e.g. 5GB, 500MB)")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks and library warnings")
     args = parser.parse_args(argv)
-    if not args.debug:
-        warnings.filterwarnings("ignore")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from mor_megatron.errors import run_cli
     from mor_megatron.hf.export import export
@@ -39,8 +36,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return run_cli(convert, args.debug)
 
 
-if __name__ == "__main__":
+def cli() -> int:
+    """The command (`python tools/X.py`, console script): a process of its own, on the CPU."""
     os.environ["CUDA_VISIBLE_DEVICES"] = ""  # conversion runs on CPU (gloo, CPU tensors) everywhere
     os.environ["MOR_DEVICE"] = "cpu"  # a launcher's MOR_DEVICE=cuda:N would name a GPU hidden above
     os.environ.pop("MOR_DIST_BACKEND", None)  # the CPU's backend (gloo), not a launcher's nccl
-    sys.exit(main())
+    return main()
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

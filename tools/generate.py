@@ -3,10 +3,11 @@
     python tools/generate.py --checkpoint runs/tiny/checkpoints --prompts prompts.txt \\
         [--tokenizer DIR] [--greedy | --temperature 0.8 --top-p 0.95] [--max-tokens 64] [--stop TEXT]
 
-`--prompts`: one prompt per line (a `.jsonl` file: one {"prompt": ...} per line). With
+`--prompts`: one prompt per line (a `.jsonl` file: one {"prompt": ...} per line), or
+`--prompt TEXT` (repeatable; `\\n` is a newline, as in a prompts file). With
 `--token-ids`, each line is whitespace-separated token ids and no tokenizer is needed. Prints
 each completion; `--output FILE` also writes them as JSON lines (text, token ids, finish reason,
-mean recursion depth). Decoding uses causal threshold routing (MOR_SPEC 3.8).
+mean recursion depth). Decoding uses causal threshold routing (docs/DESIGN.md 3.3).
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ def read_prompts(path: str) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="a step_N checkpoint or the folder holding them")
-    parser.add_argument("--prompts", required=True, help="text file, one prompt per line (or .jsonl)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompts", help="text file, one prompt per line (or .jsonl)")
+    source.add_argument("--prompt", action="append", help="a prompt given inline (repeatable)")
     parser.add_argument("--tokenizer", help="tokenizer folder or name (default: the run's data.tokenizer)")
     parser.add_argument("--token-ids", action="store_true", help="prompt lines are token ids; print ids")
     mode = parser.add_mutually_exclusive_group()
@@ -45,18 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-batch", type=int, default=8, help="sequences decoded at once")
     parser.add_argument("--max-seq", type=int, help="cache length per sequence (default: the model's)")
     parser.add_argument("--output", help="also write JSON lines here")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks and library warnings")
     return parser
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from mor_megatron.errors import UserError
+    from mor_megatron.errors import run_cli
 
-    try:
-        return _run(args)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: _run(args), args.debug)
 
 
 def _run(args) -> int:
@@ -73,7 +73,7 @@ def _run(args) -> int:
         if name is None:
             raise LoadError("no tokenizer: pass --tokenizer DIR (the run has no data.tokenizer) or use --token-ids")
         tokenizer = load_tokenizer(name)
-    lines = read_prompts(args.prompts)
+    lines = read_prompts(args.prompts) if args.prompts else [p.replace("\\n", "\n") for p in args.prompt]
     if not lines:
         raise LoadError(f"{args.prompts} holds no prompt")
     if args.token_ids:
@@ -122,9 +122,10 @@ def _run(args) -> int:
     if out:
         out.close()
     stats = engine.stats
+    rate = f"{stats.generated_tokens / elapsed:.1f}" if elapsed > 0 else "n/a"  # too short to time
     print(
         f"# {directory}: {len(prompts)} prompts, {stats.generated_tokens} tokens in {elapsed:.2f} s "
-        f"({stats.generated_tokens / max(elapsed, 1e-9):.1f} tok/s), {stats.block_calls} block calls "
+        f"({rate} tok/s), {stats.block_calls} block calls "
         f"of {stats.mean_block_tokens:.1f} tokens ({stats.mixed_depth_calls} mixing depths)",
         file=sys.stderr,
     )

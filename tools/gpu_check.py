@@ -69,14 +69,15 @@ from typing import Any, Callable, Optional, Sequence
 if __package__ in (None, ""):  # `python tools/gpu_check.py`: sys.path[0] is tools/, not the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tools.gpu_check_proc import REPO, TAG, Context, Outcome, StepFailed, StepTimeout, error_line, tail
-from tools.gpu_check_report import Report
-from tools.gpu_check_steps import (
+from mor_megatron.errors import UserError, run_cli
+from mor_megatron.tools.gpu_check_proc import REPO, TAG, Context, Outcome, StepFailed, StepTimeout, error_line, tail
+from mor_megatron.tools.gpu_check_report import Report
+from mor_megatron.tools.gpu_check_steps import (
     PROMPTS, step_bench_decode, step_bench_train, step_cuda_tests, step_hf_generate, step_kernels,
     step_train_resume, step_two_processes,
 )
 # read from this module by tests/test_gpu_check.py
-from tools.gpu_check_steps import (  # noqa: F401
+from mor_megatron.tools.gpu_check_steps import (  # noqa: F401
     chip_peak_tflops, decode_findings, gloo_limitation, parse_bench_decode, parse_bench_kernels,
     parse_pytest, resume_tolerance,
 )
@@ -264,7 +265,7 @@ def step_environment(args: argparse.Namespace, site: Optional[Path]) -> dict[str
 def prepare_work(work: Path) -> None:
     """A fresh work directory; one that this check did not create is never deleted."""
     if work.exists() and any(work.iterdir()) and not (work / WORK_MARKER).is_file():
-        raise SystemExit(f"error: --work {work} exists and was not made by gpu_check.py: pick another folder")
+        raise UserError(f"--work {work} exists and was not made by gpu_check.py: pick another folder")
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
@@ -281,6 +282,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--steps", default=",".join(s.key for s in STEPS), help="subset, e.g. a,b,e")
     parser.add_argument("--dry-run", action="store_true", help="toy sizes on CPU (gloo, fp32)")
     parser.add_argument("--budget-s", type=float, default=480.0, help="wall-clock limit of the whole check")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     parser.add_argument("--worker", choices=("pretrain-deterministic", "hf-generate"), help=argparse.SUPPRESS)
     parser.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -298,6 +300,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     if args.worker:
         return run_worker(args.worker, [a for a in args.rest if a != "--"])
+    return run_cli(lambda: check(args), args.debug)
+
+
+def check(args: argparse.Namespace) -> int:
+    """Run the chosen steps; 0 when every one passed or was skipped."""
     started = time.monotonic()
     budget_end = started + args.budget_s
     out, work = Path(args.out).resolve(), Path(args.work).resolve()
@@ -324,9 +331,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"{TAG} python {env.get('python')}, torch {env.get('torch')}, CUDA {env.get('cuda')}, "
           f"GPU {env.get('gpu') or 'none'}", flush=True)
     if not args.dry_run and not env.get("cuda_available"):
-        print("error: no CUDA device is visible: run on a GPU host, or pass --dry-run for the CPU rehearsal",
-              file=sys.stderr)
-        return 2
+        raise UserError("no CUDA device is visible: run on a GPU host, or pass --dry-run for the CPU rehearsal")
     for step in STEPS:
         if step.key in args.step_keys:
             run_step(step, ctx, report, budget_end)

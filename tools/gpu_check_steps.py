@@ -12,7 +12,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Optional
 
-from tools.gpu_check_proc import REPO, Context, Outcome, Proc, StepFailed, StepTimeout, error_line, free_port
+from mor_megatron.tools.gpu_check_proc import REPO, Context, Outcome, Proc, StepFailed, StepTimeout, error_line, free_port
 
 # the file whose hidden `--worker` modes some steps run in a process of their own
 GPU_CHECK = REPO / "tools" / "gpu_check.py"
@@ -104,7 +104,7 @@ def train_checkpointed_run(ctx: Context, run_dir: Path, steps: int, save_every: 
 
 
 def tag_for(step: int) -> str:
-    return f"step_{step:08d}"  # mor_megatron.training.checkpoint_files.tag_for
+    return f"step_{step:08d}"  # mor_megatron.checkpoint_files.tag_for
 
 
 # -- a. CUDA-marked tests ---------------------------------------------------------------------------
@@ -492,7 +492,7 @@ def step_kernels(ctx: Context) -> Outcome:
     outcome = pytest_outcome(tests, ctx.figures["tests"], "kernel tests")
     options = (["--device", "cpu", "--shapes", "16x2x8", "--k-fracs", "0.5", "--min-run-time", "0.01"]
                if ctx.dry else [])
-    bench = ctx.run([ctx.python, "-m", "tools.bench_kernels", *options], what="bench_kernels.py")
+    bench = ctx.run([ctx.python, "-m", "mor_megatron.tools.bench_kernels", *options], what="bench_kernels.py")
     ctx.figures["bench"] = parse_bench_kernels(bench.output)
     header = next((line for line in bench.output.splitlines() if line.startswith("gated_scatter_add")), "")
     ctx.figures["bench_settings"] = header.strip()

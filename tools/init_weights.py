@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import warnings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,22 +16,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True)
     parser.add_argument("--output", required=True, help="directory to create")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks and library warnings")
     args = parser.parse_args(argv)
-    warnings.filterwarnings("ignore")
     from mor_megatron.errors import run_cli
-    from mor_megatron.model import MoRGPTModel
-    from mor_megatron.parallel.state import initialize_parallel
-    from mor_megatron.training.checkpoint import save_weights
-    from mor_megatron.training.config import load_run_config
 
     def write() -> None:
+        from mor_megatron.model import MoRGPTModel
+        from mor_megatron.parallel.state import initialize_parallel
+        from mor_megatron.training.config import load_run_config
+        from mor_megatron.weights import save_weights
+
         run = load_run_config(args.config, args.overrides)
         initialize_parallel(seed=run.training.seed)
         config = dataclasses.replace(run.model, tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
         save_weights(MoRGPTModel(config, backend=run.training.backend), args.output)
         print(f"initial weights written to {args.output}")
 
-    return run_cli(write)
+    return run_cli(write, args.debug)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,10 +12,6 @@ import json
 import sys
 from typing import Optional, Sequence
 
-from mor_megatron.config import ConfigError
-from mor_megatron.report import model_report
-from mor_megatron.sizing import Layout, training_memory
-from mor_megatron.yaml_config import load_model_config
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -32,30 +28,36 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     layout.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch")
     layout.add_argument("--recompute", action="store_true", help="full activation recomputation")
     layout.add_argument("--fp32", action="store_true", help="fp32 training instead of bf16")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks and library warnings")
     return parser.parse_args(argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    try:
-        config = load_model_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    from mor_megatron.errors import run_cli
+
+    return run_cli(lambda: report(args), args.debug)
+
+
+def report(args: argparse.Namespace) -> None:
+    """Print the report of `args.config` (megatron is imported here, under run_cli's quiet)."""
+    from mor_megatron.errors import UserError
+    from mor_megatron.report import model_report
+    from mor_megatron.sizing import Layout, training_memory
+    from mor_megatron.yaml_config import load_model_config
+
+    config = load_model_config(args.config, args.overrides)
     layout = Layout(args.tp, args.pp, args.dp, args.zero, args.micro_batch, args.recompute, not args.fp32)
     try:
         memory = training_memory(config, layout)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    report = {
+    except ValueError as err:  # a layout the config cannot take
+        raise UserError(str(err)) from err
+    print(json.dumps({
         "config": args.config,
         "overrides": list(args.overrides),
         **model_report(config),
         "memory_per_gpu": memory,
-    }
-    print(json.dumps(report, indent=2))
-    return 0
+    }, indent=2))
 
 
 if __name__ == "__main__":

@@ -144,34 +144,36 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--generate", type=int, default=0, help="first continue the text greedily by N tokens")
     parser.add_argument("--output", default="depth", help="output prefix: PREFIX.html and PREFIX.png")
     parser.add_argument("--width", type=int, default=80, help="characters per PNG line")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks and library warnings")
     args = parser.parse_args(argv)
+    from mor_megatron.errors import run_cli
+
+    return run_cli(lambda: _run(args), args.debug)
+
+
+def _run(args: argparse.Namespace) -> None:
     from mor_megatron.data.tokenizer import load_tokenizer
-    from mor_megatron.errors import UserError
     from mor_megatron.inference import Engine, SamplingParams
     from mor_megatron.inference.loading import LoadError, load_model, tokenizer_name
 
-    try:
-        model, directory, meta = load_model(args.checkpoint)
-        name = tokenizer_name(meta, args.tokenizer)
-        if name is None:
-            raise LoadError("no tokenizer: pass --tokenizer DIR (the run has no data.tokenizer)")
-        tokenizer = load_tokenizer(name)
-        text = args.text if args.text is not None else Path(args.text_file).read_text(encoding="utf-8")
-        ids = tokenizer.encode_batch([text])[0]
-        if not ids:
-            raise LoadError("the text is empty after tokenization")
-        limit = model.config.seq_length
-        if args.generate:
-            room = limit - len(ids)
-            if room < 1:
-                raise LoadError(f"the text has {len(ids)} tokens: no room to generate within seq_length={limit}")
-            engine = Engine(model, max_batch=1, max_seq=limit)
-            (done,) = engine.generate([ids], SamplingParams(max_tokens=min(args.generate, room)))
-            ids = ids + done.token_ids
-        ids = ids[:limit]
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    model, directory, meta = load_model(args.checkpoint)
+    name = tokenizer_name(meta, args.tokenizer)
+    if name is None:
+        raise LoadError("no tokenizer: pass --tokenizer DIR (the run has no data.tokenizer)")
+    tokenizer = load_tokenizer(name)
+    text = args.text if args.text is not None else Path(args.text_file).read_text(encoding="utf-8")
+    ids = tokenizer.encode_batch([text])[0]
+    if not ids:
+        raise LoadError("the text is empty after tokenization")
+    limit = model.config.seq_length
+    if args.generate:
+        room = limit - len(ids)
+        if room < 1:
+            raise LoadError(f"the text has {len(ids)} tokens: no room to generate within seq_length={limit}")
+        engine = Engine(model, max_batch=1, max_seq=limit)
+        (done,) = engine.generate([ids], SamplingParams(max_tokens=min(args.generate, room)))
+        ids = ids + done.token_ids
+    ids = ids[:limit]
     depths = token_depths(model, ids)
     pieces = [tokenizer.decode([i]) for i in ids]
     nr = model.config.num_recursions if model.config.router != "none" else 0
@@ -182,7 +184,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     counts = {d: depths.count(d) for d in sorted(set(depths))}
     print(f"{len(ids)} tokens, depth counts {counts}, mean {sum(depths) / len(depths):.2f}")
     print(f"wrote {html_path} and {png_path} ({drawer})")
-    return 0
 
 
 if __name__ == "__main__":

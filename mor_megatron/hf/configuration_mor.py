@@ -17,6 +17,7 @@ ACTIVATIONS = {"expert_choice": ("sigmoid", "tanh"), "token_choice": ("softmax",
 DEFAULT_ALPHA = {"expert_choice": 0.1, "token_choice": 1.0}
 
 
+# Mirrors mor_megatron.sharing.build_plan, as a dict of lists (tests/test_rule_copies.py)
 def recursion_plan(sharing: str, effective_layers: int, num_recursions: int) -> dict[str, list[int]]:
     """Which unique layer runs at each unrolled depth, and the (prefix, block, suffix) split.
 

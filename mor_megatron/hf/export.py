@@ -46,7 +46,7 @@ class Source:
 def resolve_source(checkpoint: str, config: Optional[str] = None, log: Callable[[str], None] = print) -> Source:
     """A checkpoint directory, the folder of checkpoints (newest complete one), or a bare
     dist-checkpoint of weights (then `config`, a run YAML, must give the model section)."""
-    from mor_megatron.training.checkpoint_files import checkpoint_problem, find_latest, read_meta
+    from mor_megatron.checkpoint_files import checkpoint_problem, find_latest, read_meta
     from mor_megatron.yaml_config import load_sections
 
     path = Path(checkpoint)
@@ -152,7 +152,7 @@ def load_state(config: MoRConfig, weights: Path) -> dict[str, torch.Tensor]:
     """The TP=1 `state_dict` of the model in `weights` (resharded from any saved layout)."""
     from mor_megatron.model import MoRGPTModel
     from mor_megatron.parallel.state import initialize_parallel
-    from mor_megatron.training.checkpoint import load_weights
+    from mor_megatron.weights import load_weights
 
     initialize_parallel()
     model = MoRGPTModel(config)

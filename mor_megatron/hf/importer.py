@@ -1,6 +1,6 @@
 """Import a Hugging Face Llama-family folder as layout-free mor-megatron weights.
 
-The result is a megatron dist-checkpoint (`training.checkpoint.save_weights`) that any TP/PP layout
+The result is a megatron dist-checkpoint (`mor_megatron.weights.save_weights`) that any TP/PP layout
 starts from with `training.init_from=DIR`. A vanilla config takes the base layers one to one; a MoR
 config fills its shared layers by an uptraining initialisation (MoR paper, App. F), with M middle
 base layers (all base layers for cycle/sequence sharing; all but the first and last for the middle
@@ -185,7 +185,7 @@ def import_hf(
 
     from mor_megatron.model import MoRGPTModel
     from mor_megatron.parallel.state import initialize_parallel
-    from mor_megatron.training.checkpoint import save_weights
+    from mor_megatron.weights import save_weights
     from mor_megatron.yaml_config import load_model_config
 
     if init not in INITS:

@@ -115,6 +115,53 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return x * cos + _rotate_half(x) * sin
 
 
+# -- MoR rules: copies of mor_megatron/model/rules.py without their docstrings (tests/test_rule_copies.py) --
+
+
+# Copied from mor_megatron.model.rules.token_choice_combine
+def token_choice_combine(h1: torch.Tensor, gate: torch.Tensor, running: torch.Tensor) -> torch.Tensor:
+    return h1 + gate.unsqueeze(-1) * running
+
+
+# Copied from mor_megatron.model.rules.token_choice_runs
+def token_choice_runs(depth: torch.Tensor, r: int) -> torch.Tensor:
+    return depth >= r
+
+
+# Copied from mor_megatron.model.rules.token_choice_gate
+def token_choice_gate(probs: torch.Tensor, depth: torch.Tensor, alpha: float) -> torch.Tensor:
+    return alpha * probs.gather(-1, depth.unsqueeze(-1)).squeeze(-1)
+
+
+# Copied from mor_megatron.model.rules.token_choice_depth
+def token_choice_depth(probs: torch.Tensor) -> torch.Tensor:
+    return probs.detach().argmax(dim=-1)
+
+
+# Copied from mor_megatron.model.rules.token_choice_probs
+def token_choice_probs(logits: torch.Tensor, activation: str) -> torch.Tensor:
+    return logits.softmax(dim=-1) if activation == "softmax" else logits.sigmoid()
+
+
+# Copied from mor_megatron.model.rules.gated_update
+def gated_update(hidden: torch.Tensor, gate: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    return hidden + gate.unsqueeze(-1) * update
+
+
+# Copied from mor_megatron.model.rules.threshold_continue
+def threshold_continue(logits: torch.Tensor, aux_logits: Optional[torch.Tensor], capacity: float) -> torch.Tensor:
+    if capacity >= 1.0:
+        return torch.ones_like(logits, dtype=torch.bool)
+    decide = aux_logits if aux_logits is not None else logits
+    return decide.detach() >= 0
+
+
+# Copied from mor_megatron.model.rules.expert_choice_gate
+def expert_choice_gate(logits: torch.Tensor, alpha: float, activation: str) -> torch.Tensor:
+    act = torch.sigmoid if activation == "sigmoid" else torch.tanh
+    return alpha * act(logits)
+
+
 @dataclass
 class StepContext:
     """What a layer needs besides its input: RoPE, query positions `[B, n]`, which new tokens may
@@ -264,17 +311,13 @@ class MoRModel(MoRPreTrainedModel):
     ) -> torch.Tensor:
         config = self.config
         candidates = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
-        act = torch.sigmoid if config.router_activation == "sigmoid" else torch.tanh
         for step in range(config.num_recursions):
             logits = self.routers[step](hidden).squeeze(-1)
-            if config.capacities[step] >= 1.0:
-                selected = candidates
-            else:
-                decide = self.aux_routers[step](hidden).squeeze(-1) if config.aux_router else logits
-                selected = candidates & (decide >= 0)
+            aux = self.aux_routers[step](hidden).squeeze(-1) if config.aux_router else None
+            selected = candidates & threshold_continue(logits, aux, config.capacities[step])
             out = self._run(self.plan["block"], hidden, ("step", step), selected, base, cache)
-            gate = config.router_alpha * act(logits)
-            hidden = torch.where(selected[..., None], hidden + gate[..., None] * out, hidden)
+            gate = expert_choice_gate(logits, config.router_alpha, config.router_activation)
+            hidden = torch.where(selected[..., None], gated_update(hidden, gate, out), hidden)
             candidates = selected
             selections.append(selected)
         return hidden
@@ -283,17 +326,16 @@ class MoRModel(MoRPreTrainedModel):
         self, hidden: torch.Tensor, base: StepContext, cache: MoRCache, selections: list
     ) -> torch.Tensor:
         config = self.config
-        logits = self.router(hidden)
-        probs = logits.softmax(dim=-1) if config.router_activation == "softmax" else logits.sigmoid()
-        depth = probs.argmax(dim=-1)
-        gate = config.router_alpha * probs.gather(-1, depth[..., None])
+        probs = token_choice_probs(self.router(hidden), config.router_activation)
+        depth = token_choice_depth(probs)
+        gate = token_choice_gate(probs, depth, config.router_alpha)
         running = hidden
         for step in range(config.num_recursions):
-            active = depth >= step
+            active = token_choice_runs(depth, step)
             out = self._run(self.plan["block"], running, ("step", step), active, base, cache)
             running = torch.where(active[..., None], out, running)
             selections.append(active)
-        return hidden + gate * running
+        return token_choice_combine(hidden, gate, running)
 
     def forward(
         self,

@@ -12,7 +12,6 @@ from mor_megatron.inference.decode import (
     DecodeOutput,
     IncrementalDecoder,
     ModelStages,
-    generate_sequential,
 )
 from mor_megatron.inference.engine import Completion, Engine, EngineStats
 from mor_megatron.inference.sampling import SamplingParams
@@ -30,6 +29,5 @@ __all__ = [
     "SamplingParams",
     "StaticKVCache",
     "expected_recursion_ratio",
-    "generate_sequential",
     "kv_bytes_per_row",
 ]

@@ -5,7 +5,7 @@ plus per-row lengths and the original position of every stored entry. A row's en
 be contiguous in position: a recursion-wise cache of step r stores only the tokens that were
 active at step r, so its attention masks by stored position, not by slot.
 
-`KVCacheSet` holds every cache the model needs (MOR_SPEC 5):
+`KVCacheSet` holds every cache the model needs (docs/DESIGN.md 5):
 - a unique layer (every token): one cache per unit of the decoder (`("unit", u)`);
 - a shared layer, recursion-wise: one cache per (recursion step, layer) (`("block", layer, r)`),
   step r stores only the tokens active at step r;
@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mor_megatron.config import MoRConfig
+from mor_megatron.config import CAPACITY_ROUNDING_SLACK, MoRConfig
 from mor_megatron.errors import UserError
-from mor_megatron.model.units import decoder_units
+from mor_megatron.model.rules import decoder_units
 
 SLOT_MODES = ("full", "capacity")
 
@@ -210,7 +210,7 @@ class KVUsage:
 
     `used`: entries actually stored; `allocated`: the static buffers. The vanilla model caches
     every token at each of `effective_layers` layers. `recursion_*` counts the shared (recursion)
-    layers only, where MOR_SPEC 5 states the ratios.
+    layers only, where docs/DESIGN.md 5 states the ratios.
     """
 
     entry_bytes: int
@@ -245,7 +245,7 @@ class KVUsage:
 
 
 def expected_recursion_ratio(config: MoRConfig) -> float:
-    """MOR_SPEC 5 on the recursion layers when step r keeps a share c_r of the tokens:
+    """docs/DESIGN.md 5 on the recursion layers when step r keeps a share c_r of the tokens:
     recursion-wise sum(c_r)/Nr ((Nr+1)/(2Nr) at the default capacities); share_first 1/Nr."""
     nr = config.num_recursions
     if config.router == "none" or nr == 1:
@@ -255,15 +255,20 @@ def expected_recursion_ratio(config: MoRConfig) -> float:
     return sum(config.capacities) / nr
 
 
+# "capacity" slots: each recursion step holds its capacity share of max_seq times this margin, so a
+# row may route somewhat more than the average share deeper before `CacheOverflowError`.
+DEFAULT_CAPACITY_MARGIN = 1.25
+
+
 def step_slots(config: MoRConfig, max_seq: int, mode: str, margin: float) -> list[int]:
     """Slots per row of each recursion step's caches: all `max_seq` ("full"), or the step's
-    capacity share times `margin` ("capacity": static memory shrinks as MOR_SPEC 5 says)."""
+    capacity share times `margin` ("capacity": static memory shrinks as docs/DESIGN.md 5 says)."""
     if mode not in SLOT_MODES:
         raise ValueError(f"unknown kv_slots '{mode}': choose one of {', '.join(SLOT_MODES)}")
     nr = config.num_recursions
     if mode == "full" or config.router == "none":
         return [max_seq] * nr
-    return [min(max_seq, max(1, math.ceil(c * max_seq * margin - 1e-9))) for c in config.capacities]
+    return [min(max_seq, max(1, math.ceil(c * max_seq * margin - CAPACITY_ROUNDING_SLACK))) for c in config.capacities]
 
 
 class KVCacheSet:
@@ -275,7 +280,7 @@ class KVCacheSet:
         max_batch: int,
         max_seq: int,
         kv_slots: str = "full",
-        capacity_margin: float = 1.25,
+        capacity_margin: float = DEFAULT_CAPACITY_MARGIN,
         dtype: Optional[torch.dtype] = None,
         device: Union[str, torch.device] = "cpu",
     ) -> None:
@@ -366,7 +371,7 @@ class KVCacheSet:
         )
 
 
-def kv_bytes_per_row(config: MoRConfig, max_seq: int, kv_slots: str = "full", capacity_margin: float = 1.25,
+def kv_bytes_per_row(config: MoRConfig, max_seq: int, kv_slots: str = "full", capacity_margin: float = DEFAULT_CAPACITY_MARGIN,
                      dtype: Optional[torch.dtype] = None) -> int:
     """Static KV bytes one row of a `KVCacheSet` allocates (without allocating it)."""
     dtype = dtype or config.params_dtype

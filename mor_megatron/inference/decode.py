@@ -3,12 +3,9 @@
 `ModelStages` splits a `MoRGPTModel` into what a decoder calls: embedding, unique layers before
 the recursions (`prefix`), one recursion step of the shared block over tokens that may sit at
 different steps (`block`), the routers, the unique layers after the recursions (`suffix`), final
-norm and LM head. Routing is the model's `routing_mode="threshold"` rule, causal per token:
-- expert-choice: at step r a token that ran step r-1 continues when sigmoid(logit_r) >= 0.5
-  (auxiliary router logits when the model has them; a step of capacity 1 keeps every token);
-  H <- H + g * f(H) with g = alpha * act(logit_r);
-- token-choice: depth = argmax of the router on the stream entering recursion 1; the token runs
-  the block ungated while its depth lasts, then H = H_1 + g * F_depth(H_1).
+norm and LM head. Routing is the model's `routing_mode="threshold"` rule, causal per token, from
+`model/rules.py`: expert-choice `threshold_continue` and `gated_update`; token-choice
+`token_choice_probs`, `token_choice_depth`, `token_choice_gate`, `token_choice_runs`, `token_choice_combine`.
 
 `IncrementalDecoder` runs all stages in order on any set of new tokens (prefill or one token per
 row), appending to static KV caches: the reference path, sequence-wise.
@@ -24,8 +21,9 @@ import torch.nn.functional as F
 from megatron.core.tensor_parallel import ColumnParallelLinear
 from torch import Tensor
 
-from mor_megatron.inference.cache import KVCacheSet, StaticKVCache, ranks_within_rows
+from mor_megatron.inference.cache import DEFAULT_CAPACITY_MARGIN, KVCacheSet, StaticKVCache, ranks_within_rows
 from mor_megatron.inference.layers import TokenBatch, decode_layer, rope_mscale, softmax_scale
+from mor_megatron.model.rules import gated_update, threshold_continue, token_choice_combine, token_choice_runs
 
 # depth_override(rows [T], positions [T]) -> recursion depth per token, 1..Nr (tests, demos)
 DepthOverride = Callable[[Tensor, Tensor], Tensor]
@@ -146,31 +144,25 @@ class ModelStages:
             hidden = self.layers[layer](hidden, batch, attend)
         return hidden
 
-    def expert_route(self, step: int, hidden: Tensor, batch: TokenBatch) -> Routed:
-        """Expert-choice decision of recursion `step` for tokens that ran the previous step."""
-        router = self.decoder.routers[str(step)]
+    def expert_route(self, r: int, hidden: Tensor, batch: TokenBatch) -> Routed:
+        """Expert-choice decision of recursion step r for tokens that ran the previous step."""
+        router = self.decoder.routers[str(r)]
         logits, aux = router(hidden)
         logits = logits.reshape(-1)
         gate = router.gate(logits)
         if self.depth_override is not None:
-            keep = self.depth_override(batch.rows, batch.positions) > step
-        elif self.config.capacities[step] >= 1.0:
-            keep = torch.ones_like(logits, dtype=torch.bool)
+            keep = self.depth_override(batch.rows, batch.positions) > r
         else:
-            decide = aux.reshape(-1) if aux is not None else logits
-            keep = decide >= 0
+            keep = threshold_continue(logits, aux.reshape(-1) if aux is not None else None, self.config.capacities[r])
         return Routed(keep, gate)
 
     def token_route(self, hidden: Tensor, batch: TokenBatch) -> tuple[Tensor, Tensor]:
         """Token-choice: 0-based depth `[T]` and gate `[T]` from the stream entering recursion 1."""
-        router = self.decoder.router
-        depth, gate, logits = router(hidden)
-        depth, gate = depth.reshape(-1), gate.reshape(-1)
+        override = None
         if self.depth_override is not None:
-            depth = (self.depth_override(batch.rows, batch.positions) - 1).to(depth.dtype)
-            probs = logits.softmax(-1) if router.activation == "softmax" else logits.sigmoid()
-            gate = router.alpha * probs.reshape(depth.numel(), -1).gather(1, depth.unsqueeze(1)).squeeze(1)
-        return depth, gate
+            override = (self.depth_override(batch.rows, batch.positions) - 1).long().view(-1, 1)
+        depth, gate, _ = self.decoder.router(hidden, override)
+        return depth.reshape(-1), gate.reshape(-1)
 
     def head(self, hidden: Tensor) -> Tensor:
         """Final RMSNorm and LM head: `[T, 1, D]` -> logits `[T, V]`."""
@@ -190,26 +182,26 @@ class ModelStages:
         depth = torch.zeros_like(tokens)
         if self.router == "expert_choice":
             active = torch.arange(tokens.numel(), device=tokens.device)
-            for step in range(self.num_recursions):
-                routed = self.expert_route(step, hidden[active], batch.select(active))
+            for r in range(self.num_recursions):
+                routed = self.expert_route(r, hidden[active], batch.select(active))
                 active = active[routed.keep]
                 if active.numel() == 0:
                     break
-                sub = batch.select(active)
-                out = self.block(hidden[active], sub, torch.full_like(active, step))
-                gate = routed.gate[routed.keep]
-                hidden = hidden.index_add(0, active, gate.view(-1, 1, 1) * out)
+                out = self.block(hidden[active], batch.select(active), torch.full_like(active, r))
+                hidden = hidden.index_copy(
+                    0, active, gated_update(hidden[active], routed.gate[routed.keep].view(-1, 1), out)
+                )
                 depth[active] += 1
         elif self.router == "token_choice":
             chosen, gate = self.token_route(hidden, batch)
             running = hidden
-            for step in range(self.num_recursions):
-                active = (chosen >= step).nonzero().squeeze(1)
+            for r in range(self.num_recursions):
+                active = token_choice_runs(chosen, r).nonzero().squeeze(1)
                 if active.numel() == 0:
                     break
-                out = self.block(running[active], batch.select(active), torch.full_like(active, step))
+                out = self.block(running[active], batch.select(active), torch.full_like(active, r))
                 running = running.index_copy(0, active, out)
-            hidden = hidden + gate.view(-1, 1, 1) * running
+            hidden = token_choice_combine(hidden, gate.view(-1, 1), running)
             depth = chosen + 1
         hidden = self.run_units(self.suffix, hidden, batch)
         return self.head(hidden), depth
@@ -225,7 +217,7 @@ class IncrementalDecoder:
     """Prefill and token-by-token decoding of up to `max_batch` rows through static KV caches.
 
     kv_slots: "full" (every cache holds `max_seq` entries per row) or "capacity" (recursion
-    step r holds c_r x max_seq x capacity_margin, the static saving of MOR_SPEC 5; a row that
+    step r holds c_r x max_seq x capacity_margin, the static saving of docs/DESIGN.md 5; a row that
     routes more tokens deeper than that raises `CacheOverflowError`).
     lean: see `ModelStages`.
     """
@@ -236,7 +228,7 @@ class IncrementalDecoder:
         max_batch: int = 1,
         max_seq: Optional[int] = None,
         kv_slots: str = "full",
-        capacity_margin: float = 1.25,
+        capacity_margin: float = DEFAULT_CAPACITY_MARGIN,
         depth_override: Optional[DepthOverride] = None,
         lean: bool = True,
         device: Union[str, torch.device, None] = None,
@@ -277,25 +269,3 @@ class IncrementalDecoder:
         flat_rows = rows.to(self.device).repeat_interleave(count)
         out = self.forward_flat(tokens.reshape(-1), flat_rows)
         return out.logits.view(batch, count, -1)
-
-
-
-@torch.no_grad()
-def generate_sequential(
-    model, prompt: list[int], params=None, max_seq: Optional[int] = None, tokenizer=None
-) -> list[int]:
-    """One request alone, prefill then one token at a time (the reference for the engine)."""
-    from mor_megatron.inference.sampling import SamplingParams, make_generator, sample, stop_reason
-
-    params = params or SamplingParams()
-    decoder = IncrementalDecoder(model, max_batch=1, max_seq=max_seq)
-    generator = make_generator(params, decoder.device)
-    decode = tokenizer.decode if tokenizer is not None else None
-    logits = decoder.forward(torch.tensor([prompt], device=decoder.device))[0, -1]
-    generated: list[int] = []
-    while True:
-        generated.append(sample(logits, params, generator))
-        fed = len(prompt) + len(generated) - 1  # `decoder.lengths[0]`, counted on the host
-        if stop_reason(generated, params, decode) or fed >= decoder.caches.max_seq:
-            return generated
-        logits = decoder.forward(torch.tensor([[generated[-1]]], device=decoder.device))[0, -1]

@@ -1,4 +1,4 @@
-"""`Engine`: a request queue served with continuous depth-wise batching (MOR_SPEC 6).
+"""`Engine`: a request queue served with continuous depth-wise batching (docs/DESIGN.md 6).
 
 Every in-flight token is in one of three places:
 - entering: sampled (or prompt) tokens waiting for the embedding and the unique layers before the
@@ -26,9 +26,10 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from mor_megatron.inference.cache import KVCacheSet
+from mor_megatron.inference.cache import DEFAULT_CAPACITY_MARGIN, KVCacheSet
 from mor_megatron.inference.decode import DepthOverride, ModelStages
-from mor_megatron.parallel.cpu_shims import shim_m_suspended
+from mor_megatron.model.rules import gated_update, token_choice_combine, token_choice_runs
+from mor_megatron.parallel.setup import shim_m_suspended
 from mor_megatron.inference.sampling import (
     SamplingParams,
     cut_at_stop,
@@ -156,7 +157,7 @@ class Engine:
         max_batch: int = 8,
         max_seq: Optional[int] = None,
         kv_slots: str = "full",
-        capacity_margin: float = 1.25,
+        capacity_margin: float = DEFAULT_CAPACITY_MARGIN,
         max_block_tokens: Optional[int] = None,
         tokenizer=None,
         depth_override: Optional[DepthOverride] = None,
@@ -321,7 +322,7 @@ class Engine:
         nxt = run.step + 1
         last = stages.num_recursions
         if stages.router == "expert_choice":
-            run.hidden = run.hidden + run.gate.view(-1, 1, 1) * out
+            run.hidden = gated_update(run.hidden, run.gate.view(-1, 1), out)
             steps = [s + 1 for s in present]  # the steps the tokens are routed for next
             if len(steps) == 1 and steps[0] < last:  # every token at one step: route them at once
                 routed = stages.expert_route(steps[0], run.hidden, batch)
@@ -337,11 +338,11 @@ class Engine:
             staying, leaving = run.split(keep)
         else:
             run.hidden = out
-            keep = (run.depth >= nxt) & (nxt < last)
+            keep = token_choice_runs(run.depth, nxt) & (nxt < last)
             run.step = nxt
             staying, leaving = run.split(keep)
             if leaving is not None:
-                leaving.hidden = leaving.h1 + leaving.gate.view(-1, 1, 1) * leaving.hidden
+                leaving.hidden = token_choice_combine(leaving.h1, leaving.gate.view(-1, 1), leaving.hidden)
         self.pool = _cat([waiting, staying])
         self.exited = _cat([self.exited, leaving])
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 
+from mor_megatron.checkpoint_files import find_latest, read_meta
 from mor_megatron.device import compute_device
 from mor_megatron.errors import UserError
 
@@ -20,8 +20,6 @@ class LoadError(UserError, RuntimeError):
 
 def resolve_checkpoint(path: Union[str, Path]) -> Path:
     """A `step_N` directory (has `meta.json`), or a checkpoints folder (its newest complete one)."""
-    from mor_megatron.training.checkpoint_files import find_latest
-
     path = Path(path)
     if not path.is_dir():
         raise LoadError(f"--checkpoint {path} is not a directory: give a step_N checkpoint or its folder")
@@ -34,7 +32,7 @@ def resolve_checkpoint(path: Union[str, Path]) -> Path:
 
 
 def read_checkpoint_meta(directory: Union[str, Path]) -> dict:
-    meta = json.loads((Path(directory) / "meta.json").read_text())
+    meta = read_meta(directory)
     if "model" not in meta.get("config", {}):
         raise LoadError(f"{directory}/meta.json has no config.model section: not a mor-megatron checkpoint")
     return meta
@@ -44,7 +42,7 @@ def load_model(checkpoint: Union[str, Path], device: Union[str, torch.device, No
     """(model in eval mode, its checkpoint directory, meta.json) from a training checkpoint."""
     from mor_megatron.model import MoRGPTModel
     from mor_megatron.parallel.state import initialize_parallel
-    from mor_megatron.training.checkpoint import load_weights
+    from mor_megatron.weights import load_weights
     from mor_megatron.yaml_config import model_config_from_dict
 
     directory = resolve_checkpoint(checkpoint)

@@ -14,7 +14,6 @@ scatters the result back:
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -32,25 +31,25 @@ from mor_megatron.model.routing import (
     RouterOutput,
     TokenChoiceRouter,
     expert_choice_losses,
-    expert_choice_select,
     expert_choice_step_stats,
     token_choice_losses,
     weighted_aux_loss,
 )
-from mor_megatron.model.specs import get_mor_block_spec
-from mor_megatron.model.te_attention import fp8_align_size, pad_active_tokens
-from mor_megatron.model.token_set import TokenSet
-from mor_megatron.model.units import (
-    RoutingState,
+from mor_megatron.model.rules import (
+    ROUTING_MODES,
     Unit,
     decoder_units,
-    pack_state,
+    expert_choice_select,
+    token_choice_capacity_limit,
+    token_choice_combine,
+    token_choice_drop,
+    token_choice_runs,
     unit_layers,
-    unpack_state,
 )
-from mor_megatron.training.fp8 import checkpoint_layer, fp8_context
-
-ROUTING_MODES = ("topk", "threshold")
+from mor_megatron.model.specs import get_mor_block_spec
+from mor_megatron.model.precision import checkpoint_layer, fp8_align_size, fp8_context, pad_active_tokens
+from mor_megatron.model.token_set import TokenSet
+from mor_megatron.model.boundary import RoutingState, pack_state, unpack_state
 
 
 class GlobalLayers(nn.ModuleDict):
@@ -87,11 +86,12 @@ class MoRDecoder(TransformerBlock):
         self.plan = config.recursion_plan
         steps = [unit.index for unit in self.units if unit.kind == "recursion"]
         if config.router == "expert_choice":
-            self.routers = nn.ModuleDict({str(step): ExpertChoiceRouter(config) for step in steps})
+            self.routers = nn.ModuleDict({str(r): ExpertChoiceRouter(config) for r in steps})
         elif config.router == "token_choice" and 0 in steps:
             self.router = TokenChoiceRouter(config)
-        self.routing_mode = "topk"
         self.router_output: Optional[RouterOutput] = None
+        # pipeline replicas of the shared block, by global index (`parallel.setup.parallelize`)
+        self.replica_layers: frozenset[str] = frozenset()
 
     def _build_layers(self) -> None:
         offset = get_transformer_layer_offset(
@@ -122,11 +122,13 @@ class MoRDecoder(TransformerBlock):
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None) -> dict:
         """Dist-checkpoint keys by global layer index (`decoder.layers.{i}.`), one copy of the
-        shared block: replicas on later pipeline stages are marked non-main."""
+        shared block: the layers in `replica_layers` (set by `parallel.setup.parallelize` on the
+        pipeline stages holding a later replica) are marked non-main."""
+        replica_layers = self.replica_layers
         state = {}
         for key, layer in self.layers.items():
             layer_state = layer.sharded_state_dict(f"{prefix}layers.{key}.", (), metadata)
-            if any(getattr(p, "mor_pipeline_replica", False) for p in layer.parameters()):
+            if key in replica_layers:
                 for value in layer_state.values():
                     if isinstance(getattr(value, "replica_id", None), tuple):
                         value.replica_id = (1,) + tuple(value.replica_id[1:])
@@ -160,14 +162,14 @@ class MoRDecoder(TransformerBlock):
         return layer(hidden_states=hidden, attention_mask=mask, rotary_pos_emb=rotary)[0]
 
     def _run_block_on(
-        self, tokens: TokenSet, hidden: Tensor, rotary: Optional[Tensor], kv_store: dict, step: int
+        self, tokens: TokenSet, hidden: Tensor, rotary: Optional[Tensor], kv_store: dict, r: int
     ) -> Tensor:
-        """The shared block on `tokens` only, at their original positions."""
+        """The shared block on `tokens` only, at their original positions (recursion step r)."""
         if tokens.count == 0:  # no token recursed this deep: nothing to run
             return tokens.gather(hidden)
         kv_role = "none"
         if self.config.kv_mode == "share_first":
-            kv_role = "write" if step == 0 else "read"
+            kv_role = "write" if r == 0 else "read"
         context = tokens.attention_context(kv_store, kv_role)
         return self._run_layers(self.plan.block, tokens.gather(hidden), tokens.rotary(rotary), context)
 
@@ -178,25 +180,28 @@ class MoRDecoder(TransformerBlock):
         return group if group is not None and group.size() > 1 else None
 
     def _expert_choice_step(
-        self, step: int, state: RoutingState, rotary, mode: str, kv_store: dict, out: RouterOutput,
-        losses: dict,
+        self, r: int, state: RoutingState, rotary, mode: str, kv_store: dict, out: RouterOutput,
+        losses: dict, record: bool,
     ) -> RoutingState:
+        """Recursion step r, expert-choice: select among the previous step's tokens, run the
+        block on them, H <- H + g * f(H) there (`rules.expert_choice_select`, `rules.gated_update`
+        in the scattered form of `TokenSet.gated_scatter_add`)."""
         config, hidden = self.config, state.hidden
         candidates = state.candidates
         if candidates is None:
             candidates = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
-        router = self.routers[str(step)]
+        router = self.routers[str(r)]
         logits, aux_logits = router(hidden)
         decision = expert_choice_select(
-            logits, aux_logits, candidates, config.capacity_tokens(hidden.shape[0])[step],
-            config.capacities[step], mode,
+            logits, aux_logits, candidates, config.capacity_tokens(hidden.shape[0])[r],
+            config.capacities[r], mode,
         )
         tokens = (
             TokenSet.dense(decision.index)
             if decision.index is not None
             else TokenSet.packed(decision.selected)
         )
-        block_out = self._run_block_on(tokens, hidden, rotary, kv_store, step)
+        block_out = self._run_block_on(tokens, hidden, rotary, kv_store, r)
         gate = tokens.gather_values(router.gate(logits))
         hidden = tokens.gated_scatter_add(hidden, gate, block_out, config.scatter_kernel)
 
@@ -207,13 +212,17 @@ class MoRDecoder(TransformerBlock):
             losses[name] = losses.get(name, 0.0) + value
         for name, value in expert_choice_step_stats(logits, candidates, decision.selected).items():
             getattr(out, name).append(value)
-        out.selections.append(decision.selected)
+        if record:
+            out.selections.append(decision.selected)
         return RoutingState(hidden, candidates=decision.selected)
 
     def _token_choice_step(
-        self, step: int, state: RoutingState, rotary, kv_store: dict, out: RouterOutput, losses: dict
+        self, r: int, state: RoutingState, rotary, kv_store: dict, out: RouterOutput, losses: dict,
+        record: bool,
     ) -> RoutingState:
-        if step == 0:
+        """Recursion step r, token-choice: the router decides every depth at step 0; tokens run
+        ungated while their depth lasts, and leave at the last step as H_1 + g * F_depth(H_1)."""
+        if r == 0:
             depth, gate, logits = self.router(state.hidden)
             step_losses, counts, max_vio = token_choice_losses(
                 self.config, logits, depth, self._dp_group()
@@ -221,33 +230,30 @@ class MoRDecoder(TransformerBlock):
             losses.update(step_losses)
             out.depth_histogram, out.max_vio = counts, max_vio
             state = RoutingState(state.hidden, h1=state.hidden, depth=depth, gate=gate)
-        active = state.depth >= step
-        if self.config.token_choice_capacity_factor is not None and step > 0:
-            active, state.depth = self._apply_capacity(step, active, state, out)
+        active = token_choice_runs(state.depth, r)
+        if self.config.token_choice_capacity_factor is not None and r > 0:
+            active, state.depth = self._apply_capacity(r, active, state, out)
         tokens = TokenSet.packed(active)
-        running = tokens.scatter(state.hidden, self._run_block_on(tokens, state.hidden, rotary, kv_store, step))
+        running = tokens.scatter(state.hidden, self._run_block_on(tokens, state.hidden, rotary, kv_store, r))
         out.selected_tokens.append(active.sum())
-        out.selections.append(active)
-        if step == self.config.num_recursions - 1:
-            return RoutingState(state.h1 + state.gate.unsqueeze(-1) * running)
+        if record:
+            out.selections.append(active)
+        if r == self.config.num_recursions - 1:
+            return RoutingState(token_choice_combine(state.h1, state.gate, running))
         return RoutingState(running, h1=state.h1, depth=state.depth, gate=state.gate)
 
     def _apply_capacity(
-        self, step: int, active: Tensor, state: RoutingState, out: RouterOutput
+        self, r: int, active: Tensor, state: RoutingState, out: RouterOutput
     ) -> tuple[Tensor, Tensor]:
-        """Keep at most factor x c_r x tokens at this step (highest router probability first);
-        the others exit now, as if their chosen depth were this step's predecessor."""
-        limit = math.ceil(
-            self.config.token_choice_capacity_factor * self.config.capacities[step] * active.numel()
+        """Token-choice capacity at step r (`rules.token_choice_drop`), with its drop rate."""
+        limit = token_choice_capacity_limit(
+            self.config.token_choice_capacity_factor, self.config.capacities[r], active.numel()
         )
         assigned = int(active.sum())
         out.drop_rate.append(torch.tensor(max(0, assigned - limit) / max(1, assigned), device=active.device))
         if assigned <= limit:
             return active, state.depth
-        score = state.gate.detach().masked_fill(~active, float("-inf")).reshape(-1)
-        keep = torch.zeros_like(score, dtype=torch.bool).scatter(0, score.topk(limit).indices, True)
-        keep = keep.view_as(active)
-        return keep, torch.where(active & ~keep, step - 1, state.depth)
+        return token_choice_drop(active, state.gate, state.depth, r, limit)
 
     # -- forward --------------------------------------------------------------------------------
 
@@ -256,20 +262,21 @@ class MoRDecoder(TransformerBlock):
         hidden_states: Optional[Tensor],
         attention_mask: Optional[Tensor] = None,
         rotary_pos_emb: Optional[Tensor] = None,
-        routing_mode: Optional[str] = None,
+        routing_mode: str = "topk",
+        record_selections: bool = False,
         **unused,
     ) -> Tensor:
         """`[S, B, D]` in and out, as megatron's block; the router output lands in `router_output`.
 
         routing_mode: "topk" (training, per-sequence capacity) or "threshold" (causal per-token
-        decisions, as at decode time); defaults to `self.routing_mode`. A stage that is not the
-        last returns the packed routing state `[S, B, D + extra]` for the next stage.
+        decisions, as at decode time). record_selections: keep each step's `[S, B]` mask in
+        `router_output.selections`. A stage that is not the last returns the packed routing
+        state `[S, B, D + extra]` for the next stage.
         """
         if unused.get("inference_context") is not None:
             raise NotImplementedError("MoR decoding uses mor_megatron.inference, not megatron's")
-        mode = routing_mode or self.routing_mode
-        if mode not in ROUTING_MODES:
-            raise ValueError(f"unknown routing mode '{mode}': use topk or threshold")
+        if routing_mode not in ROUTING_MODES:
+            raise ValueError(f"unknown routing mode '{routing_mode}': use one of {', '.join(ROUTING_MODES)}")
         if self.pre_process:
             state = RoutingState(hidden_states)
         else:
@@ -284,10 +291,12 @@ class MoRDecoder(TransformerBlock):
                     state.hidden = self._run_layers((unit.index,), state.hidden, rotary_pos_emb)
                 elif self.config.router == "expert_choice":
                     state = self._expert_choice_step(
-                        unit.index, state, rotary_pos_emb, mode, kv_store, out, losses
+                        unit.index, state, rotary_pos_emb, routing_mode, kv_store, out, losses, record_selections
                     )
                 else:
-                    state = self._token_choice_step(unit.index, state, rotary_pos_emb, kv_store, out, losses)
+                    state = self._token_choice_step(
+                        unit.index, state, rotary_pos_emb, kv_store, out, losses, record_selections
+                    )
         self.router_output = None
         if steps:
             out.losses = {name: value.detach() for name, value in losses.items()}

@@ -10,7 +10,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from mor_megatron.config import MoRConfig
 from mor_megatron.model.decoder import MoRDecoder
 from mor_megatron.model.routing import RouterOutput
-from mor_megatron.model.units import Unit
+from mor_megatron.model.rules import Unit
 
 
 class MoRGPTModel(GPTModel):
@@ -59,7 +59,3 @@ class MoRGPTModel(GPTModel):
     def router_output(self) -> Optional[RouterOutput]:
         """Routing losses and statistics of the latest forward (None without a router)."""
         return self.decoder.router_output
-
-    def set_routing_mode(self, mode: str) -> None:
-        """"topk" (training) or "threshold" (causal per-token decisions, as when decoding)."""
-        self.decoder.routing_mode = mode

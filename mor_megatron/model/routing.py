@@ -1,7 +1,7 @@
 """MoR routers: expert-choice (one router per recursion step) and token-choice (one router).
 
-Decisions, gates, router losses and statistics, as MOR_SPEC sections 3-4. The recursion loop that
-uses them lives in `decoder.py`.
+The router modules, their losses and statistics (docs/DESIGN.md sections 3-4). The decision and
+gate rules they apply are `rules.py`'s; the recursion loop that uses them lives in `decoder.py`.
 
 Loss normalisation (expert-choice BCE): for each step the BCE-with-logits is averaged over that
 step's candidates in the micro-batch (B x k_{r-1} logits), then summed over steps and multiplied by
@@ -20,12 +20,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mor_megatron.config import MoRConfig
+from mor_megatron.model.rules import expert_choice_gate, token_choice_depth, token_choice_gate, token_choice_probs
 
 
 def _router_linear(config: MoRConfig, outputs: int) -> nn.Linear:
-    """Linear(d_model -> outputs, no bias), N(0, 0.02) init, replicated on tensor-parallel ranks."""
+    """Linear(d_model -> outputs, no bias), N(0, init_method_std) init as the model's other
+    linears, replicated on tensor-parallel ranks."""
     linear = nn.Linear(config.hidden_size, outputs, bias=False, dtype=config.params_dtype)
-    nn.init.normal_(linear.weight, mean=0.0, std=0.02)
+    nn.init.normal_(linear.weight, mean=0.0, std=config.init_method_std)
     return linear
 
 
@@ -33,15 +35,15 @@ def _router_linear(config: MoRConfig, outputs: int) -> nn.Linear:
 class RouterOutput:
     """Everything one forward's routing produced, for the loss and for logging.
 
-    Per-recursion lists hold detached 0-dim tensors; `selections[r]` is the `[S, B]` boolean
-    mask of tokens the shared block ran on at step r (for tests and depth visualisation).
+    Per-recursion lists hold detached 0-dim tensors. `selections[r]`, the `[S, B]` boolean mask
+    of tokens the shared block ran on at step r, is kept only when the forward is asked to
+    (`record_selections=True`: parity checks, depth visualisation).
     """
 
     aux_loss: Tensor
     first_step: int = 0  # global index of the first recursion step this stage ran
     losses: dict[str, Tensor] = field(default_factory=dict)
     selected_tokens: list[Tensor] = field(default_factory=list)
-    candidate_tokens: list[Tensor] = field(default_factory=list)
     sampling_accuracy: list[Tensor] = field(default_factory=list)
     dead_token_ratio: list[Tensor] = field(default_factory=list)
     drop_rate: list[Tensor] = field(default_factory=list)  # token-choice capacity drops
@@ -77,7 +79,7 @@ class ExpertChoiceRouter(nn.Module):
     def __init__(self, config: MoRConfig) -> None:
         super().__init__()
         self.alpha = config.router_alpha
-        self.activation = torch.sigmoid if config.router_activation == "sigmoid" else torch.tanh
+        self.activation = config.router_activation
         self.linear = _router_linear(config, 1)
         self.aux = _router_linear(config, 1) if config.aux_router else None
 
@@ -88,40 +90,7 @@ class ExpertChoiceRouter(nn.Module):
         return logits, aux
 
     def gate(self, logits: Tensor) -> Tensor:
-        return self.alpha * self.activation(logits)
-
-
-@dataclass
-class ExpertChoiceDecision:
-    selected: Tensor  # [S, B] bool
-    index: Optional[Tensor]  # [k, B] sorted positions (top-k), None for threshold decisions
-
-
-def expert_choice_select(
-    logits: Tensor,
-    aux_logits: Optional[Tensor],
-    candidates: Tensor,
-    k: int,
-    capacity: float,
-    mode: str,
-) -> ExpertChoiceDecision:
-    """Pick this step's tokens among `candidates` (hierarchical filtering).
-
-    topk:      the k highest logits per sequence, re-sorted into original order (training).
-    threshold: per token, sigmoid(logit) >= 0.5, from the auxiliary router if there is one
-               (causal, for decoding); a step of capacity 1 keeps every candidate, as top-k does.
-    """
-    if mode == "topk":
-        masked = logits.detach().masked_fill(~candidates, float("-inf"))
-        index = masked.topk(k, dim=0).indices.sort(dim=0).values
-        selected = torch.zeros_like(candidates).scatter(0, index, True)
-        return ExpertChoiceDecision(selected, index)
-    if mode != "threshold":
-        raise ValueError(f"unknown routing mode '{mode}': use topk or threshold")
-    if capacity >= 1.0:
-        return ExpertChoiceDecision(candidates.clone(), None)
-    decide = aux_logits if aux_logits is not None else logits
-    return ExpertChoiceDecision(candidates & (decide.detach() >= 0), None)
+        return expert_choice_gate(logits, self.alpha, self.activation)
 
 
 def _global_count(count: Tensor, dp_group) -> tuple[Tensor, int]:
@@ -168,7 +137,6 @@ def expert_choice_step_stats(
         threshold = logits[candidates] >= 0
         return {
             "selected_tokens": selected.sum(),
-            "candidate_tokens": candidates.sum(),
             "sampling_accuracy": (threshold == selected[candidates]).float().mean(),
             # positions never selected at this step in any sequence of the micro-batch
             "dead_token_ratio": (~selected.any(dim=1)).float().mean(),
@@ -185,16 +153,14 @@ class TokenChoiceRouter(nn.Module):
         self.num_recursions = config.num_recursions
         self.linear = _router_linear(config, config.num_recursions)
 
-    def forward(self, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """`[S, B, D]` -> depth index `[S, B]` (0-based), gate `[S, B]`, probabilities `[S, B, Nr]`."""
+    def forward(self, hidden: Tensor, depth: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+        """`[S, B, D]` -> depth index `[S, B]` (0-based; the given `depth` when there is one),
+        its gate `[S, B]`, and the router logits `[S, B, Nr]`."""
         logits = self.linear(hidden)
-        if self.activation == "softmax":
-            probs = logits.softmax(dim=-1)
-        else:
-            probs = logits.sigmoid()
-        depth = probs.detach().argmax(dim=-1)
-        gate = self.alpha * probs.gather(-1, depth.unsqueeze(-1)).squeeze(-1)
-        return depth, gate, logits
+        probs = token_choice_probs(logits, self.activation)
+        if depth is None:
+            depth = token_choice_depth(probs)
+        return depth, token_choice_gate(probs, depth, self.alpha), logits
 
 
 def token_choice_losses(
@@ -207,7 +173,7 @@ def token_choice_losses(
     `global_aux_loss`); P_i is the local mean, averaged over ranks by gradient averaging.
     """
     nr = config.num_recursions
-    probs = logits.softmax(dim=-1) if config.router_activation == "softmax" else logits.sigmoid()
+    probs = token_choice_probs(logits, config.router_activation)
     counts = torch.bincount(depth.reshape(-1), minlength=nr).to(logits.dtype)
     if dp_group is not None:
         torch.distributed.all_reduce(counts, group=dp_group)

@@ -19,7 +19,7 @@ from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubm
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
-from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
@@ -62,6 +62,21 @@ def _local_rms_norm() -> type:
     return LocalSpecProvider().layer_norm(rms_norm=True)
 
 
+class QKNorm:
+    """The q/k norm of megatron's own GPT specs (`qk_norm if qk_layernorm else IdentityOp`, over
+    one head's channels): the layer norm class where `config.qk_layernorm` is set, else
+    `IdentityOp`. Decided when the layer is built, as the spec is made without the config."""
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, *, norm: type, **kwargs):
+        if not config.qk_layernorm:
+            return IdentityOp()
+        return build_module(norm, config=config, hidden_size=hidden_size, eps=eps)
+
+
+def _qk_norm(norm: type) -> ModuleSpec:
+    return ModuleSpec(module=QKNorm, params={"norm": norm})
+
+
 def _te_provider():
     """Transformer Engine's spec provider, or one clear error where it cannot run."""
     if not torch.cuda.is_available():
@@ -85,7 +100,8 @@ def _te_provider():
 
 
 def get_mor_layer_spec(backend: str = "local") -> ModuleSpec:
-    """A Llama layer (RMSNorm, GQA self-attention with RoPE, SwiGLU MLP) as a `ModuleSpec`.
+    """A Llama layer (RMSNorm, GQA self-attention with RoPE, SwiGLU MLP) as a `ModuleSpec`; with
+    `config.qk_layernorm` its queries and keys are normalised per head by the same RMSNorm class.
 
     The same spec builds unique and shared layers; sharing is decided by the decoder, which
     reuses one built layer at every recursion.
@@ -95,13 +111,14 @@ def get_mor_layer_spec(backend: str = "local") -> ModuleSpec:
     if backend == "local":
         provider = LocalSpecProvider()
         qkv, fc1 = provider.column_parallel_linear(), provider.column_parallel_linear()
-        input_norm = pre_mlp_norm = _local_rms_norm()
+        input_norm = pre_mlp_norm = qk_norm = _local_rms_norm()
         core_attention = ActiveTokenAttention
     else:
         provider = _te_provider()
         # TE fuses each pre-norm into the following linear.
         qkv = fc1 = provider.column_parallel_layer_norm_linear()
         input_norm = pre_mlp_norm = IdentityOp
+        qk_norm = provider.layer_norm(rms_norm=True, for_qk=True)
         core_attention = TEActiveTokenAttention
     return ModuleSpec(
         module=TransformerLayer,
@@ -114,8 +131,8 @@ def get_mor_layer_spec(backend: str = "local") -> ModuleSpec:
                     linear_qkv=qkv,
                     core_attention=core_attention,
                     linear_proj=provider.row_parallel_linear(),
-                    q_layernorm=IdentityOp,
-                    k_layernorm=IdentityOp,
+                    q_layernorm=_qk_norm(qk_norm),
+                    k_layernorm=_qk_norm(qk_norm),
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,

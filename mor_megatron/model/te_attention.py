@@ -27,21 +27,14 @@ Layouts (TE's FP8 attention runs through cuDNN only, sbhd/bshd only, with no arb
   (every token runs step 1). Where it is not (expert-choice threshold routing, packed and
   partial), the local SDPA code with its position mask is used (`ActiveTokenAttention.forward`).
 
-FP8 alignment. FP8 GEMMs need token counts divisible by 16 (32 for MXFP8; megatron
-`fp8_utils.get_fp8_align_size`). `pad_active_tokens` pads a recursion step's gathered tokens at
-the tail before the block runs; the caller slices the block output back to the real count.
-Pads never become keys of real tokens: in dense/sbhd layouts they sit after every real token in
-index order (and get positions past the last real one), so causal masking hides them from every
-real query; in packed/thd layouts they form one extra tail sequence in `cu_seqlens`, and with
-KV sharing the read path drops them before scattering and gives them zero outputs. As queries,
-pads see real keys, but their outputs are sliced off, so they get no gradient. Attention pads
-its own full-length sequence dimension the same way (tail zeros under causal) when FP8 is on.
+FP8 alignment: a recursion step's tokens arrive padded to the FP8 multiple
+(`precision.pad_active_tokens`, `PaddedActiveTokens.pad` rows at the tail); attention pads its own
+full-length sequence dimension the same way (tail zeros under causal) when FP8 is on.
 """
 
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
 from typing import ContextManager, Optional
 
 import torch
@@ -50,53 +43,8 @@ from megatron.core.transformer.enums import AttnMaskType
 from torch import Tensor
 
 from mor_megatron.model.attention import ActiveTokenAttention, ActiveTokens
+from mor_megatron.model.precision import fp8_align_size, pad_rows
 from mor_megatron.model.token_set import TokenSet
-
-
-@dataclass
-class PaddedActiveTokens(ActiveTokens):
-    """`ActiveTokens` whose last `pad` rows (dim 0 of the block input) are FP8 alignment pads."""
-
-    pad: int = 0
-
-
-def fp8_align_size(config) -> int:
-    """Token-count multiple FP8 GEMMs need under `config` (1 without FP8)."""
-    if not config.fp8:
-        return 1
-    from megatron.core.fp8_utils import get_fp8_align_size  # defined with or without TE
-
-    return get_fp8_align_size(config.fp8_recipe)
-
-
-def _pad_rows(x: Tensor, extra: int, dim: int = 0) -> Tensor:
-    """`x` with `extra` zero rows appended along `dim`."""
-    if extra <= 0:
-        return x
-    shape = list(x.shape)
-    shape[dim] = extra
-    return torch.cat([x, x.new_zeros(shape)], dim)
-
-
-def pad_active_tokens(
-    hidden: Tensor, rotary: Optional[Tensor], active: ActiveTokens, multiple: int
-) -> tuple[Tensor, Optional[Tensor], PaddedActiveTokens]:
-    """Pad a step's gathered tokens (`[k, B, D]` dense, `[t, 1, D]` packed) at the tail to a
-    multiple of `multiple`. Pads are zero rows (zero RoPE angle, zero amax contribution), with
-    positions after the last real one (dense) or one extra tail sequence (packed)."""
-    extra = (-hidden.shape[0]) % multiple
-    positions, seq_ids = active.positions, active.seq_ids
-    if extra:
-        hidden, rotary = _pad_rows(hidden, extra), None if rotary is None else _pad_rows(rotary, extra)
-        steps = torch.arange(1, extra + 1, device=positions.device, dtype=positions.dtype)
-        if active.layout == "dense":  # [k, B]: per sequence, past its last real position
-            positions = torch.cat([positions, positions[-1:] + steps.unsqueeze(1)])
-        else:  # [t]: a sequence of its own after the last real one
-            positions = torch.cat([positions, steps - 1])
-            seq_ids = torch.cat([seq_ids, (seq_ids[-1:] + 1).expand(extra)])
-    pad = getattr(active, "pad", 0) + extra  # padding twice keeps the first pads counted
-    padded = PaddedActiveTokens(active.layout, positions, seq_ids, active.kv_store, active.kv_role, pad)
-    return hidden, rotary, padded
 
 
 def _build_te_attention(config, layer_number: int, attention_type: str, cp_comm_type,
@@ -167,7 +115,7 @@ class TEActiveTokenAttention(ActiveTokenAttention):
 
     def _align(self, x: Tensor, dim: int = 0) -> Tensor:
         """Tail zeros up to the FP8 multiple; under causal masking no real query sees them."""
-        return _pad_rows(x, (-x.shape[dim]) % self.align, dim)
+        return pad_rows(x, (-x.shape[dim]) % self.align, dim)
 
     def _causal_sbhd(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
         """Plain causal attention, `[s, b, h, d]` -> `[s, b, h * d]`."""
@@ -238,7 +186,7 @@ class TEActiveTokenAttention(ActiveTokenAttention):
         else:  # step 1 did not cover the grid: the local backend's explicit position mask
             trimmed = ActiveTokens(active.layout, positions, active.seq_ids[:real], active.kv_store, "read")
             out = super().forward(query[:real], key, value, trimmed)
-        return _pad_rows(out, pad)
+        return pad_rows(out, pad)
 
     def _read_dense(self, query: Tensor, positions: Tensor, key: Tensor, value: Tensor) -> Tensor:
         """`[k, B, h, d]` queries at `positions [k, B]`; keys `[L, B, g, d]` with row = position."""

@@ -12,7 +12,7 @@ from typing import Optional
 
 from torch import Tensor
 
-from kernels import gated_scatter_add
+from mor_megatron.kernels import gated_scatter_add
 from mor_megatron.model.attention import ActiveTokens
 
 
@@ -52,7 +52,7 @@ class TokenSet:
     def gated_scatter_add(self, hidden: Tensor, gate: Tensor, update: Tensor, backend: str = "auto") -> Tensor:
         """Out of place: `hidden` plus `gate * update` at this set's tokens (the MoR residual update).
 
-        Dense sets use the fused kernel (`kernels.gated_scatter_add`: Triton on CUDA, its PyTorch
+        Dense sets use the fused kernel (`mor_megatron.kernels.gated_scatter_add`: Triton on CUDA, its PyTorch
         reference elsewhere, or as `backend` forces)."""
         if self.layout == "dense":
             return gated_scatter_add(hidden, self.index, gate, update, backend=backend)

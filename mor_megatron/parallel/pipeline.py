@@ -6,7 +6,7 @@ that runs any recursion step holds its own replica of the shared block; replicas
 before the optimizer step (as megatron ties the embedding across the first and last stage), and
 every replica but the first is marked `ds_pipe_replicated` so DeepSpeed counts it once in the
 gradient norm. The routing state (expert-choice candidates, token-choice depth/gate/H_1) crosses
-stage boundaries packed with the hidden state (`model/units.py`). Recursive KV sharing keeps all
+stage boundaries packed with the hidden state (`model/boundary.py`). Recursive KV sharing keeps all
 recursion steps on one stage, because step 1's keys would otherwise have to cross too.
 
 Why (a) and not (b), the shared block's layers split over virtual-pipeline chunks: with (b) every
@@ -18,10 +18,8 @@ fall with k_r, which gives the balancer fine-grained pieces.
 
 from __future__ import annotations
 
-from megatron.core import parallel_state
-
 from mor_megatron.config import MoRConfig
-from mor_megatron.model.units import Unit, decoder_units
+from mor_megatron.model.rules import Unit, decoder_units
 from mor_megatron.report import causal_attention_flops, layer_matmul_params
 
 
@@ -101,11 +99,3 @@ def describe_stages(config: MoRConfig, stages: list[list[Unit]]) -> str:
         )
         lines.append(f"pipeline stage {rank}: {flops / 1e9:.3f} GFLOP/sequence forward [{names}]")
     return "\n".join(lines)
-
-
-def this_stage_units(config: MoRConfig) -> tuple[list[Unit], bool, bool]:
-    """(units, pre_process, post_process) for this rank's pipeline stage."""
-    size = parallel_state.get_pipeline_model_parallel_world_size()
-    rank = parallel_state.get_pipeline_model_parallel_rank()
-    stages = plan_stages(config, size)
-    return stages[rank], rank == 0, rank == size - 1

@@ -3,7 +3,9 @@
 Each is one logical parameter: replicas start equal, their gradients are summed across the stages
 holding them before every optimizer step (DeepSpeed never runs megatron's `finalize_model_grads`,
 so this is our own step), and all replicas but one carry `ds_pipe_replicated` so the gradient norm
-counts them once. Dist-checkpointing stores one copy (see `replica_id` in the decoder).
+counts them once. Dist-checkpointing stores one copy: the decoder's `replica_layers` names the
+layers whose state another stage saves (`MoRDecoder.sharded_state_dict` marks them non-main).
+`parallel/setup.py` `parallelize` runs the setup here once per built model.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from megatron.core import parallel_state
 from torch import nn
 
 from mor_megatron.config import MoRConfig
-from mor_megatron.model.units import Unit
+from mor_megatron.model.rules import Unit
 
 _BLOCK_GROUP: Optional[dist.ProcessGroup] = None
 _BLOCK_GROUP_READY = False
@@ -53,18 +55,21 @@ def shared_block_group(stages: list[list[Unit]]) -> Optional[dist.ProcessGroup]:
     return _BLOCK_GROUP
 
 
+def shared_block_layers(model: nn.Module, config: MoRConfig) -> list[str]:
+    """Keys of the shared block's layers in this stage's `decoder.layers` (none on a stage
+    without recursion steps)."""
+    return [str(index) for index in config.recursion_plan.block if str(index) in model.decoder.layers]
+
+
 def shared_block_parameters(model: nn.Module, config: MoRConfig) -> list[nn.Parameter]:
     layers = model.decoder.layers
-    return [
-        param
-        for index in config.recursion_plan.block
-        if str(index) in layers
-        for param in layers[index].parameters()
-    ]
+    return [param for key in shared_block_layers(model, config) for param in layers[key].parameters()]
 
 
 def setup_replicas(model: nn.Module, config: MoRConfig, stages: list[list[Unit]]) -> None:
-    """Broadcast the shared block from its first holder and mark the other replicas."""
+    """Broadcast the shared block from its first holder and mark the other replicas: for
+    DeepSpeed's gradient norm (`ds_pipe_replicated`) and for dist-checkpointing (the decoder's
+    `replica_layers`). Collective over every rank."""
     group = shared_block_group(stages)
     if group is None:
         return
@@ -75,7 +80,7 @@ def setup_replicas(model: nn.Module, config: MoRConfig, stages: list[list[Unit]]
         for param in shared_block_parameters(model, config):
             dist.broadcast(param.data, src=owner, group=group)
             param.ds_pipe_replicated = not is_owner
-            param.mor_pipeline_replica = not is_owner
+    model.decoder.replica_layers = frozenset() if is_owner else frozenset(shared_block_layers(model, config))
 
 
 def mark_embedding_replica(model: nn.Module) -> None:

@@ -42,19 +42,17 @@ from deepspeed.utils import (
     safe_set_full_optimizer_state,
 )
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
-from megatron.core.dist_checkpointing.dict_utils import nested_values
-from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.dist_checkpointing.optimizer import (
     get_param_id_to_sharded_param_map,
     make_sharded_optimizer_tensor,
 )
 
 from mor_megatron.device import collective_device, compute_device
-from mor_megatron.errors import UserError
 from mor_megatron.training import faults
 from mor_megatron.training.optimizer import sync_learning_rate
-from mor_megatron.training.checkpoint_files import (
+from mor_megatron.checkpoint_files import (
     LATEST,
+    CheckpointError,
     checkpoint_dirs,
     checkpoint_problem,
     exit_with_parent,
@@ -64,14 +62,11 @@ from mor_megatron.training.checkpoint_files import (
     tag_for,
     write_atomic,
 )
+from mor_megatron.weights import check_shapes as _check_shapes
 from mor_megatron.yaml_config import dump_model_config
 
 FORMAT_VERSION = 1
 ADAM_STATES = ("exp_avg", "exp_avg_sq")
-
-
-class CheckpointError(UserError, RuntimeError):
-    """A checkpoint that cannot be used, in one line naming the file and the fix."""
 
 
 @dataclass
@@ -81,16 +76,29 @@ class TrainState:
     consumed_tokens: int = 0
 
 
-# Model settings that change neither the weights a checkpoint holds nor what they compute.
+# Dumped model settings that change neither the weights a checkpoint holds nor what they compute
+# (training-only terms, initialisation, precision, kernels); every other dumped setting is part
+# of the identity. Run-only settings (layout, bf16, FP8, recompute) are not dumped at all.
 _NOT_IDENTITY = frozenset({
-    "scatter_kernel", "hidden_dropout", "attention_dropout", "init_method_std", "params_dtype", "bf16",
-    "fp16", "seq_length", "router_aux_loss_coeff", "router_z_loss_coeff", "router_balance_loss_coeff",
-    "aux_router_loss_coeff", "token_choice_capacity_factor",
+    # training-only terms
+    "hidden_dropout", "attention_dropout", "seq_length", "router_aux_loss_coeff",
+    "router_z_loss_coeff", "router_balance_loss_coeff", "aux_router_loss_coeff",
+    "token_choice_capacity_factor",
+    # initialisation
+    "init_method_std", "embedding_init_method_std",
+    # precision ("bf16" only in meta.json files written before it became run-only)
+    "params_dtype", "bf16", "fp16", "fp32_residual_connection",
+    # kernels and schedule
+    "scatter_kernel", "gradient_accumulation_fusion", "bias_activation_fusion", "bias_dropout_fusion",
+    "apply_rope_fusion", "cross_entropy_loss_fusion", "cross_entropy_fusion_impl", "deterministic_mode",
+    "deallocate_pipeline_outputs", "batch_p2p_comm", "cp_comm_type",
 })
 
 
 def model_identity(config) -> dict:
-    """The settings that define the model a checkpoint belongs to."""
+    """The settings that define the model a checkpoint belongs to: its dumped settings less
+    `_NOT_IDENTITY` (hash unchanged for checkpoints written before inherited fields were dumped,
+    unless their config set one of those fields, which was then lost from meta.json)."""
     return {k: v for k, v in dump_model_config(config).items() if k not in _NOT_IDENTITY}
 
 
@@ -115,27 +123,6 @@ def _check_identity(meta: dict, config, directory: Path) -> None:
         f"{directory} holds another model ({'; '.join(differences) or 'identity hash differs'}): "
         "resume with the model config it was saved with, or point training.save_dir at a new directory"
     )
-
-
-def _check_shapes(expected: dict, directory: Path) -> None:
-    """Every tensor `expected` holds is in the dist-checkpoint at `directory` with its global shape."""
-    try:
-        stored = dist_checkpointing.load_tensors_metadata(str(directory))
-    except Exception as err:  # megatron raises several types for unreadable metadata
-        raise CheckpointError(f"{directory} is not a readable dist-checkpoint ({type(err).__name__}); "
-                              "give a checkpoint directory written by this project") from None
-    for tensor in nested_values(expected):
-        if not isinstance(tensor, ShardedTensor):
-            continue
-        found = stored.get(tensor.key)
-        if found is None:
-            raise CheckpointError(f"{directory} has no tensor {tensor.key}: it holds another model; "
-                                  "start from a checkpoint of this model's config")
-        if tuple(found.global_shape) != tuple(tensor.global_shape):
-            raise CheckpointError(
-                f"{directory}: {tensor.key} has shape {tuple(found.global_shape)}, this model needs "
-                f"{tuple(tensor.global_shape)}; start from a checkpoint of this model's config"
-            )
 
 
 def _layout(engine) -> dict:
@@ -409,25 +396,3 @@ def _restore_rng(saved: dict) -> None:
     if isinstance(cuda, torch.Tensor) and compute_device().type == "cuda":
         torch.cuda.set_rng_state(cuda)
     tensor_parallel.get_cuda_rng_tracker().set_states(saved["tracker"])
-
-
-def load_weights(model, directory: str) -> None:
-    """Initialise the model from layout-free weights (a checkpoint's `universal/` or any megatron
-    dist-checkpoint of this model)."""
-    path = Path(directory)
-    if (path / "universal").is_dir():
-        path = path / "universal"
-    if not path.is_dir():
-        raise CheckpointError(f"training.init_from={directory} does not exist: give a checkpoint directory")
-    expected = {"model": model.sharded_state_dict()}
-    _check_shapes(expected, path)
-    loaded = dist_checkpointing.load(expected, str(path), strict="assume_ok_unexpected")
-    model.load_state_dict(loaded["model"])
-
-
-def save_weights(model, directory: str) -> None:
-    """Layout-free weights alone (used to start other runs from the same initial model)."""
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        Path(directory).mkdir(parents=True, exist_ok=True)
-    _barrier()
-    dist_checkpointing.save({"model": model.sharded_state_dict()}, directory)

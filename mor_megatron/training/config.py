@@ -15,13 +15,24 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from mor_megatron.config import ConfigError, MoRConfig
-from mor_megatron.yaml_config import load_sections, model_config_from_dict, section_from_dict
+from mor_megatron.yaml_config import RUN_ONLY_FIELDS, load_sections, model_config_from_dict, section_from_dict
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
 
 
 @dataclass
 class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+
+    def __post_init__(self) -> None:
+        _check(
+            self.tensor_model_parallel_size > 0 and self.pipeline_model_parallel_size > 0,
+            "parallel sizes must be positive",
+        )
 
 
 @dataclass
@@ -37,7 +48,7 @@ class TrainingConfig:
     global_batch_size: int = 8
     train_steps: int = 100
     seed: int = 1234
-    # AdamW and schedule (MOR_SPEC section 7)
+    # AdamW and schedule (docs/DESIGN.md 8)
     lr: float = 3e-3
     min_lr_ratio: float = 0.0
     lr_schedule: str = "wsd"  # wsd | cosine | constant
@@ -63,6 +74,18 @@ class TrainingConfig:
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
     exit_after_steps: Optional[int] = None  # leave (with a checkpoint) after this many steps of this launch
 
+    def __post_init__(self) -> None:
+        _check(self.micro_batch_size > 0 and self.global_batch_size > 0, "batch sizes must be positive")
+        _check(self.train_steps > 0, "training.train_steps must be positive")
+        _check(
+            self.lr_schedule in ("wsd", "cosine", "constant"),
+            f"unknown training.lr_schedule '{self.lr_schedule}': choose one of wsd, cosine, constant",
+        )
+        _check(self.zero_stage in (0, 1, 2, 3), f"training.zero_stage={self.zero_stage}: choose 0, 1, 2 or 3")
+        _check(self.backend in ("local", "te"), f"unknown training.backend '{self.backend}': use local or te")
+        _check(0.0 <= self.decay_fraction <= 1.0, "training.decay_fraction must lie in [0, 1]")
+        _check(self.max_bad_steps > 0, "training.max_bad_steps must be positive")
+
 
 @dataclass
 class LoggingConfig:
@@ -86,30 +109,11 @@ class RunConfig:
         return self.training.save_dir or str(Path(self.logging.dir) / "checkpoints")
 
 
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
-
-
 def validate(run: RunConfig) -> None:
-    """Cross-section checks that need no process group."""
-    t = run.training
-    _check(t.micro_batch_size > 0 and t.global_batch_size > 0, "batch sizes must be positive")
-    _check(t.train_steps > 0, "training.train_steps must be positive")
-    _check(
-        t.lr_schedule in ("wsd", "cosine", "constant"),
-        f"unknown training.lr_schedule '{t.lr_schedule}': choose one of wsd, cosine, constant",
-    )
-    _check(t.zero_stage in (0, 1, 2, 3), f"training.zero_stage={t.zero_stage}: choose 0, 1, 2 or 3")
-    _check(t.backend in ("local", "te"), f"unknown training.backend '{t.backend}': use local or te")
-    _check(0.0 <= t.decay_fraction <= 1.0, "training.decay_fraction must lie in [0, 1]")
-    _check(t.max_bad_steps > 0, "training.max_bad_steps must be positive")
+    """Cross-section checks that need no process group (each section checks its own settings
+    when it is built: `MoRConfig`, `ParallelConfig`, `TrainingConfig`)."""
+    t, p = run.training, run.parallel
     _check(bool(run.data.train), "data.train is empty: point it at a token shard prefix (see tools/preprocess_data.py)")
-    p = run.parallel
-    _check(
-        p.tensor_model_parallel_size > 0 and p.pipeline_model_parallel_size > 0,
-        "parallel sizes must be positive",
-    )
     if p.pipeline_model_parallel_size > 1:
         _check(
             t.zero_stage == 1,
@@ -124,14 +128,10 @@ def validate(run: RunConfig) -> None:
 
 
 def check_layout(run: RunConfig, world_size: int) -> int:
-    """The data-parallel size, or one line saying why the launch does not fit the config."""
-    tp, pp = run.parallel.tensor_model_parallel_size, run.parallel.pipeline_model_parallel_size
-    if world_size % (tp * pp):
-        raise ConfigError(
-            f"world size {world_size} is not a multiple of TP {tp} x PP {pp}: launch a multiple "
-            f"of {tp * pp} processes or change parallel sizes"
-        )
-    dp = world_size // (tp * pp)
+    """The data-parallel size of a launch of `world_size` processes, or one line saying why the
+    global batch does not split over it. That the world divides into TP x PP is checked once, by
+    `parallel.state.initialize_parallel`, before this runs."""
+    dp = world_size // (run.parallel.tensor_model_parallel_size * run.parallel.pipeline_model_parallel_size)
     t = run.training
     if t.global_batch_size % (t.micro_batch_size * dp):
         raise ConfigError(
@@ -166,25 +166,49 @@ def check_data(run: RunConfig) -> None:
         check_shard_vocab(run.data.valid, run.model.vocab_size)
 
 
+def run_model_settings(parallel: ParallelConfig, training: TrainingConfig) -> dict:
+    """The model settings a run takes from its parallel and training sections (layout, bf16,
+    recompute): built into the model config with the `model:` section, once."""
+    from mor_megatron.training.optimizer import use_bf16  # imports DeepSpeed: only when a run is built
+
+    recompute = training.recompute
+    return {
+        "tensor_model_parallel_size": parallel.tensor_model_parallel_size,
+        "pipeline_model_parallel_size": parallel.pipeline_model_parallel_size,
+        "bf16": use_bf16(training),
+        "recompute_granularity": "full" if recompute else None,
+        "recompute_method": "uniform" if recompute else None,
+        "recompute_num_layers": 1 if recompute else None,
+    }
+
+
+def _check_model_section(section: dict, source: str) -> None:
+    """A run's model section may not set what its other sections set (it would be overruled)."""
+    for key in section:
+        where = RUN_ONLY_FIELDS.get(str(key), "")
+        if where.startswith(("parallel.", "training.")):
+            raise ConfigError(f"{source}: model.{key} is a run setting: set {where} instead")
+
+
 def load_run_config(path: Union[str, Path], overrides: Sequence[str] = ()) -> RunConfig:
-    """Read, override and validate a run config; every problem is one `ConfigError` line."""
+    """Read, override and validate a run config; every problem is one `ConfigError` line.
+
+    The model config is built here, once, with the run's layout, bf16 and recompute, and is
+    frozen: the trainer builds its model from `run.model` as it is."""
     sections = load_sections(path, overrides)
     if "model" not in sections:
         raise ConfigError(f"{path}: no 'model:' section; add one with at least effective_layers")
+    _check_model_section(sections["model"], str(path))
     parallel = section_from_dict(ParallelConfig, sections.get("parallel", {}), "parallel", str(path))
+    training = section_from_dict(TrainingConfig, sections.get("training", {}), "training", str(path))
     model = model_config_from_dict(
-        dict(
-            sections["model"],
-            tensor_model_parallel_size=parallel.tensor_model_parallel_size,
-            pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
-        ),
-        str(path),
+        dict(sections["model"], **run_model_settings(parallel, training)), str(path)
     )
     run = RunConfig(
         model=model,
         parallel=parallel,
         data=section_from_dict(DataConfig, sections.get("data", {}), "data", str(path)),
-        training=section_from_dict(TrainingConfig, sections.get("training", {}), "training", str(path)),
+        training=training,
         logging=section_from_dict(LoggingConfig, sections.get("logging", {}), "logging", str(path)),
     )
     try:

@@ -1,126 +1,18 @@
-"""FP8 (Transformer Engine) for a recursive decoder trained by the DeepSpeed loop.
+"""The FP8 weight cache under the DeepSpeed loop (FP8 regions and recompute: `model/precision.py`).
 
-Where FP8 regions go:
-- delayed scaling: one `fp8_context(config, "decoder")` around the whole decoder forward, all
-  recursions and the routers inside it. Calling a TE module several times in one region is
-  allowed in TE 2.x: its amax is the max over the calls and every recursion shares one scale;
-  amaxes are reduced once, when the outermost region exits (and once in backward).
-- current / block / MXFP8 scaling: one `fp8_context(config, "layer", layer_number)` around each
-  (layer, recursion) call; these quantizers are stateless, so each recursion gets its own scale.
-Both come from megatron's `fp8_utils.get_fp8_context` (megatron-core 0.16.1), which picks the TE
-recipe (`get_fp8_recipe`: DelayedScaling, Float8CurrentScaling, ...) and the amax reduction group.
-Without TE that function silently returns a null context, so `fp8_context` checks first.
-
-The weight cache. Megatron's TE linears cache their FP8 weight while their
-`is_first_microbatch` flag is False and requantize when it is True; only megatron's pipeline
-schedules set it (`MegatronModule.set_is_first_microbatch`). Under DeepSpeed nobody does, so the
-step-0 FP8 weights would be used for ever: `refresh_fp8_weight_cache` sets the flag on every TE
-module before the first micro-batch of each optimizer step (and before evaluation). With
-`gradient_accumulation_fusion` the flagged call (recursion 1, whose backward runs last) would
-overwrite `main_grad` and drop recursions 2..Nr's weight gradients; DeepSpeed keeps no
-`main_grad`, so `check_fp8_supported` requires the fusion off and autograd sums the recursions.
+Megatron's TE linears cache their FP8 weight while their `is_first_microbatch` flag is False and
+requantize when it is True; only megatron's pipeline schedules set it
+(`MegatronModule.set_is_first_microbatch`). Under DeepSpeed nobody does, so the step-0 FP8
+weights would be used for ever: `refresh_fp8_weight_cache` sets the flag on every TE module
+before the first micro-batch of each optimizer step (and before evaluation). Why that needs
+`gradient_accumulation_fusion` off: `model.precision.check_fp8_supported`.
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-from functools import lru_cache
-from typing import Callable, ContextManager, Optional
-
-import torch
 from torch import nn
 
-from mor_megatron.errors import UserError
-from mor_megatron.model.te_attention import fp8_align_size
-
-__all__ = [
-    "FP8UnavailableError",
-    "check_fp8_supported",
-    "checkpoint_layer",
-    "fp8_align_size",
-    "fp8_context",
-    "refresh_fp8_weight_cache",
-]
-
-SCOPES = ("decoder", "layer")
-
-
-class FP8UnavailableError(UserError, RuntimeError):
-    """FP8 was asked for where it cannot run."""
-
-
-@lru_cache(maxsize=None)
-def _te_fp8_status(recipe: str = "delayed") -> tuple[bool, str]:
-    """(usable, reason): TE importable and `recipe` supported by this GPU (sm89+; MXFP8 sm100+;
-    blockwise sm90+ with CUDA 12.9+), the checks TE's autocast asserts on entry
-    (transformer_engine/pytorch/quantization.py `FP8GlobalStateManager.autocast_enter`)."""
-    try:
-        # TE 2.9+: transformer_engine/pytorch/fp8.py is a deprecated shim of quantization.py
-        from transformer_engine.pytorch.quantization import FP8GlobalStateManager
-    except ImportError as err:
-        return False, f"Transformer Engine is not installed ({err})"
-    check = {
-        "mxfp8": FP8GlobalStateManager.is_mxfp8_available,
-        "blockwise": FP8GlobalStateManager.is_fp8_block_scaling_available,
-    }.get(recipe, FP8GlobalStateManager.is_fp8_available)
-    available, reason = check()
-    return bool(available), str(reason)
-
-
-def check_fp8_supported(config, backend: Optional[str] = None) -> None:
-    """Nothing when FP8 is off or can run as configured; else one line naming the fix."""
-    if not config.fp8:
-        return
-    asked = f"model.fp8={config.fp8!r}"
-    if not torch.cuda.is_available():
-        raise FP8UnavailableError(
-            f"{asked}: FP8 needs a CUDA GPU with Transformer Engine: set model.fp8 to null on CPU"
-        )
-    usable, reason = _te_fp8_status(str(getattr(config.fp8_recipe, "value", config.fp8_recipe)))
-    if not usable:
-        raise FP8UnavailableError(
-            f"{asked} cannot run here: {reason}; install requirements-gpu.txt on a GPU this recipe "
-            "supports (sm89+; mxfp8 sm100+), choose another model.fp8_recipe, or set model.fp8 to null"
-        )
-    if backend is not None and backend != "te":
-        raise FP8UnavailableError(
-            f"{asked} needs training.backend te (the {backend} backend has no FP8 GEMMs)"
-        )
-    align = fp8_align_size(config)
-    if config.seq_length % align:
-        raise FP8UnavailableError(
-            f"model.seq_length={config.seq_length} under FP8 must be a multiple of {align} "
-            "(FP8 GEMMs; full-sequence layers are not padded): change seq_length or set model.fp8 to null"
-        )
-    if config.gradient_accumulation_fusion:
-        raise FP8UnavailableError(
-            "model.gradient_accumulation_fusion with FP8 drops recursions 2..Nr's weight gradients "
-            "and DeepSpeed keeps no main_grad: set it to false"
-        )
-    if config.fp8_param:
-        raise FP8UnavailableError(
-            "model.fp8_param (FP8 primary weights) does not work with DeepSpeed's optimizer: "
-            "set it to false"
-        )
-
-
-def fp8_context(config, scope: str, layer_number: int = 0) -> ContextManager:
-    """The FP8 region for `scope`: "decoder" (the whole decoder forward) or "layer" (one call of
-    the 1-based global `layer_number`, at any recursion). Which of the two is a real region
-    depends on the recipe (module docstring); the other is a null context."""
-    if scope not in SCOPES:
-        raise ValueError(f"unknown FP8 scope '{scope}': use one of {', '.join(SCOPES)}")
-    if not config.fp8:
-        return nullcontext()
-    check_fp8_supported(config)
-    from megatron.core.enums import Fp8Recipe
-    from megatron.core.fp8_utils import get_fp8_context
-
-    delayed = config.fp8_recipe == Fp8Recipe.delayed
-    if scope == "decoder":
-        return get_fp8_context(config) if delayed else nullcontext()
-    # layer_no selects megatron's first/last-layers-in-BF16 option (non-delayed recipes only)
-    return nullcontext() if delayed else get_fp8_context(config, layer_number - 1)
+__all__ = ["refresh_fp8_weight_cache"]
 
 
 def refresh_fp8_weight_cache(model: nn.Module) -> int:
@@ -134,16 +26,3 @@ def refresh_fp8_weight_cache(model: nn.Module) -> int:
             child.is_first_microbatch = True
             flagged += 1
     return flagged
-
-
-def checkpoint_layer(config, function: Callable, *args):
-    """Activation recompute of one layer call. Under FP8, TE's non-reentrant checkpoint
-    (transformer_engine/pytorch/distributed.py `checkpoint`): it re-enters the forward's FP8
-    autocast for the recompute, which torch's checkpoint would run outside any FP8 region, and,
-    being non-reentrant, keeps the graph of step 1's shared keys/values for later recursions."""
-    if not config.fp8:
-        return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False)
-    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-    from transformer_engine.pytorch.distributed import checkpoint
-
-    return checkpoint(function, *args, use_reentrant=False, get_rng_state_tracker=get_cuda_rng_tracker)

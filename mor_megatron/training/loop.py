@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import signal
 import sys
@@ -11,32 +10,31 @@ import time
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from mor_megatron.config import MoRConfig
 from mor_megatron.data import PretrainingBatches, ValidationBatches
 from mor_megatron.device import collective_device, compute_device
 from mor_megatron.errors import UserError
 from mor_megatron.model import MoRGPTModel
-from mor_megatron.model.units import extra_channels
 from mor_megatron.parallel.pipeline import describe_stages, plan_stages
-from mor_megatron.parallel.replicas import mark_embedding_replica, setup_replicas
+from mor_megatron.parallel.setup import parallelize
 from mor_megatron.parallel.state import initialize_parallel
 from mor_megatron.report import training_flops_per_token
 from mor_megatron.training.checkpoint import (
     TrainState,
     load_checkpoint,
-    load_weights,
     prune_checkpoints,
     save_checkpoint,
 )
 from mor_megatron.training import faults
-from mor_megatron.training.checkpoint_files import checkpoint_dirs, find_latest
+from mor_megatron.checkpoint_files import checkpoint_dirs, find_latest
+from mor_megatron.weights import load_weights
 from mor_megatron.training.config import RunConfig, check_data, check_layout, run_config_dict
-from mor_megatron.training.optimizer import build_engine, use_bf16
-from mor_megatron.training.fp8 import check_fp8_supported, refresh_fp8_weight_cache
+from mor_megatron.training.optimizer import build_engine
+from mor_megatron.model.precision import check_fp8_supported
+from mor_megatron.training.fp8 import refresh_fp8_weight_cache
 from mor_megatron.training.metrics import MetricsWriter, peak_tflops, router_metrics
-from mor_megatron.training.step import broadcast_from_last_stage, dp_mean, forward_batch, lm_loss, train_step
+from mor_megatron.training.schedule import run_microbatches, train_step
 
 
 class TrainingError(UserError, RuntimeError):
@@ -53,17 +51,10 @@ def _is_logger() -> bool:
 
 
 def build_model(run: RunConfig) -> tuple[MoRGPTModel, MoRConfig, list]:
-    """This rank's pipeline stage of the model, replicas set up."""
-    check_fp8_supported(run.model, backend=run.training.backend)
-    bf16 = use_bf16(run.training)
-    config = dataclasses.replace(
-        run.model,
-        bf16=bf16,
-        pipeline_dtype=torch.bfloat16 if bf16 else run.model.params_dtype,
-        recompute_granularity="full" if run.training.recompute else None,
-        recompute_method="uniform" if run.training.recompute else None,
-        recompute_num_layers=1 if run.training.recompute else None,
-    )
+    """This rank's pipeline stage of the model, replicas set up, from the run's model config as
+    `load_run_config` built it (layout, bf16 and recompute included)."""
+    config = run.model
+    check_fp8_supported(config, backend=run.training.backend)
     stages = plan_stages(config, run.parallel.pipeline_model_parallel_size)
     rank = parallel_state.get_pipeline_model_parallel_rank()
     model = MoRGPTModel(
@@ -76,46 +67,19 @@ def build_model(run: RunConfig) -> tuple[MoRGPTModel, MoRConfig, list]:
     # onto the compute device before replicas are broadcast (collectives take device tensors);
     # megatron's own GPU-initialised weights are there already
     model.to(compute_device())
-    setup_replicas(model, config, stages)
-    mark_embedding_replica(model)
+    parallelize(model, config, stages)
     return model, config, stages
 
 
-def evaluate(engine, batches: ValidationBatches, stages: list) -> float:
+def evaluate(engine, batches: ValidationBatches) -> float:
     """Mean validation LM loss over the held-out batches (same on every rank)."""
     model = engine.module
     model.eval()
     if model.config.fp8:  # the FP8 weight cache still holds the weights before the last update
         refresh_fp8_weight_cache(model)
-    losses: list[torch.Tensor] = []
-    with torch.no_grad():
-        if parallel_state.get_pipeline_model_parallel_world_size() == 1:
-            for batch in batches:
-                losses.append(lm_loss(*forward_batch(model, batch)))
-        else:
-            items = list(batches)
-
-            def forward_step(iterator, module):
-                out, loss_mask = forward_batch(module, next(iterator))
-
-                def loss_func(per_token):
-                    loss = lm_loss(per_token, loss_mask)
-                    losses.append(loss.detach().clone())
-                    return loss, {}
-
-                return out, loss_func
-
-            tokens = items[0]["tokens"]
-            shape = [(tokens.shape[1], tokens.shape[0], model.config.hidden_size + extra_channels(model.config))]
-            get_forward_backward_func()(
-                forward_step_func=forward_step, data_iterator=iter(items), model=model,
-                num_microbatches=len(items), seq_length=tokens.shape[1],
-                micro_batch_size=tokens.shape[0], forward_only=True,
-                adjust_tensor_shapes_fn=lambda recv, send: (shape, shape),
-            )
+    outputs = run_microbatches(engine, batches, forward_only=True)
     model.train()
-    total = torch.stack(losses).mean() if losses else torch.zeros((), device=compute_device())
-    return float(dp_mean(broadcast_from_last_stage(total)))
+    return outputs.mean_loss()
 
 
 class _Preemption:
@@ -225,7 +189,7 @@ def pretrain(run: RunConfig, log=print) -> dict:
         last = state.step == t.train_steps
         leaving = state.step >= stop_at
         if valid is not None and ((t.eval_interval and state.step % t.eval_interval == 0) or last):
-            metrics["valid/loss"] = evaluate(engine, valid, stages)
+            metrics["valid/loss"] = evaluate(engine, valid)
             metrics["valid/perplexity"] = math.exp(min(metrics["valid/loss"], 50.0))
         if state.step % run.logging.log_interval == 0 or last:
             writer.write(state.step, metrics)

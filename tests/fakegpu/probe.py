@@ -157,7 +157,7 @@ def _library_collectives(run) -> dict:
     from mor_megatron.training.checkpoint import _stop_if_any_write_failed
     from mor_megatron.training.loop import _Preemption
     from mor_megatron.training.metrics import _reduce_over_data_parallel
-    from mor_megatron.training.step import _first_bad_microbatch
+    from mor_megatron.training.schedule import _first_bad_microbatch
 
     def router_losses():
         logits = torch.zeros(4, 2, device=DEVICE)
@@ -191,7 +191,7 @@ def _library_collectives(run) -> dict:
 def _poisoned_run(config: str, layout: tuple[int, int]) -> str:
     """The trainer in this process (as tests/test_faults.py runs it) with every LM loss NaN: it must
     skip both steps, find the first bad micro-batch across ranks and stop with one line."""
-    from mor_megatron.training import step as step_module
+    from mor_megatron.training import schedule
     from mor_megatron.training.config import load_run_config
     from mor_megatron.training.loop import TrainingError, pretrain
 
@@ -199,8 +199,8 @@ def _poisoned_run(config: str, layout: tuple[int, int]) -> str:
     overrides = [f"logging.dir={tempfile.mkdtemp()}", "training.train_steps=2", "training.max_bad_steps=2",
                  f"parallel.tensor_model_parallel_size={tp}", f"parallel.pipeline_model_parallel_size={pp}",
                  "logging.tensorboard=false"]
-    original = step_module.lm_loss
-    step_module.lm_loss = lambda per_token, mask: original(per_token, mask) * float("nan")
+    original = schedule.lm_loss
+    schedule.lm_loss = lambda per_token, mask: original(per_token, mask) * float("nan")
     try:
         pretrain(load_run_config(config, overrides), log=lambda message: None)
     except TrainingError as err:
@@ -208,7 +208,7 @@ def _poisoned_run(config: str, layout: tuple[int, int]) -> str:
         assert message.startswith("stopping at step 2: 2 non-finite steps in a row"), message
         return message.split(";")[0]
     finally:
-        step_module.lm_loss = original
+        schedule.lm_loss = original
     raise AssertionError("the run did not stop")
 
 

@@ -1,6 +1,8 @@
 """Checkpoint directories on disk: names, the manifest, completeness checks, the `latest` pointer.
 
 Standard library only, so tools can inspect checkpoints without importing torch or megatron.
+Below training and inference both: the trainer writes these directories (`training/checkpoint.py`),
+decoding and export read them (`weights.py` holds the weights' format).
 """
 
 from __future__ import annotations
@@ -12,7 +14,13 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from mor_megatron.errors import UserError
+
 LATEST = "latest"
+
+
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint that cannot be used, in one line naming the file and the fix."""
 
 
 def tag_for(step: int) -> str:

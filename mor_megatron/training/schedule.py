@@ -1,14 +1,20 @@
-"""One optimizer step over a global batch: forward/backward of every micro-batch, then DeepSpeed.
+"""The micro-batch schedule shared by training and evaluation, and the optimizer step on top of it.
 
-Returns the LM loss (mean over this rank's micro-batches, averaged over data-parallel ranks on the
-last stage), the gradient norm, and the router statistics of the step.
+`run_microbatches` runs a list of micro-batches forward (and backward when training) through this
+rank's stage at any layout: at PP = 1 one after the other (training through DeepSpeed's managed
+gradient accumulation), at PP > 1 through megatron-core's own pipeline schedule
+(`get_forward_backward_func`, `forward_only` for evaluation). `train_step` is one optimizer step
+over a global batch: the LM loss (mean over the micro-batches, averaged over data-parallel ranks,
+the same on every rank), the gradient norm and the router statistics of the step.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import math
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Callable, Collection, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -20,8 +26,9 @@ from torch import Tensor
 
 from mor_megatron.device import collective_device, compute_device, to_device
 from mor_megatron.model.routing import RouterOutput
-from mor_megatron.model.units import extra_channels, Unit
-from mor_megatron.parallel.replicas import sync_replica_grads
+from mor_megatron.model.boundary import extra_channels
+from mor_megatron.model.rules import Unit
+from mor_megatron.parallel.setup import sync_replica_grads
 from mor_megatron.training.fp8 import refresh_fp8_weight_cache
 
 
@@ -35,6 +42,19 @@ class StepResult:
     # (data-parallel rank, micro-batch index) of the first non-finite micro-batch loss, when the
     # step was not finite and a loss (not only a gradient) was the cause
     bad_microbatch: Optional[tuple[int, int]] = None
+
+
+@dataclass
+class MicrobatchOutputs:
+    """What running a list of micro-batches leaves on this rank."""
+
+    losses: list[Tensor] = field(default_factory=list)  # LM loss of each; empty on stages before the last
+    router: list[RouterOutput] = field(default_factory=list)  # this stage's, one per micro-batch
+
+    def mean_loss(self) -> float:
+        """Mean LM loss over the micro-batches and the data-parallel ranks, the same on every rank."""
+        loss = torch.stack(self.losses).mean() if self.losses else torch.zeros((), device=compute_device())
+        return float(dp_mean(broadcast_from_last_stage(loss)))
 
 
 def lm_loss(per_token: Tensor, loss_mask: Tensor) -> Tensor:
@@ -83,56 +103,66 @@ def _first_bad_microbatch(losses: list[Tensor], count: int) -> Optional[tuple[in
     return None if code >= none else divmod(code, count)
 
 
-def _unpipelined(engine, batches: list[dict]) -> tuple[list[Tensor], list[RouterOutput], Optional[float]]:
-    model, losses, routers, norm = engine.module, [], [], None
-    for index, batch in enumerate(batches):
-        loss = lm_loss(*forward_batch(engine, batch))
-        engine.backward(loss)  # DeepSpeed divides by the accumulation steps
-        if index == len(batches) - 1 and not engine.zero_optimization():
-            # without ZeRO DeepSpeed clips but does not keep the norm: measure it the same way
-            norm = float(clip_grad_norm_(model.parameters(), float("inf"), mpu=engine.mpu))
-        engine.step()  # managed accumulation: only the last micro-batch's call updates
-        losses.append(loss.detach())
-        if model.router_output is not None:
-            routers.append(model.router_output)
-    return losses, routers, norm
+def run_microbatches(engine, batches: Collection[dict], *, forward_only: bool) -> MicrobatchOutputs:
+    """Run `batches` (host micro-batches) forward, and backward unless `forward_only`, through
+    this rank's stage of `engine.module`.
 
-
-def _pipelined(
-    engine, batches: list[dict], stages: list[list[Unit]]
-) -> tuple[list[Tensor], list[RouterOutput], None]:
-    model, config = engine.module, engine.module.config
-    losses: list[Tensor] = []
-    routers: list[RouterOutput] = []
+    Training leaves the gradients accumulated for the update, which is the caller's: at PP = 1
+    DeepSpeed has counted every micro-batch but the last, whose `engine.step()` updates.
+    """
+    model = engine.module
+    outputs = MicrobatchOutputs()
 
     def forward_step(iterator: Iterator[dict], module):
         output, loss_mask = forward_batch(module, next(iterator))
-        if module.router_output is not None:
-            routers.append(module.router_output)
+        if model.router_output is not None:
+            outputs.router.append(model.router_output)
 
         def loss_func(per_token: Tensor):
             loss = lm_loss(per_token, loss_mask)
-            losses.append(loss.detach().clone())  # the schedule divides `loss` in place
-            return loss, {"lm loss": losses[-1]}
+            outputs.losses.append(loss.detach().clone())  # the pipeline schedule divides `loss` in place
+            return loss, {}
 
         return output, loss_func
 
-    tokens = batches[0]["tokens"]
-    channels = config.hidden_size + extra_channels(config)
-    shape = [(tokens.shape[1], tokens.shape[0], channels)]
+    with torch.no_grad() if forward_only else contextlib.nullcontext():
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            _pipelined(forward_step, model, batches, forward_only)
+        else:
+            _unpipelined(forward_step, engine, batches, forward_only)
+    return outputs
+
+
+def _unpipelined(forward_step: Callable, engine, batches: Collection[dict], forward_only: bool) -> None:
+    """PP = 1: one micro-batch after the other; training through DeepSpeed's forward and backward
+    (its managed accumulation, any ZeRO stage), evaluation through the bare module."""
+    iterator = iter(batches)
+    for index in range(len(batches)):
+        if index and not forward_only:
+            engine.step()  # DeepSpeed counts the previous micro-batch here; no update before the last
+        output, loss_func = forward_step(iterator, engine.module if forward_only else engine)
+        loss, _ = loss_func(output)
+        if not forward_only:
+            engine.backward(loss)  # DeepSpeed divides by the accumulation steps
+
+
+def _pipelined(forward_step: Callable, model, batches: Collection[dict], forward_only: bool) -> None:
+    """PP > 1: megatron-core's schedule (1F1B, or forward only) sends the hidden states and the
+    packed routing state between stages."""
+    iterator = iter(batches)
+    first = next(iterator)
+    seq_length, micro_batch_size = first["tokens"].shape[1], first["tokens"].shape[0]
+    shape = [(seq_length, micro_batch_size, model.config.hidden_size + extra_channels(model.config))]
     get_forward_backward_func()(
         forward_step_func=forward_step,
-        data_iterator=iter(batches),
+        data_iterator=itertools.chain([first], iterator),
         model=model,
         num_microbatches=len(batches),
-        seq_length=tokens.shape[1],
-        micro_batch_size=tokens.shape[0],
-        forward_only=False,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
         adjust_tensor_shapes_fn=lambda recv, send: (shape, shape),
     )
-    sync_replica_grads(model, config, stages)
-    engine.step()
-    return losses, routers, None
 
 
 def train_step(engine, batches: list[dict], stages: Optional[list[list[Unit]]] = None) -> StepResult:
@@ -146,18 +176,21 @@ def train_step(engine, batches: list[dict], stages: Optional[list[list[Unit]]] =
     if engine.module.config.fp8:  # requantize the FP8 weight cache from this step's weights
         refresh_fp8_weight_cache(engine)
     lr = _current_lr(engine)
+    outputs = run_microbatches(engine, batches, forward_only=False)
+    norm = None
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        losses, routers, norm = _pipelined(engine, batches, stages)
-    else:
-        losses, routers, norm = _unpipelined(engine, batches)
-    loss = torch.stack(losses).mean() if losses else torch.zeros((), device=compute_device())
-    loss = float(dp_mean(broadcast_from_last_stage(loss)))
+        sync_replica_grads(engine.module, engine.module.config, stages)
+    elif not engine.zero_optimization():
+        # without ZeRO DeepSpeed clips but does not keep the norm: measure it the same way
+        norm = float(clip_grad_norm_(engine.module.parameters(), float("inf"), mpu=engine.mpu))
+    engine.step()  # the update (at PP = 1 the last micro-batch's call of DeepSpeed's accumulation)
+    loss = outputs.mean_loss()
     if norm is None:
         norm = engine.get_global_grad_norm()
         norm = float(norm) if norm is not None else float("nan")
     finite = math.isfinite(loss) and math.isfinite(norm) and engine.was_step_applied()
-    bad = None if finite else _first_bad_microbatch(losses, len(batches))
-    return StepResult(loss, norm, lr, routers, finite=finite, bad_microbatch=bad)
+    bad = None if finite else _first_bad_microbatch(outputs.losses, len(batches))
+    return StepResult(loss, norm, lr, outputs.router, finite=finite, bad_microbatch=bad)
 
 
 def _current_lr(engine) -> float:

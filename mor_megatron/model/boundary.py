@@ -1,9 +1,8 @@
-"""The decoder as a list of units, and the routing state that flows between them.
+"""The routing state that flows from one unit (`rules.Unit`) to the next, and its stage-boundary form.
 
-A unit is one unique layer run on every token, or one recursion step (router + shared block on the
-step's active tokens). Pipeline stages take contiguous runs of units; the state a unit leaves for
-the next one (hidden states plus the routing state) is what crosses a stage boundary, packed into
-one tensor `[S, B, H + extra]` because megatron's p2p sends a single tensor per micro-batch.
+Pipeline stages take contiguous runs of units; the state a unit leaves for the next one (hidden
+states plus the routing state) is what crosses a stage boundary, packed into one tensor
+`[S, B, H + extra]` because megatron's p2p sends a single tensor per micro-batch.
 """
 
 from __future__ import annotations
@@ -16,32 +15,11 @@ from torch import Tensor
 
 from mor_megatron.config import MoRConfig
 
-
-@dataclass(frozen=True)
-class Unit:
-    kind: str  # "layer" or "recursion"
-    index: int  # unique layer index, or 0-based recursion step
-
-
-def decoder_units(config: MoRConfig) -> list[Unit]:
-    """All units of the model in execution order."""
-    plan = config.recursion_plan
-    if config.router == "none":
-        return [Unit("layer", index) for index in plan.unrolled]
-    return (
-        [Unit("layer", index) for index in plan.prefix]
-        + [Unit("recursion", step) for step in range(plan.num_recursions)]
-        + [Unit("layer", index) for index in plan.suffix]
-    )
-
-
-def unit_layers(config: MoRConfig, units: list[Unit]) -> list[int]:
-    """Unique layer indices the units need, sorted."""
-    plan = config.recursion_plan
-    needed: set[int] = set()
-    for unit in units:
-        needed.update(plan.block if unit.kind == "recursion" else (unit.index,))
-    return sorted(needed)
+# Token-choice depth channel before recursion 1 has decided anything (real depths are >= 0).
+UNDECIDED_DEPTH = -1.0
+# Expert-choice candidate channel: 1.0 for a candidate, 0.0 otherwise; read back as > 0.5 so any
+# dtype the boundary travels in (bf16 included) rounds to the right side.
+CANDIDATE_CUT = 0.5
 
 
 @dataclass
@@ -80,7 +58,7 @@ def pack_state(state: RoutingState, config: MoRConfig) -> Tensor:
         return torch.cat([hidden, candidates.to(hidden.dtype).unsqueeze(-1)], dim=-1)
     if state.h1 is None:  # boundary before recursion 1: nothing decided yet
         zeros = hidden.new_zeros(hidden.shape[:2] + (config.hidden_size + 2,))
-        zeros[..., -1] = -1.0
+        zeros[..., -1] = UNDECIDED_DEPTH
         return torch.cat([hidden, zeros], dim=-1)
     extras = [state.h1, state.gate.unsqueeze(-1), state.depth.to(hidden.dtype).unsqueeze(-1)]
     return torch.cat([hidden] + extras, dim=-1)
@@ -90,10 +68,10 @@ def unpack_state(packed: Tensor, config: MoRConfig) -> RoutingState:
     size = config.hidden_size
     hidden = packed[..., :size]
     if config.router == "expert_choice":
-        return RoutingState(hidden, candidates=packed[..., size] > 0.5)
+        return RoutingState(hidden, candidates=packed[..., size] > CANDIDATE_CUT)
     if config.router == "token_choice":
         depth = packed[..., -1].detach().round().long()
-        if (depth < 0).all():
+        if (depth == UNDECIDED_DEPTH).all():
             return RoutingState(hidden)
         return RoutingState(
             hidden, h1=packed[..., size : 2 * size], depth=depth, gate=packed[..., 2 * size]
