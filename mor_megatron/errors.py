@@ -8,8 +8,15 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import warnings
 from typing import Callable
+
+# Under torchrun every rank usually meets the same input error. Rank 0 says it; the others wait
+# this long first, because torchrun stops the remaining workers as soon as one exits, which could
+# kill rank 0 before it printed. A rank still alive after the wait met an error of its own (its
+# data, its device) that rank 0 did not, and prints it.
+OTHER_RANKS_GRACE_S = 5.0
 
 
 class UserError(Exception):
@@ -18,7 +25,8 @@ class UserError(Exception):
 
 def run_cli(main: Callable[[], object], debug: bool = False) -> int:
     """Run a CLI body: its int result (None: 0) is the exit code; a `UserError` becomes one
-    `error: ...` line (printed once, by rank 0 under torchrun) and exit code 2.
+    `error: ...` line and exit code 2 (under torchrun: printed by rank 0, or after
+    `OTHER_RANKS_GRACE_S` by a rank whose error rank 0 did not meet).
 
     Unless `debug`, the warnings megatron-core, apex, DeepSpeed and torch print while importing
     (optional fused kernels missing, deprecations) are hidden, so a CLI's output starts with its
@@ -32,7 +40,9 @@ def run_cli(main: Callable[[], object], debug: bool = False) -> int:
     except UserError as err:
         if debug:
             raise
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {err}", file=sys.stderr)
+        rank = os.environ.get("RANK", "0")
+        if rank != "0":
+            time.sleep(OTHER_RANKS_GRACE_S)
+        print(f"error: {err}" if rank == "0" else f"error: (rank {rank}) {err}", file=sys.stderr, flush=True)
         return 2
     return code if isinstance(code, int) and not isinstance(code, bool) else 0

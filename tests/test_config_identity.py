@@ -23,15 +23,8 @@ from mor_megatron.training.checkpoint import (
     model_identity,
 )
 from mor_megatron.yaml_config import (
-    RUN_ONLY_FIELDS,
-    _field_types,
-    _members,
-    _default,
-    dump_model_config,
-    dumped_fields,
-    load_model_config,
-    model_config_from_dict,
-    settable_fields,
+    RUN_ONLY_FIELDS, _default, _field_types, _members, dump_model_config, dumped_fields, load_model_config,
+    model_config_from_dict, settable_fields,
 )
 
 ROOT = Path(__file__).resolve().parents[1]

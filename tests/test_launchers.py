@@ -374,3 +374,20 @@ def test_torchrun_user_error_stays_one_line(tmp_path: Path) -> None:
     lines = [line for line in out.stderr.splitlines() if line.strip() and not line.startswith("[torchrun.sh] ")]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "training.train_steps has the wrong type" in lines[0], out.stderr
     assert "Traceback" not in out.stdout + out.stderr
+
+
+def test_user_error_on_another_rank_is_printed_after_the_grace(monkeypatch, capsys) -> None:
+    """Rank 0 prints a user error at once; another rank waits (torchrun stops it once rank 0 has
+    exited) and then prints its own, naming the rank, so an error rank 0 did not meet is seen."""
+    from mor_megatron import errors
+
+    def fail():
+        raise errors.UserError("shard 3 is missing: rerun preprocessing")
+
+    waited = []
+    monkeypatch.setattr(errors.time, "sleep", waited.append)
+    for rank, expected in (("0", "error: shard 3"), ("1", "error: (rank 1) shard 3")):
+        monkeypatch.setenv("RANK", rank)
+        assert errors.run_cli(fail) == 2
+        assert capsys.readouterr().err.startswith(expected)
+    assert waited == [errors.OTHER_RANKS_GRACE_S]
