@@ -56,14 +56,16 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def deepspeed_config(cfg: TrainingConfig, micro_batch_size: int, num_microbatches: int) -> dict:
+def deepspeed_config(cfg: TrainingConfig, micro_batch_size: int, num_microbatches: int, bf16: bool) -> dict:
+    """DeepSpeed's config; `bf16` is the model config's (decided once, by `use_bf16`, when the
+    run config was built)."""
     pipelined = parallel_state.get_pipeline_model_parallel_world_size() > 1
     config = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": num_microbatches,
         "gradient_clipping": cfg.grad_clip,
         "zero_optimization": {"stage": cfg.zero_stage},
-        "bf16": {"enabled": use_bf16(cfg)},
+        "bf16": {"enabled": bf16},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -81,7 +83,11 @@ def use_bf16(cfg: TrainingConfig) -> bool:
     """bf16 where asked, or by default where the compute GPU supports it; fp32 elsewhere."""
     if cfg.bf16 is not None:
         return cfg.bf16
-    return compute_device().type == "cuda" and torch.cuda.is_bf16_supported()
+    device = compute_device()
+    # native bf16 (compute capability 8.0+) on this rank's own GPU, read from its properties: the
+    # run config is built before `bind_device`, and `torch.cuda.is_bf16_supported()` would ask the
+    # current device (GPU 0 for every rank) and may allocate there to probe emulation
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def build_engine(model: nn.Module, cfg: TrainingConfig, micro_batch_size: int, num_microbatches: int):
@@ -98,7 +104,7 @@ def build_engine(model: nn.Module, cfg: TrainingConfig, micro_batch_size: int, n
         optimizer=optimizer,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
         mpu=MegatronMpu(),
-        config=deepspeed_config(cfg, micro_batch_size, num_microbatches),
+        config=deepspeed_config(cfg, micro_batch_size, num_microbatches, model.config.bf16),
         dist_init_required=False,
     )
     return engine
