@@ -70,8 +70,31 @@ RUN_ONLY_FIELDS = {
 DEFAULTS_FROM = {"embedding_init_method_std": "init_method_std"}
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping names the same key twice (YAML's "last one wins" would drop the first silently)."""
+
+
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads exponent floats without a dot (`1e-5`) as floats (YAML 1.2)."""
+    """SafeLoader that also reads exponent floats without a dot (`1e-5`) as floats (YAML 1.2),
+    and refuses a key written twice in one mapping (a section or the top level)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                hash(key)
+            except TypeError:  # SafeLoader's own error names an unhashable key
+                continue
+            line = key_node.start_mark.line + 1
+            if key in first_line:
+                raise DuplicateKeyError(
+                    f"duplicate key '{key}' at lines {first_line[key]} and {line}: keep one of them"
+                )
+            first_line[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -89,6 +112,8 @@ def _read_yaml(path: Path) -> Any:
         raise ConfigError(f"config file {path} not found: check the path (e.g. configs/tiny.yaml)")
     try:
         return yaml.load(path.read_text(), Loader=_Loader)
+    except DuplicateKeyError as err:
+        raise ConfigError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -141,6 +166,8 @@ def apply_overrides(sections: dict[str, dict], overrides: Sequence[str]) -> dict
             )
         try:
             value = yaml.load(text, Loader=_Loader)
+        except DuplicateKeyError as err:
+            raise ConfigError(f"override '{item}': {err}") from None
         except yaml.YAMLError:
             raise ConfigError(f"override '{item}': the value is not valid YAML; quote it") from None
         node = sections.setdefault(parts[0], {})

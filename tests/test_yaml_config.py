@@ -193,6 +193,28 @@ def test_yaml_syntax_error_names_line(tmp_path: Path) -> None:
         load_model_config(path)
 
 
+@pytest.mark.parametrize(
+    "text, lines",
+    [
+        ("model:\n  hidden_size: 128\n  num_layers: 4\n  hidden_size: 256\n", (2, 4)),  # in a section
+        ("model:\n  hidden_size: 128\ntraining:\n  lr: 0.1\nmodel:\n  num_layers: 4\n", (1, 5)),  # a section
+        ("training:\n  lr: 0.1\n  ds: {a: 1, a: 2}\n", (3, 3)),  # in a nested flow mapping
+    ],
+)
+def test_duplicate_key_names_both_lines(tmp_path: Path, text: str, lines: tuple[int, int]) -> None:
+    """YAML's own loaders keep the last of two equal keys and drop the first without a word
+    (plain SafeLoader reads each of these texts without an error)."""
+    yaml.load(text, Loader=yaml.SafeLoader)
+    message = rf"config.yaml: duplicate key '\w+' at lines {lines[0]} and {lines[1]}: keep one"
+    with pytest.raises(ConfigError, match=message):
+        load_sections(write(tmp_path, text))
+
+
+def test_duplicate_key_in_override_value() -> None:
+    with pytest.raises(ConfigError, match=r"override 'training.x=\{a: 1, a: 2\}': duplicate key 'a'"):
+        load_sections(TINY, ["training.x={a: 1, a: 2}"])
+
+
 def test_unknown_model_key_suggests(tmp_path: Path) -> None:
     message = "config.yaml: unknown model key 'hiden_size'.*did you mean 'hidden_size'"
     with pytest.raises(ConfigError, match=message):
