@@ -18,6 +18,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mor_megatron.device import compute_device
 from mor_megatron.errors import UserError
+from mor_megatron.ranges import check_ranges
 from mor_megatron.sharing import (
     ROUTABLE_STRATEGIES,
     SHARING_STRATEGIES,
@@ -191,13 +192,12 @@ class MoRConfig(TransformerConfig):
 
     def _validate_mor(self) -> None:
         self._validate_megatron_fields()
+        check_ranges("model", self)
         _choice("sharing", self.sharing, SHARING_STRATEGIES)
         _choice("router", self.router, ROUTERS)
         _choice("kv_mode", self.kv_mode, KV_MODES)
         _choice("scatter_kernel", self.scatter_kernel, ("auto", "triton", "torch"))
         nr = self.num_recursions
-        if not isinstance(nr, int) or nr < 1:
-            raise ConfigError(f"num_recursions={nr} must be a positive integer")
         if self.effective_layers < 1:
             raise ConfigError("effective_layers must be set to the unrolled depth L (e.g. 32)")
         if self.sharing == "none" and nr != 1:
@@ -222,10 +222,9 @@ class MoRConfig(TransformerConfig):
         _choice(f"{self.router} router_activation", self.router_activation, ROUTER_ACTIVATIONS[self.router])
         self._validate_capacities()
         factor = self.token_choice_capacity_factor
-        if factor is not None and (self.router != "token_choice" or factor <= 0):
+        if factor is not None and self.router != "token_choice":
             raise ConfigError(
-                f"token_choice_capacity_factor={factor} needs router token_choice and a positive "
-                "value (e.g. 1.25), or remove it"
+                f"token_choice_capacity_factor={factor} needs router token_choice: remove it"
             )
 
     def _validate_attention_shape(self) -> None:
@@ -236,8 +235,6 @@ class MoRConfig(TransformerConfig):
                 f"vocab_size={self.vocab_size} is not divisible by tensor_model_parallel_size={tp}: "
                 f"pad the vocabulary to a multiple of {tp} (e.g. {-(-self.vocab_size // tp) * tp})"
             )
-        if heads < 1 or self.hidden_size < 1:
-            raise ConfigError("hidden_size and num_attention_heads must be positive")
         if self.kv_channels is None and self.hidden_size % heads:
             raise ConfigError(
                 f"hidden_size={self.hidden_size} is not divisible by num_attention_heads={heads}: "

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from mor_megatron.config import ConfigError, MoRConfig
+from mor_megatron.ranges import check_ranges
 from mor_megatron.yaml_config import RUN_ONLY_FIELDS, load_sections, model_config_from_dict, section_from_dict
 
 
@@ -29,10 +30,7 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = 1
 
     def __post_init__(self) -> None:
-        _check(
-            self.tensor_model_parallel_size > 0 and self.pipeline_model_parallel_size > 0,
-            "parallel sizes must be positive",
-        )
+        check_ranges("parallel", self)
 
 
 @dataclass
@@ -75,16 +73,12 @@ class TrainingConfig:
     exit_after_steps: Optional[int] = None  # leave (with a checkpoint) after this many steps of this launch
 
     def __post_init__(self) -> None:
-        _check(self.micro_batch_size > 0 and self.global_batch_size > 0, "batch sizes must be positive")
-        _check(self.train_steps > 0, "training.train_steps must be positive")
+        check_ranges("training", self)
         _check(
             self.lr_schedule in ("wsd", "cosine", "constant"),
             f"unknown training.lr_schedule '{self.lr_schedule}': choose one of wsd, cosine, constant",
         )
-        _check(self.zero_stage in (0, 1, 2, 3), f"training.zero_stage={self.zero_stage}: choose 0, 1, 2 or 3")
         _check(self.backend in ("local", "te"), f"unknown training.backend '{self.backend}': use local or te")
-        _check(0.0 <= self.decay_fraction <= 1.0, "training.decay_fraction must lie in [0, 1]")
-        _check(self.max_bad_steps > 0, "training.max_bad_steps must be positive")
 
 
 @dataclass
@@ -94,6 +88,9 @@ class LoggingConfig:
     tensorboard: bool = True
     progress: bool = True
     peak_tflops: Optional[float] = None  # per device, for MFU; None: auto (CPU probe / GPU table)
+
+    def __post_init__(self) -> None:
+        check_ranges("logging", self)
 
 
 @dataclass
