@@ -106,7 +106,7 @@ RANGES: dict[str, dict[str, Range]] = {
         "global_batch_size": POSITIVE_INT,
         "train_steps": POSITIVE_INT,
         "seed": SEED,
-        "lr": POSITIVE,
+        "lr": Range(0, 1, low_open=True),  # AdamW: above 1 every step moves each weight by more than 1
         "min_lr_ratio": FRACTION,
         "warmup_steps": COUNT,
         "decay_fraction": FRACTION,

@@ -110,7 +110,7 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(corpus, tmp_path,
         pretrain(run, log=lambda message: None)
     message = str(raised.value)
     assert "\n" not in message
-    assert message.startswith("checkpoint for step 4 not written (RuntimeError: ") and "MiB free there" in message
+    assert message.startswith("checkpoint for step 4 not written (RuntimeError: ") and " MiB free there; " in message
     assert f"{kept} is intact" in message and "free space under" in message
     assert tree_digest(kept) == before
     assert not (run_dir / "checkpoints" / "step_00000004.partial").exists()
@@ -138,3 +138,48 @@ def test_a_killed_trainer_leaves_no_checkpoint_helper_running(tmp_path):
     # capture_output waits for every holder of the pipes: a surviving helper would time out
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert result.returncode == -9 and result.stdout.splitlines()[-1] == "served"
+
+
+def test_non_finite_weights_are_never_saved(corpus, tmp_path, parallel, monkeypatch):
+    """A step that leaves a weight non-finite (here: set so after the real step) must not be
+    saved: before the fix the end-of-run save wrote the inf/nan tensors and the run exited 0."""
+    from mor_megatron.checkpoint_files import CheckpointError
+    from mor_megatron.training import loop
+    from mor_megatron.training.config import load_run_config
+
+    real_step = loop.train_step
+
+    def step_then_overflow(engine, batches, stages):
+        result = real_step(engine, batches, stages)
+        with torch.no_grad():
+            next(engine.module.parameters()).fill_(float("inf"))
+        return result
+
+    monkeypatch.setattr(loop, "train_step", step_then_overflow)
+    config = write_config(tmp_path / "run.yaml", corpus, training={"train_steps": 1})
+    run = load_run_config(config, [f"logging.dir={tmp_path / 'run'}"])
+    with pytest.raises(CheckpointError) as raised:
+        loop.pretrain(run, log=lambda message: None)
+    message = str(raised.value)
+    assert message.startswith("checkpoint for step 1 not written: ") and "hold non-finite values (first: " in message
+    assert "no earlier checkpoint exists" in message and "\n" not in message
+    assert not any((tmp_path / "run" / "checkpoints").glob("step_*"))
+
+
+@pytest.mark.parametrize("failure, fix, not_fix", [
+    (PermissionError(13, "Permission denied", "/ckpt/x"), "writable for this user", "free space"),
+    (OSError(30, "Read-only file system", "/ckpt/x"), "read-only file system", "free space"),
+    (OSError(28, "No space left on device", "/ckpt/x"), "free space under", "writable"),
+    (ValueError("a bug"), "fix that cause", "free space"),
+])
+def test_a_failed_save_names_its_own_cause(tmp_path, failure, fix, not_fix):
+    """Before, every failed save ended in "free space under ...", also when the disk was fine."""
+    from mor_megatron.checkpoint_files import CheckpointError
+    from mor_megatron.training.checkpoint import _stop_if_any_write_failed
+
+    partial = tmp_path / "step_00000003.partial"
+    partial.mkdir()
+    with pytest.raises(CheckpointError) as raised:
+        _stop_if_any_write_failed(failure, partial, tmp_path, 3)
+    message = str(raised.value)
+    assert fix in message and not_fix not in message and not partial.exists()

@@ -14,7 +14,9 @@ Atomicity: everything is written into `step_N.partial/`; after every rank finish
 rank 0 writes the manifest, renames the directory and only then points `latest` at it (write to
 a temporary file, then `os.replace`). An interrupted save leaves a `.partial` directory that is
 never loaded, and the previous checkpoint untouched; a save that fails on a write (disk full)
-removes its `.partial` directory and stops the run naming the intact previous checkpoint.
+removes its `.partial` directory and stops the run naming the intact previous checkpoint and the
+write's own cause. Weights or optimizer state holding a non-finite value are never written: such a
+checkpoint could not be resumed, and it would displace a good one from `keep_checkpoints`.
 
 Loading validates before any tensor is used: the manifest (every file present at its size), the
 model's identity hash (a checkpoint of another model is refused, naming the settings that differ)
@@ -23,6 +25,7 @@ and, for layout-free loads, every tensor's global shape.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import multiprocessing
@@ -280,6 +283,8 @@ def save_checkpoint(engine, model, state: TrainState, save_dir: str, config: dic
     partial = root / f"{tag}.partial"
     final = root / tag
     rank = dist.get_rank() if dist.is_initialized() else 0
+    universal = universal_state(engine, model)
+    _refuse_non_finite(universal, root, state.step)
     failure: Optional[Exception] = None
     try:
         if rank == 0:
@@ -292,7 +297,7 @@ def save_checkpoint(engine, model, state: TrainState, save_dir: str, config: dic
         engine.save_checkpoint(str(root), tag=partial.name, client_state=client, save_latest=False)
         faults.reached("checkpoint-deepspeed")
         _orphan_safe_write_queue()
-        dist_checkpointing.save(universal_state(engine, model), str(partial / "universal"))
+        dist_checkpointing.save(universal, str(partial / "universal"))
         faults.reached("checkpoint-universal")
         torch.save(_rng_state(), partial / "rng" / f"rank_{rank}.pt")
     except Exception as err:  # noqa: BLE001 - every failed write must leave the previous checkpoint usable
@@ -321,6 +326,55 @@ def save_checkpoint(engine, model, state: TrainState, save_dir: str, config: dic
     return final
 
 
+def _tensors(universal: dict) -> list[tuple[str, torch.Tensor]]:
+    """The named tensors of a universal state (weights, then fp32 weights and AdamW moments)."""
+    named = []
+    for part in ("model", "optimizer"):
+        for key, value in universal[part].items():
+            data = getattr(value, "data", None)
+            if isinstance(data, torch.Tensor) and data.is_floating_point():
+                named.append((getattr(value, "key", key), data))
+    return named
+
+
+def _refuse_non_finite(universal: dict, root: Path, step: int) -> None:
+    """Every rank agrees, in one device read, whether any tensor it would save is non-finite; if
+    so nothing is written and every rank raises the same line."""
+    named = _tensors(universal)
+    device = collective_device()
+    flags = [tensor.isfinite().all() for _, tensor in named]
+    bad = (~torch.stack(flags)).sum().to(device, torch.float32) if flags else torch.zeros((), device=device)
+    if dist.is_initialized():
+        dist.all_reduce(bad, op=dist.ReduceOp.SUM)
+    if not bad.item():
+        return
+    here = [name for (name, _), flag in zip(named, flags) if not bool(flag)]
+    first = f" (first: {here[0]})" if here else " (on another rank)"
+    previous = find_latest(str(root), log=lambda message: None)
+    kept = f"{previous} is kept" if previous else "no earlier checkpoint exists"
+    raise CheckpointError(
+        f"checkpoint for step {step} not written: {int(bad.item())} weight or optimizer tensors hold "
+        f"non-finite values{first}, which no run could resume from; {kept}; lower training.lr or "
+        "check the data, then resume from the last checkpoint"
+    )
+
+
+def _save_fix(failure: Optional[Exception], root: Path) -> str:
+    """What to do about a failed write, from its own cause (not every failure is a full disk)."""
+    space = f"free space under {root} (or set training.save_dir elsewhere) and relaunch"
+    if failure is None:
+        return "the failing rank printed its own cause: fix that and relaunch"
+    code = getattr(failure, "errno", None)
+    if code in (errno.ENOSPC, errno.EDQUOT) or "unexpected pos" in str(failure):
+        # torch's own writer reports a short write (full disk or quota) as "unexpected pos"
+        return f"{shutil.disk_usage(root).free / 2**20:,.0f} MiB free there; {space}"
+    if code in (errno.EACCES, errno.EPERM):
+        return f"make {root} writable for this user (or set training.save_dir elsewhere) and relaunch"
+    if code == errno.EROFS:
+        return f"{root} is on a read-only file system: set training.save_dir to a writable place and relaunch"
+    return "fix that cause (or set training.save_dir elsewhere) and relaunch"
+
+
 def _stop_if_any_write_failed(failure: Optional[Exception], partial: Path, root: Path, step: int) -> None:
     """All ranks agree whether the save failed; if so the partial directory goes (freeing its
     space) and every rank raises the same one-line error."""
@@ -334,11 +388,9 @@ def _stop_if_any_write_failed(failure: Optional[Exception], partial: Path, root:
     _barrier()
     previous = find_latest(str(root), log=lambda message: None)
     kept = f"{previous} is intact and will be resumed from" if previous else "no earlier checkpoint exists"
-    free = shutil.disk_usage(root).free / 2**20
     raise CheckpointError(
-        f"checkpoint for step {step} not written ({_one_line(failure)}; {free:,.0f} MiB free there); the "
-        f"partial save was removed and {kept}; free space under {root} (or set training.save_dir "
-        "elsewhere) and relaunch"
+        f"checkpoint for step {step} not written ({_one_line(failure)}); the partial save was removed "
+        f"and {kept}; {_save_fix(failure, root)}"
     ) from failure
 
 
