@@ -23,6 +23,10 @@ class UserError(Exception):
     """A problem with the user's input, stated in one line that names the fix."""
 
 
+# The shell's code for a process stopped by SIGINT (128 + 2).
+INTERRUPTED = 130
+
+
 def run_cli(main: Callable[[], object], debug: bool = False) -> int:
     """Run a CLI body: its int result (None: 0) is the exit code; a `UserError` becomes one
     `error: ...` line and exit code 2 (under torchrun: printed by rank 0, or after
@@ -45,4 +49,10 @@ def run_cli(main: Callable[[], object], debug: bool = False) -> int:
             time.sleep(OTHER_RANKS_GRACE_S)
         print(f"error: {err}" if rank == "0" else f"error: (rank {rank}) {err}", file=sys.stderr, flush=True)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C where no handler asked for a clean stop, or a second Ctrl-C
+        if debug:
+            raise
+        if os.environ.get("RANK", "0") == "0":
+            print("interrupted (Ctrl-C): stopped; files written before stay as they were", file=sys.stderr, flush=True)
+        return INTERRUPTED
     return code if isinstance(code, int) and not isinstance(code, bool) else 0

@@ -15,7 +15,10 @@ from train_helpers import launch, metrics, repo_root, series, write_config
 pytestmark = pytest.mark.distributed
 
 
-def test_sigterm_writes_a_checkpoint_and_exits_cleanly(corpus, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_writes_a_checkpoint_and_exits_cleanly(corpus, tmp_path, signum):
+    """SIGTERM (preemption) and Ctrl-C (SIGINT: before, a 75-line KeyboardInterrupt traceback and
+    no checkpoint) both save at the end of the step and exit 0 with one line."""
     config = write_config(tmp_path / "run.yaml", corpus, training={"train_steps": 500})
     run_dir = tmp_path / "run"
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
@@ -28,12 +31,37 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(corpus, tmp_path):
         if (run_dir / "metrics.jsonl").exists() and len(series(run_dir, "train/loss")) >= 2:
             break
         time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signum)
     output = process.communicate(timeout=120)[0]
     assert process.returncode == 0, output[-3000:]
     step = len(series(run_dir, "train/loss"))
-    assert "SIGTERM received: checkpoint written at step" in output
+    assert f"{signal.Signals(signum).name} received: checkpoint written at step" in output
+    assert "Traceback" not in output
     assert (run_dir / "checkpoints" / f"step_{step:08d}" / "meta.json").is_file()
+
+
+def test_ctrl_c_in_process_saves_then_restores_the_handlers(corpus, tmp_path, monkeypatch, parallel):
+    """Ctrl-C during step 2 of an in-process run: the step finishes, a checkpoint of step 2 is
+    written, pretrain returns, and the caller's own SIGINT/SIGTERM handlers are back."""
+    from mor_megatron.training import loop
+    from mor_megatron.training.config import load_run_config
+
+    real_step, steps = loop.train_step, []
+
+    def step_with_ctrl_c(*args, **kwargs):
+        steps.append(len(steps) + 1)
+        if len(steps) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", step_with_ctrl_c)
+    before = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    config = write_config(tmp_path / "run.yaml", corpus, training={"train_steps": 50})
+    lines = []
+    loop.pretrain(load_run_config(config, [f"logging.dir={tmp_path / 'run'}"]), log=lines.append)
+    assert steps == [1, 2] and "SIGINT received: checkpoint written at step 2; relaunch to resume" in lines
+    assert (tmp_path / "run" / "checkpoints" / "step_00000002" / "meta.json").is_file()
+    assert {number: signal.getsignal(number) for number in before} == before
 
 
 def test_recomputation_gives_the_same_training(expert_setup):

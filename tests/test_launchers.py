@@ -391,3 +391,19 @@ def test_user_error_on_another_rank_is_printed_after_the_grace(monkeypatch, caps
         assert errors.run_cli(fail) == 2
         assert capsys.readouterr().err.startswith(expected)
     assert waited == [errors.OTHER_RANKS_GRACE_S]
+
+
+def test_ctrl_c_outside_training_is_one_line_exit_130(monkeypatch, capsys) -> None:
+    """Ctrl-C while a CLI builds, reads or converts (no handler asks for a clean stop there) was a
+    KeyboardInterrupt traceback; now one line and the shell's SIGINT code; `--debug` re-raises."""
+    from mor_megatron import errors
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setenv("RANK", "0")
+    assert errors.run_cli(interrupted) == errors.INTERRUPTED == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("interrupted (Ctrl-C): stopped")
+    with pytest.raises(KeyboardInterrupt):
+        errors.run_cli(interrupted, debug=True)

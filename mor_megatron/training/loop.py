@@ -6,6 +6,7 @@ import math
 import signal
 import sys
 import time
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -83,14 +84,25 @@ def evaluate(engine, batches: ValidationBatches) -> float:
 
 
 class _Preemption:
-    """SIGTERM (SLURM preemption, torchrun shutdown) asks for a checkpoint and a clean exit."""
+    """SIGTERM (SLURM preemption, torchrun shutdown) or Ctrl-C (SIGINT) asks for a checkpoint and a
+    clean exit at the end of the step; a second Ctrl-C stops at once (`KeyboardInterrupt`, one line
+    from `errors.run_cli`; the last complete checkpoint stays). `restore` puts back the handlers
+    that were there before."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
-        self.requested = False
-        signal.signal(signal.SIGTERM, self._handler)
+        self.requested: Optional[str] = None
+        self._previous = {number: signal.signal(number, self._handler) for number in self.SIGNALS}
 
     def _handler(self, signum, frame) -> None:
-        self.requested = True
+        if signum == signal.SIGINT and self.requested == "SIGINT":
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
 
     def agreed(self) -> bool:
         """Every rank must stop at the same step: any rank's signal counts for all."""
@@ -142,7 +154,6 @@ def pretrain(run: RunConfig, log=print) -> dict:
     flops_per_token = training_flops_per_token(config)
     peak = peak_tflops(run.logging.peak_tflops)
     tokens_per_step = t.global_batch_size * config.seq_length
-    preemption = _Preemption()
     progress = _progress_bar(run, state.step) if _is_logger() else None
     bad_steps, metrics, started = 0, {}, (time.perf_counter(), state.step)
     stop_at = state.step + t.exit_after_steps if t.exit_after_steps else t.train_steps
@@ -152,66 +163,71 @@ def pretrain(run: RunConfig, log=print) -> dict:
         prune_checkpoints(run.checkpoint_dir, t.keep_checkpoints)
         say(f"saved checkpoint {path}")
 
-    while state.step < t.train_steps:
-        faults.begin_step(state.step + 1)
-        consumed_before = data.consumed_samples
-        start = time.perf_counter()
-        result = train_step(engine, data.next_global_batch(), stages)
-        elapsed = time.perf_counter() - start
-        state.step += 1
-        state.consumed_samples = data.consumed_samples
-        state.consumed_tokens += tokens_per_step
+    preemption = _Preemption()
+    try:
+        while state.step < t.train_steps:
+            faults.begin_step(state.step + 1)
+            consumed_before = data.consumed_samples
+            start = time.perf_counter()
+            result = train_step(engine, data.next_global_batch(), stages)
+            elapsed = time.perf_counter() - start
+            state.step += 1
+            state.consumed_samples = data.consumed_samples
+            state.consumed_tokens += tokens_per_step
 
-        bad_steps = 0 if result.finite else bad_steps + 1
-        if not result.finite:
-            culprit = _describe_bad_microbatch(result, data, consumed_before)
-            say(f"step {state.step}: non-finite loss {result.loss} / grad norm {result.grad_norm} ({culprit}): "
-                f"update skipped ({bad_steps} in a row)")
-            if bad_steps >= t.max_bad_steps:
-                raise TrainingError(
-                    f"stopping at step {state.step}: {bad_steps} non-finite steps in a row, the last in "
-                    f"{culprit}; lower training.lr or check that data, then resume from the last checkpoint"
-                )
+            bad_steps = 0 if result.finite else bad_steps + 1
+            if not result.finite:
+                culprit = _describe_bad_microbatch(result, data, consumed_before)
+                say(f"step {state.step}: non-finite loss {result.loss} / grad norm {result.grad_norm} ({culprit}): "
+                    f"update skipped ({bad_steps} in a row)")
+                if bad_steps >= t.max_bad_steps:
+                    raise TrainingError(
+                        f"stopping at step {state.step}: {bad_steps} non-finite steps in a row, the last in "
+                        f"{culprit}; lower training.lr or check that data, then resume from the last checkpoint"
+                    )
 
-        tflops = flops_per_token * tokens_per_step / elapsed / dist.get_world_size() / 1e12
-        metrics = {
-            "train/loss": result.loss,
-            "train/lr": result.lr,
-            "train/grad_norm": result.grad_norm,
-            "train/tokens_per_s": tokens_per_step / elapsed,
-            "train/tflops_per_device": tflops,
-            "train/step_time_s": elapsed,
-            "train/skipped_steps": float(engine.skipped_steps),
-            **router_metrics(result.router),
-        }
-        if peak:
-            metrics["train/mfu"] = tflops / peak
-        last = state.step == t.train_steps
-        leaving = state.step >= stop_at
-        if valid is not None and ((t.eval_interval and state.step % t.eval_interval == 0) or last):
-            metrics["valid/loss"] = evaluate(engine, valid)
-            metrics["valid/perplexity"] = math.exp(min(metrics["valid/loss"], 50.0))
-        if state.step % run.logging.log_interval == 0 or last:
-            writer.write(state.step, metrics)
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{tokens_per_step / elapsed:,.0f}")
-        elif state.step % run.logging.log_interval == 0 or last:
-            say(_progress_line(state.step, t.train_steps, metrics, started))
-        saved = (t.save_interval and state.step % t.save_interval == 0) or last or leaving
-        if saved:
-            checkpoint()
-        if leaving and not last:
-            say(f"training.exit_after_steps reached at step {state.step}; relaunch to continue")
-            break
-        if preemption.agreed():
-            if not saved:
+            tflops = flops_per_token * tokens_per_step / elapsed / dist.get_world_size() / 1e12
+            metrics = {
+                "train/loss": result.loss,
+                "train/lr": result.lr,
+                "train/grad_norm": result.grad_norm,
+                "train/tokens_per_s": tokens_per_step / elapsed,
+                "train/tflops_per_device": tflops,
+                "train/step_time_s": elapsed,
+                "train/skipped_steps": float(engine.skipped_steps),
+                **router_metrics(result.router),
+            }
+            if peak:
+                metrics["train/mfu"] = tflops / peak
+            last = state.step == t.train_steps
+            leaving = state.step >= stop_at
+            if valid is not None and ((t.eval_interval and state.step % t.eval_interval == 0) or last):
+                metrics["valid/loss"] = evaluate(engine, valid)
+                metrics["valid/perplexity"] = math.exp(min(metrics["valid/loss"], 50.0))
+            if state.step % run.logging.log_interval == 0 or last:
+                writer.write(state.step, metrics)
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{tokens_per_step / elapsed:,.0f}")
+            elif state.step % run.logging.log_interval == 0 or last:
+                say(_progress_line(state.step, t.train_steps, metrics, started))
+            saved = (t.save_interval and state.step % t.save_interval == 0) or last or leaving
+            if saved:
                 checkpoint()
-            say(f"SIGTERM received: checkpoint written at step {state.step}; relaunch to resume")
-            break
-    if progress is not None:
-        progress.close()
-    writer.close()
+            if leaving and not last:
+                say(f"training.exit_after_steps reached at step {state.step}; relaunch to continue")
+                break
+            if preemption.agreed():
+                if not saved:
+                    checkpoint()
+                say(f"{preemption.requested or 'a signal on another rank'} received: checkpoint written at step "
+                    f"{state.step}; relaunch to resume")
+                break
+        if progress is not None:
+            progress.close()
+        writer.close()
+    finally:
+        preemption.restore()
     return metrics
 
 
