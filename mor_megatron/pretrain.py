@@ -19,18 +19,17 @@ if TYPE_CHECKING:  # the config module imports megatron: not before run_cli hide
     from mor_megatron.training.config import RunConfig
 
 
-def _parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="mor-pretrain", description="Pretrain a Mixture-of-Recursions model."
-    )
+def build_parser() -> argparse.ArgumentParser:
+    from mor_megatron.cli import ToolParser
+
+    parser = ToolParser(prog="mor-pretrain", description="Pretrain a Mixture-of-Recursions model.")
     parser.add_argument("--config", required=True, help="YAML run config, e.g. configs/tiny.yaml")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. training.train_steps=50")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks and library warnings")
-    return parser.parse_args(argv)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parse(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     from mor_megatron.errors import UserError, run_cli
 
     def train() -> None:

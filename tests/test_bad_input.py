@@ -135,6 +135,10 @@ PRETRAIN_ROWS = {
     "config-global-batch-not-divisible": (lambda e, t: (None, ["training.global_batch_size=3"]),
                                           "global_batch_size=3 is not divisible by micro_batch_size 2"),
     "config-te-backend-on-cpu": (lambda e, t: (None, ["training.backend=te"]), "use backend 'local' on CPU"),
+    # output places, checked before anything is built (mor_megatron.paths.writable_dir)
+    "logging-dir-is-a-file": (lambda e, t: (None, [f"logging.dir={e['config']}"]), "is a file, not a directory"),
+    "save-dir-not-writable": (lambda e, t: (None, [f"training.save_dir={e['config']}/checkpoints"]),
+                              "cannot be written (Not a directory): choose a writable place"),
     # data
     "data-train-missing": (lambda e, t: (None, [f"data.train={t / 'nowhere' / 'shard'}"]), "shard file not found"),
     "data-valid-missing": (lambda e, t: (None, [f"data.valid={t / 'nowhere' / 'valid'}"]), "nowhere/valid.idx"),
@@ -157,6 +161,31 @@ PRETRAIN_ROWS = {
     "launch-world-size-vs-tp": (lambda e, t: (None, ["parallel.tensor_model_parallel_size=2"]),
                                 "world size 1 is not divisible by TP 2 x PP 1"),
 }
+
+
+def test_a_live_run_holds_its_directory(existing, tmp_path, capfd):
+    """A second trainer on a run directory that a live process holds is refused in one line naming
+    the holder; once the holder is killed (no clean exit) the directory is free again."""
+    from mor_megatron.paths import RunLock
+    from mor_megatron.pretrain import main
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from mor_megatron.paths import RunLock; "
+         "lock = RunLock(sys.argv[1]).__enter__(); print('held', flush=True); time.sleep(300)",
+         str(existing["run_dir"])], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = tree_digest(existing["run_dir"])
+        capfd.readouterr()
+        rc = main(["--config", str(existing["config"]), f"logging.dir={existing['run_dir']}"])
+        out, err = capfd.readouterr()
+        one_error_line(rc, out, err, f"is in use by a live run (pid {holder.pid} on ")
+        assert tree_digest(existing["run_dir"]) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    with RunLock(existing["run_dir"]):  # the kernel dropped the killed holder's lock
+        pass
 
 
 def _pretrain_argv(existing: dict, tmp_path: Path, row: str) -> list[str]:

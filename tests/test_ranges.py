@@ -9,15 +9,15 @@ bound) passes the range check.
 from __future__ import annotations
 
 import dataclasses
-import math
 import typing
 from pathlib import Path
 
 import pytest
 
 from mor_megatron.config import MEGATRON_FIELDS, ConfigError, MoRConfig
-from mor_megatron.ranges import RANGES, Range
+from mor_megatron.ranges import RANGES
 from mor_megatron.training.config import LoggingConfig, ParallelConfig, TrainingConfig, load_run_config
+from range_cases import inside, outside
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -47,30 +47,6 @@ def test_every_numeric_setting_has_a_range(section: str) -> None:
     assert set(RANGES[section]) <= {f.name for f in dataclasses.fields(SECTIONS[section])}
 
 
-def _outside(valid: Range) -> list:
-    """Just past each bound (the bound itself where it is open), non-finite values, a fraction."""
-    nudge = 1 if valid.integer else 1e-3
-    values = [math.nan, math.inf, -math.inf]
-    if valid.low is not None:
-        values.append(valid.low if valid.low_open else valid.low - nudge)
-    if valid.high is not None:
-        values.append(valid.high if valid.high_open else valid.high + nudge)
-    if valid.integer:
-        values.append((valid.low or 0) + 1.5)
-    return values
-
-
-def _inside(valid: Range) -> list:
-    """Each bound itself, or just inside it where it is open."""
-    nudge = 1 if valid.integer else 1e-3
-    values = []
-    if valid.low is not None:
-        values.append(valid.low + nudge if valid.low_open else valid.low)
-    if valid.high is not None:
-        values.append(valid.high - nudge if valid.high_open else valid.high)
-    return values
-
-
 def _build(section: str, name: str, value) -> None:
     if section == "model":
         MoRConfig(**dict(TINY_MODEL, **{name: value}))
@@ -84,7 +60,7 @@ CASES = [(s, n) for s in RANGES for n in RANGES[s]]
 @pytest.mark.parametrize("section, name", CASES, ids=[f"{s}.{n}" for s, n in CASES])
 def test_out_of_range_is_refused(section: str, name: str) -> None:
     valid = RANGES[section][name]
-    for value in _outside(valid):
+    for value in outside(valid):
         with pytest.raises(ConfigError, match=rf"^{section}\.{name}=.* is out of range: use "):
             _build(section, name, value)
 
@@ -93,7 +69,7 @@ def test_out_of_range_is_refused(section: str, name: str) -> None:
 def test_bounds_pass_the_range_check(section: str, name: str) -> None:
     """A value at (or just inside) each bound is not refused by the range check (another rule of
     the section may still refuse it, e.g. a head count that does not divide the width)."""
-    for value in _inside(RANGES[section][name]):
+    for value in inside(RANGES[section][name]):
         try:
             _build(section, name, value)
         except ConfigError as err:

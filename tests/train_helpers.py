@@ -11,6 +11,8 @@ from pathlib import Path
 
 import yaml
 
+from mor_megatron.paths import LOCK_FILE
+
 TINY_RUN = {
     "model": {
         "hidden_size": 64,
@@ -91,10 +93,11 @@ def one_error_line(rc: int, out: str, err: str, phrase: str = "", prefix: str = 
 
 
 def tree_digest(*roots: Path) -> dict[str, str]:
-    """sha256 of every file under `roots`, by path: what a failed launch must leave alone."""
+    """sha256 of every file under `roots`, by path: what a failed launch must leave alone (the
+    live-run lock aside: each launch writes its own pid there, `mor_megatron.paths.RunLock`)."""
     return {
         str(path): hashlib.sha256(path.read_bytes()).hexdigest()
-        for root in roots for path in sorted(Path(root).rglob("*")) if path.is_file()
+        for root in roots for path in sorted(Path(root).rglob("*")) if path.is_file() and path.name != LOCK_FILE
     }
 
 

@@ -92,20 +92,22 @@ def _fwd_bytes(case: Case, dtype: torch.dtype) -> int:
     return (2 * case.s * case.b * case.d + case.k * case.b * case.d) * es
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    from mor_megatron.cli import ToolParser, positive_float, ranged
+    from mor_megatron.ranges import Range
+
+    p = ToolParser(prog="mor-bench-kernels", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES), help="SxBxD, e.g. 2048x8x960")
-    p.add_argument("--k-fracs", nargs="+", type=float, default=list(DEFAULT_K_FRACS), help="k = int(S * frac)")
-    p.add_argument("--min-run-time", type=float, default=0.5, help="seconds per timing (blocked_autorange)")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks and library warnings")
-    return p.parse_args(argv)
+    p.add_argument("--k-fracs", nargs="+", type=ranged(Range(0, 1, low_open=True)), default=list(DEFAULT_K_FRACS), help="k = int(S * frac)")
+    p.add_argument("--min-run-time", type=positive_float, default=0.5, help="seconds per timing (blocked_autorange)")
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """Print a table of reference vs Triton timings for MoR-like shapes."""
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     from mor_megatron.errors import run_cli
 
     return run_cli(lambda: _run(args), args.debug)

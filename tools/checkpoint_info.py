@@ -14,11 +14,16 @@ import sys
 from pathlib import Path
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    from mor_megatron.cli import ToolParser
+
+    parser = ToolParser(prog="mor-checkpoint-info", description=__doc__.splitlines()[0])
     parser.add_argument("path", help="a checkpoint directory or the folder holding them")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     from mor_megatron.errors import run_cli
 
     return run_cli(lambda: describe(Path(args.path)), args.debug)

@@ -18,19 +18,24 @@ from typing import Optional, Sequence
 INITS = ("stepwise", "average", "lower", "upper", "random")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    from mor_megatron.cli import ToolParser, seed
+
+    parser = ToolParser(prog="mor-convert-from-hf", description=__doc__.splitlines()[0])
     parser.add_argument("--hf", required=True, help="Hugging Face model folder (config.json + safetensors)")
     parser.add_argument("--config", required=True, help="run YAML whose model: section is the target")
     parser.add_argument("--init", default="stepwise", choices=INITS, help="shared-layer initialisation")
     parser.add_argument("--output", required=True, help="weights folder to write")
-    parser.add_argument("--seed", type=int, default=1234, help="seed of the fresh parts (routers, random)")
+    parser.add_argument("--seed", type=seed, default=1234, help="seed of the fresh parts (routers, random)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides of the config")
     parser.add_argument("--allow-pickle", action="store_true",
                         help="read pytorch_model.bin when the folder has no safetensors (pickles can run code: "
                              "only for sources you trust; loaded with torch's weights_only unpickler)")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks and library warnings")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from mor_megatron.errors import run_cli
     from mor_megatron.hf.importer import import_hf

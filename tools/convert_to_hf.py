@@ -17,15 +17,20 @@ import sys
 from typing import Optional, Sequence
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    from mor_megatron.cli import ToolParser
+
+    parser = ToolParser(prog="mor-convert-to-hf", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="checkpoint, checkpoints folder or weights folder")
     parser.add_argument("--output", required=True, help="HF folder to write")
     parser.add_argument("--config", help="run YAML giving the model (needed for a bare weights folder)")
     parser.add_argument("--tokenizer", help="tokenizer folder to include (default: the run's data.tokenizer)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (e.g. 5GB, 500MB)")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks and library warnings")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from mor_megatron.errors import run_cli
     from mor_megatron.hf.export import export

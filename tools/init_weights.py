@@ -11,13 +11,18 @@ import dataclasses
 import sys
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True)
+def build_parser() -> argparse.ArgumentParser:
+    from mor_megatron.cli import ToolParser
+
+    parser = ToolParser(prog="mor-init-weights", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="run YAML giving the model")
     parser.add_argument("--output", required=True, help="directory to create")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks and library warnings")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     from mor_megatron.errors import run_cli
 
     def write() -> None:

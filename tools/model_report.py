@@ -14,26 +14,27 @@ from typing import Optional, Sequence
 
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    from mor_megatron.cli import ToolParser, positive_int
+
+    parser = ToolParser(prog="mor-model-report", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="YAML config file (configs/*.yaml)")
     parser.add_argument(
         "overrides", nargs="*", help="section.key=value overrides, e.g. model.seq_length=4096"
     )
     layout = parser.add_argument_group("layout for the per-GPU memory estimate")
-    layout.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
-    layout.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
-    layout.add_argument("--dp", type=int, default=1, help="data-parallel size")
+    layout.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel size")
+    layout.add_argument("--pp", type=positive_int, default=1, help="pipeline-parallel size")
+    layout.add_argument("--dp", type=positive_int, default=1, help="data-parallel size")
     layout.add_argument("--zero", type=int, default=1, choices=(0, 1, 2, 3), help="ZeRO stage")
-    layout.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch")
+    layout.add_argument("--micro-batch", type=positive_int, default=1, help="sequences per micro-batch")
     layout.add_argument("--recompute", action="store_true", help="full activation recomputation")
     layout.add_argument("--fp32", action="store_true", help="fp32 training instead of bf16")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks and library warnings")
-    return parser.parse_args(argv)
+    return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     from mor_megatron.errors import run_cli
 
     return run_cli(lambda: report(args), args.debug)

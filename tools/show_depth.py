@@ -134,18 +134,23 @@ def token_depths(model, ids: Sequence[int]) -> list[int]:
     return out.depths.tolist()
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    from mor_megatron.cli import ToolParser, non_negative_int, positive_int
+
+    parser = ToolParser(prog="mor-show-depth", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="a step_N checkpoint or the folder holding them")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--text", help="the text to colour")
     source.add_argument("--text-file", help="read the text from this file")
     parser.add_argument("--tokenizer", help="tokenizer folder or name (default: the run's data.tokenizer)")
-    parser.add_argument("--generate", type=int, default=0, help="first continue the text greedily by N tokens")
+    parser.add_argument("--generate", type=non_negative_int, default=0, help="first continue the text greedily by N tokens")
     parser.add_argument("--output", default="depth", help="output prefix: PREFIX.html and PREFIX.png")
-    parser.add_argument("--width", type=int, default=80, help="characters per PNG line")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks and library warnings")
-    args = parser.parse_args(argv)
+    parser.add_argument("--width", type=positive_int, default=80, help="characters per PNG line")
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
     from mor_megatron.errors import run_cli
 
     return run_cli(lambda: _run(args), args.debug)

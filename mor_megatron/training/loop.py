@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
 import time
@@ -28,6 +29,7 @@ from mor_megatron.training.checkpoint import (
     save_checkpoint,
 )
 from mor_megatron.training import faults
+from mor_megatron.paths import RunLock, writable_dir
 from mor_megatron.checkpoint_files import checkpoint_dirs, find_latest
 from mor_megatron.weights import load_weights
 from mor_megatron.training.config import RunConfig, check_data, check_layout, run_config_dict
@@ -112,7 +114,18 @@ class _Preemption:
 
 
 def pretrain(run: RunConfig, log=print) -> dict:
-    """Train as configured; returns the final metrics. Resumes from the newest checkpoint."""
+    """Train as configured; returns the final metrics. Resumes from the newest checkpoint.
+
+    First (global rank 0) the run's directories are checked writable and `logging.dir` is held
+    for this run alone while it lives (`paths.RunLock`)."""
+    if os.environ.get("RANK", "0") != "0":
+        return _pretrain(run, log)
+    writable_dir(run.checkpoint_dir, "training.save_dir" if run.training.save_dir else "logging.dir")
+    with RunLock(run.logging.dir):
+        return _pretrain(run, log)
+
+
+def _pretrain(run: RunConfig, log) -> dict:
     t = run.training
     initialize_parallel(run.parallel.tensor_model_parallel_size, run.parallel.pipeline_model_parallel_size, t.seed)
     dp = check_layout(run, dist.get_world_size())
