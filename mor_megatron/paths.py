@@ -1,20 +1,25 @@
-"""Output places checked before any work starts, and the one-run-per-directory lock.
+"""Output places checked before any work starts, outputs never clobbered, one run per directory.
 
 A tool that finds out its output folder is a file, or not writable, only when it first writes
 (after a model was built or a corpus read) wastes that work and leaves a half-written output;
-`writable_dir` is called first instead. `RunLock` keeps a second trainer out of a run directory a
-live run holds: two runs would interleave their metrics and resume from each other's checkpoints.
+`writable_dir` is called first instead. `replaced_output` writes a tool's output folder whole:
+a folder that already holds something is refused unless the user said `--overwrite`, and then the
+new contents replace the old only once they are complete (an export into another model's folder
+used to leave a mix of both). `RunLock` keeps a second trainer out of a run directory a live run
+holds: two runs would interleave their metrics and resume from each other's checkpoints.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import socket
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Optional, Union
+from typing import IO, Iterator, Optional, Union
 
 from mor_megatron.errors import UserError
 
@@ -35,6 +40,38 @@ def writable_dir(path: Union[str, Path], setting: str) -> Path:
         reason = err.strerror or type(err).__name__
         raise UserError(f"{setting} {path} cannot be written ({reason}): choose a writable place") from None
     return path
+
+
+@contextmanager
+def replaced_output(path: Union[str, Path], setting: str = "--output", overwrite: bool = False) -> Iterator[Path]:
+    """Check `path` first, then yield a new folder beside it to write the output into; when the
+    block completes that folder becomes `path` (the old contents, with `overwrite`, go only
+    then). A block that fails leaves `path` as it was and its partial folder removed."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{setting} {path} is a file, not a directory: choose a directory path")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise UserError(
+            f"{setting} {path} already holds files: choose a new or empty folder, or pass --overwrite "
+            "to replace its contents"
+        )
+    parent = writable_dir(path.resolve().parent, f"{setting}'s parent folder")
+    partial = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    partial.chmod(0o777 & ~umask)  # as a plain mkdir would make it (mkdtemp's folder is private)
+    try:
+        yield partial
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    old = None
+    if path.exists():
+        old = parent / f".{path.name}.old-{os.getpid()}"
+        os.replace(path, old)
+    os.replace(partial, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 class RunLock:

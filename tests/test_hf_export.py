@@ -257,3 +257,28 @@ def test_cli_help_runs_without_megatron():
     result = subprocess.run([sys.executable, "tools/convert_to_hf.py", "--help"], capture_output=True, text=True,
                             cwd=Path(__file__).resolve().parent.parent)
     assert result.returncode == 0 and "--checkpoint" in result.stdout
+
+
+def test_export_never_mixes_with_what_the_folder_held(parallel, tmp_path):
+    """Before, an export into another model's folder left a mix (the other model's tokenizer and
+    extra files stayed beside the new weights). Now a folder holding files is refused unless
+    `overwrite`, and then only the new export's files are there; an export that fails leaves the
+    folder as it was."""
+    from mor_megatron.errors import UserError
+    from mor_megatron.hf.export import export
+    from train_helpers import tree_digest
+
+    config = tiny_config(init_method_std=STD)
+    weights, run_yaml = save_model(build(config).eval(), config, tmp_path)
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "tokenizer.json").write_text("{}")  # another model's file
+    before = tree_digest(out)
+    with pytest.raises(UserError, match=r"--output .*hf already holds files: .*pass --overwrite"):
+        export(str(weights), str(out), config=str(run_yaml), log=_quiet)
+    with pytest.raises(Exception):  # fails half-way: the weights folder is not a checkpoint
+        export(str(tmp_path), str(out), config=str(run_yaml), log=_quiet, overwrite=True)
+    assert tree_digest(out) == before and not list(tmp_path.glob(".hf.*"))
+    export(str(weights), str(out), config=str(run_yaml), log=_quiet, overwrite=True)
+    assert not (out / "tokenizer.json").exists() and (out / "config.json").is_file()
+    assert list((out).glob("*.safetensors")) and not list(tmp_path.glob(".hf.*"))

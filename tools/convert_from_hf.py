@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, help="weights folder to write")
     parser.add_argument("--seed", type=seed, default=1234, help="seed of the fresh parts (routers, random)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides of the config")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace what --output already holds (once the new output is complete)")
     parser.add_argument("--allow-pickle", action="store_true",
                         help="read pytorch_model.bin when the folder has no safetensors (pickles can run code: "
                              "only for sources you trust; loaded with torch's weights_only unpickler)")
@@ -41,7 +43,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from mor_megatron.hf.importer import import_hf
 
     return run_cli(lambda: import_hf(args.hf, args.config, args.output, args.init, args.overrides, args.seed,
-                                     allow_pickle=args.allow_pickle), args.debug)
+                                     allow_pickle=args.allow_pickle, overwrite=args.overwrite), args.debug)
 
 
 def cli() -> int:

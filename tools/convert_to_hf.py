@@ -26,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="run YAML giving the model (needed for a bare weights folder)")
     parser.add_argument("--tokenizer", help="tokenizer folder to include (default: the run's data.tokenizer)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (e.g. 5GB, 500MB)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace what --output already holds (once the new output is complete)")
     return parser
 
 
@@ -36,7 +38,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from mor_megatron.hf.export import export
 
     def convert() -> None:
-        export(args.checkpoint, args.output, args.config, args.tokenizer, args.max_shard_size)
+        export(args.checkpoint, args.output, args.config, args.tokenizer, args.max_shard_size,
+               overwrite=args.overwrite)
 
     return run_cli(convert, args.debug)
 

@@ -18,6 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", required=True, help="run YAML giving the model")
     parser.add_argument("--output", required=True, help="directory to create")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace what --output already holds (once the new output is complete)")
     return parser
 
 
@@ -28,13 +30,15 @@ def main(argv: list[str] | None = None) -> int:
     def write() -> None:
         from mor_megatron.model import MoRGPTModel
         from mor_megatron.parallel.state import initialize_parallel
+        from mor_megatron.paths import replaced_output
         from mor_megatron.training.config import load_run_config
         from mor_megatron.weights import save_weights
 
         run = load_run_config(args.config, args.overrides)
-        initialize_parallel(seed=run.training.seed)
-        config = dataclasses.replace(run.model, tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
-        save_weights(MoRGPTModel(config, backend=run.training.backend), args.output)
+        with replaced_output(args.output, "--output", args.overwrite) as output:
+            initialize_parallel(seed=run.training.seed)
+            config = dataclasses.replace(run.model, tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
+            save_weights(MoRGPTModel(config, backend=run.training.backend), str(output))
         print(f"initial weights written to {args.output}")
 
     return run_cli(write, args.debug)

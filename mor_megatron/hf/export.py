@@ -20,6 +20,7 @@ import torch
 from mor_megatron.config import MoRConfig
 from mor_megatron.hf.layouts import ConversionError, Dims, megatron_to_hf
 from mor_megatron.hf.safetensors_io import parse_size, write_safetensors
+from mor_megatron.paths import replaced_output
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -243,13 +244,6 @@ def _tokenizer_tokens(tokenizer: Optional[str], output: Path, explicit: bool, lo
     }
 
 
-def _clear(output: Path) -> None:
-    for stale in output.glob("model*.safetensors*"):
-        stale.unlink()
-    for name in REMOTE_CODE:
-        (output / name).unlink(missing_ok=True)
-
-
 def export(
     checkpoint: str,
     output: str,
@@ -257,27 +251,29 @@ def export(
     tokenizer: Optional[str] = None,
     max_shard_size: str | int = "5GB",
     log: Callable[[str], None] = print,
+    overwrite: bool = False,
 ) -> Path:
-    """Write the HF folder `output` for `checkpoint`; returns its path."""
+    """Write the HF folder `output` for `checkpoint`; returns its path. A folder that already holds
+    files is refused unless `overwrite`; it is replaced whole once the export is complete
+    (`paths.replaced_output`)."""
     from transformers import GenerationConfig
 
-    source = resolve_source(checkpoint, config, log)
-    model_config = build_config(source.model_section)
-    state = load_state(model_config, source.weights)
-    if model_config.router == "token_choice" and model_config.token_choice_capacity_factor is not None:
-        log("note: token_choice_capacity_factor is a training-time cap; the HF model routes without it")
-    tensors = megatron_to_hf(state, Dims.from_mor(model_config), str(source.weights))
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    _clear(out)
-    special = _tokenizer_tokens(tokenizer or source.tokenizer, out, tokenizer is not None, log)
-    hf = hf_config(model_config, special)
-    hf.save_pretrained(str(out))
-    GenerationConfig(**{k: v for k, v in special.items() if v is not None}).save_pretrained(str(out))
-    if hf.model_type == "mor":
-        for name in REMOTE_CODE:
-            shutil.copyfile(HERE / name, out / name)
-    files = write_safetensors(tensors, out, parse_size(max_shard_size))
+    shard_bytes = parse_size(max_shard_size)  # a bad size is refused before any work
+    with replaced_output(output, "--output", overwrite) as out:
+        source = resolve_source(checkpoint, config, log)
+        model_config = build_config(source.model_section)
+        state = load_state(model_config, source.weights)
+        if model_config.router == "token_choice" and model_config.token_choice_capacity_factor is not None:
+            log("note: token_choice_capacity_factor is a training-time cap; the HF model routes without it")
+        tensors = megatron_to_hf(state, Dims.from_mor(model_config), str(source.weights))
+        special = _tokenizer_tokens(tokenizer or source.tokenizer, out, tokenizer is not None, log)
+        hf = hf_config(model_config, special)
+        hf.save_pretrained(str(out))
+        GenerationConfig(**{k: v for k, v in special.items() if v is not None}).save_pretrained(str(out))
+        if hf.model_type == "mor":
+            for name in REMOTE_CODE:
+                shutil.copyfile(HERE / name, out / name)
+        files = write_safetensors(tensors, out, shard_bytes)
     kind = "LlamaForCausalLM" if hf.model_type == "llama" else "MoRForCausalLM (trust_remote_code=True)"
-    log(f"exported {source.description} as {kind} to {out} ({len(tensors)} tensors, {len(files)} file(s))")
-    return out
+    log(f"exported {source.description} as {kind} to {output} ({len(tensors)} tensors, {len(files)} file(s))")
+    return Path(output)

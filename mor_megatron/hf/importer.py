@@ -27,6 +27,7 @@ import torch
 from mor_megatron.config import MoRConfig
 from mor_megatron.hf.layouts import ConversionError, Dims, hf_to_megatron
 from mor_megatron.hf.safetensors_io import read_safetensors
+from mor_megatron.paths import replaced_output
 
 INITS = ("stepwise", "average", "lower", "upper", "random")
 LLAMA_TYPES = ("llama", "mistral")
@@ -176,9 +177,27 @@ def import_hf(
     seed: int = 1234,
     log: Callable[[str], None] = print,
     allow_pickle: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """Write layout-free weights for the model of `config_path` from the HF folder `hf_dir`
-    (safetensors; pickled `pytorch_model.bin` only with `allow_pickle`)."""
+    (safetensors; pickled `pytorch_model.bin` only with `allow_pickle`). An `output` that already
+    holds files is refused unless `overwrite` (`paths.replaced_output`)."""
+    if init not in INITS:
+        raise ConversionError(f"unknown --init '{init}': choose one of {', '.join(INITS)}")
+    with replaced_output(output, "--output", overwrite) as partial:
+        hf, config = _import_into(partial, hf_dir, config_path, init, overrides, seed, allow_pickle)
+    one_to_one = hf.get("model_type") == "mor"
+    how = "one to one" if one_to_one else f"{init} initialisation"
+    log(f"imported {hf_dir} ({hf['num_hidden_layers']} layers) into {config_path} by {how}: {output}")
+    if not one_to_one:
+        log(describe_assignment(config, hf["num_hidden_layers"], init))
+    return Path(output)
+
+
+def _import_into(
+    output: Path, hf_dir: str, config_path: str, init: str, overrides: Sequence[str], seed: int, allow_pickle: bool
+) -> tuple[dict, MoRConfig]:
+    """The import itself, written into `output`; returns the HF config it read and the model's."""
     import dataclasses
 
     from megatron.core import tensor_parallel
@@ -188,8 +207,6 @@ def import_hf(
     from mor_megatron.weights import save_weights
     from mor_megatron.yaml_config import load_model_config
 
-    if init not in INITS:
-        raise ConversionError(f"unknown --init '{init}': choose one of {', '.join(INITS)}")
     hf = read_hf_config(Path(hf_dir))
     config = load_model_config(config_path, overrides)
     config = dataclasses.replace(config, tensor_model_parallel_size=1, pipeline_model_parallel_size=1, use_cpu_initialization=True)
@@ -202,13 +219,8 @@ def import_hf(
     fresh = model.state_dict()
     state = imported_state(hf_state, hf, config, fresh, init, hf_dir)
     model.load_state_dict(state, strict=True)
-    save_weights(model, output)
-    one_to_one = hf.get("model_type") == "mor"
-    how = "one to one" if one_to_one else f"{init} initialisation"
-    log(f"imported {hf_dir} ({hf['num_hidden_layers']} layers) into {config_path} by {how}: {output}")
-    if not one_to_one:
-        log(describe_assignment(config, hf["num_hidden_layers"], init))
-    return Path(output)
+    save_weights(model, str(output))
+    return hf, config
 
 
 def describe_assignment(config: MoRConfig, base_layers: int, init: str) -> str:
