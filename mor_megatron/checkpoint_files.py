@@ -7,7 +7,6 @@ decoding and export read them (`weights.py` holds the weights' format).
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
@@ -15,8 +14,12 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from mor_megatron.errors import UserError
+from mor_megatron.json_files import read_json
 
 LATEST = "latest"
+# What a checkpoint's meta.json holds (`training.checkpoint.save_checkpoint` writes it last);
+# one without any of them is a partial or foreign file, not a checkpoint.
+META_KEYS = ("format", "tag", "train_state", "layout", "model_hash", "config", "files")
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -50,10 +53,10 @@ def checkpoint_problem(directory: Path) -> Optional[str]:
     if not meta_path.is_file():
         return f"{meta_path} is missing: the save did not finish"
     try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return f"{meta_path} is unreadable or truncated"
-    for name, size in meta.get("files", {}).items():
+        meta = read_json(meta_path, "the save did not finish", required=META_KEYS)
+    except UserError as err:
+        return str(err)
+    for name, size in meta["files"].items():
         path = directory / name
         if not path.is_file():
             return f"{path} is missing"
@@ -63,7 +66,8 @@ def checkpoint_problem(directory: Path) -> Optional[str]:
 
 
 def read_meta(directory: Path) -> dict:
-    return json.loads((Path(directory) / "meta.json").read_text())
+    """A checkpoint's `meta.json` (call `checkpoint_problem` first for the whole check)."""
+    return read_json(Path(directory) / "meta.json", "the save did not finish", META_KEYS, CheckpointError)
 
 
 def checkpoint_dirs(save_dir: str) -> list[Path]:

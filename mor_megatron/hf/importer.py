@@ -18,7 +18,6 @@ MoR folder (model_type "mor") imports back one to one (`init` is then ignored).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -27,17 +26,21 @@ import torch
 from mor_megatron.config import MoRConfig
 from mor_megatron.hf.layouts import ConversionError, Dims, hf_to_megatron
 from mor_megatron.hf.safetensors_io import read_safetensors
+from mor_megatron.json_files import read_json
 from mor_megatron.paths import replaced_output
 
 INITS = ("stepwise", "average", "lower", "upper", "random")
 LLAMA_TYPES = ("llama", "mistral")
 
 
+# The HF config keys the import reads (every Llama-family and exported MoR config has them).
+HF_CONFIG_KEYS = ("model_type", "num_attention_heads", "hidden_size", "intermediate_size", "vocab_size",
+                  "num_hidden_layers")
+
+
 def read_hf_config(folder: Path) -> dict:
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise ConversionError(f"{path} not found: give a Hugging Face model folder")
-    return json.loads(path.read_text())
+    return read_json(Path(folder) / "config.json", "give a Hugging Face model folder (config.json + safetensors)",
+                     HF_CONFIG_KEYS, ConversionError)
 
 
 def _rope(hf: dict) -> tuple[float, str]:

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from mor_megatron.hf.layouts import ConversionError
+from mor_megatron.json_files import read_json
 
 INDEX = "model.safetensors.index.json"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
@@ -63,7 +64,8 @@ def write_safetensors(tensors: dict[str, torch.Tensor], output: Path, max_shard_
 
 def _shard_files(folder: Path, index: str, single: str) -> list[str]:
     if (folder / index).is_file():
-        return sorted(set(json.loads((folder / index).read_text())["weight_map"].values()))
+        weight_map = read_json(folder / index, f"re-download or re-export {folder}", ("weight_map",), ConversionError)
+        return sorted(set(weight_map["weight_map"].values()))
     return [single] if (folder / single).is_file() else []
 
 
