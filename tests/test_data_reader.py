@@ -179,3 +179,16 @@ def test_check_vocab():
     with pytest.raises(ValueError, match="1000.*1024|1024.*1000") as exc:
         check_vocab(1024, 1000)
     assert "\n" not in str(exc.value) and "fix:" in str(exc.value)
+
+
+def test_a_shard_path_with_spaces_is_named_as_such(tmp_path):
+    """The blend syntax splits on whitespace, so a prefix with a space read as two broken pairs
+    ("non-numeric weight"); now the message says what is wrong and how to fix it."""
+    prefix = tmp_path / "my corpus" / "train"
+    prefix.parent.mkdir()
+    (prefix.parent / "train.idx").write_bytes(b"")
+    with pytest.raises(DataError, match=r"contains whitespace, which the blend syntax .* cannot express; "
+                                        r"fix: move or link the shards to a path without spaces"):
+        parse_blend(str(prefix))
+    with pytest.raises(DataError, match=r"a path with spaces cannot be written in it"):
+        parse_blend(str(tmp_path / "elsewhere with space" / "train"))

@@ -15,6 +15,7 @@ holds samples c + m * mbs * dp + r * mbs + [0, mbs).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
@@ -33,19 +34,26 @@ def parse_blend(spec: Union[str, Sequence[Union[str, float]], Blend]) -> list[tu
 
     Accepts "PREFIX", "W1 P1 W2 P2" (megatron's --data-path style), that as a list, or pairs.
     """
-    if isinstance(spec, str):
-        spec = spec.split()
+    text = spec if isinstance(spec, str) else None
+    if text is not None:
+        spec = text.split()
+        if len(spec) > 1 and any(Path(text.strip() + suffix).exists() for suffix in (".idx", ".bin")):
+            raise DataError(
+                f"data path '{text.strip()}' contains whitespace, which the blend syntax '{_PAIRS}' cannot "
+                "express; fix: move or link the shards to a path without spaces"
+            )
     items = list(spec)
     if items and all(isinstance(x, (tuple, list)) for x in items):
         return [(float(w), str(p)) for w, p in items]
     if len(items) == 1:
         return [(1.0, str(items[0]))]
+    spaces = " (a path with spaces cannot be written in it)" if text is not None else ""
     if len(items) % 2:
-        raise DataError(f"data blend {items} is not weight/prefix pairs; fix: write '{_PAIRS}'")
+        raise DataError(f"data blend {items} is not weight/prefix pairs; fix: write '{_PAIRS}'{spaces}")
     try:
         return [(float(items[i]), str(items[i + 1])) for i in range(0, len(items), 2)]
     except ValueError:
-        raise DataError(f"data blend {items} has a non-numeric weight; fix: write '{_PAIRS}'") from None
+        raise DataError(f"data blend {items} has a non-numeric weight; fix: write '{_PAIRS}'{spaces}") from None
 
 
 def _positive(name: str, value: int) -> None:
