@@ -17,6 +17,7 @@ This is the local (SDPA) backend; it runs on CPU and GPU alike.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -32,7 +33,8 @@ class ActiveTokens:
 
     positions: original positions, `[k, B]` (dense) or `[t]` (packed).
     seq_ids:   packed only, `[t]`, which sequence of the micro-batch each token belongs to.
-    kv_store:  one dict per forward, shared by its recursion steps, for recursive KV sharing.
+    kv_store:  one dict per forward, shared by its recursion steps, for recursive KV sharing;
+               a layer sees its own sub-dict (`for_layer`).
     kv_role:   "none" (recursion-wise caching), "write" (step 1 of KV sharing) or "read".
     """
 
@@ -41,6 +43,16 @@ class ActiveTokens:
     seq_ids: Optional[Tensor] = None
     kv_store: dict = field(default_factory=dict)
     kv_role: str = "none"
+
+    def for_layer(self, key) -> "ActiveTokens":
+        """This context with the store of layer `key` only: every layer then sees the same store
+        structure (empty when writing, its own entry when reading), so a compiled layer's
+        guards hold at every layer and one graph serves them all (`parallel/compile.py`). A write
+        starts a fresh store, so an activation recompute's write also meets an empty one (the
+        reads of later steps have recomputed before it, from the store they were given)."""
+        if self.kv_role == "write":
+            self.kv_store[key] = {}
+        return dataclasses.replace(self, kv_store=self.kv_store.setdefault(key, {}))
 
 
 def _mask_by_position(
@@ -94,6 +106,11 @@ class ActiveTokenAttention(MegatronModule):
                 key, value, k_pos, k_seq = active.kv_store[self]
             if active.kv_role == "read" or active.layout == "packed":
                 mask = _mask_by_position(q_pos, k_pos, active.seq_ids, k_seq)
+                # every real query sees at least itself; a tail alignment pad
+                # (`precision.pad_active_tokens`) reading stored keys may see none, which would
+                # make NaNs in its (sliced-off) row and their backward: it sees all keys instead.
+                # Tested on the mask, not on the pad count, which a compiled layer would guard on
+                mask = mask | ~mask.any(-1, keepdim=True)
                 if active.layout == "dense":
                     mask = mask.unsqueeze(1)
         sq, b, heads, head_dim = query.shape

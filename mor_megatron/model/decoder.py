@@ -92,6 +92,13 @@ class MoRDecoder(TransformerBlock):
         self.router_output: Optional[RouterOutput] = None
         # pipeline replicas of the shared block, by global index (`parallel.setup.parallelize`)
         self.replica_layers: frozenset[str] = frozenset()
+        # packed steps padded to a multiple of ceil(S * B / token_buckets) (0: not padded), so a
+        # compiled layer sees a bounded set of token counts (`parallel/compile.py`)
+        self.token_buckets = 0
+
+    def set_token_buckets(self, buckets: int) -> None:
+        """Pad packed steps' token counts up to one of `buckets` sizes (0: no padding)."""
+        self.token_buckets = int(buckets)
 
     def _build_layers(self) -> None:
         offset = get_transformer_layer_offset(
@@ -144,18 +151,33 @@ class MoRDecoder(TransformerBlock):
 
     # -- layer calls -------------------------------------------------------------------------
 
-    def _run_layers(self, layers, hidden: Tensor, rotary: Optional[Tensor], mask=None) -> Tensor:
+    def _pad_multiple(self, tokens: TokenSet, hidden: Tensor) -> int:
+        """Token-count multiple a step's gathered tokens are padded to: FP8 GEMMs need 16 (or 32);
+        packed steps under compile go to one of `token_buckets` sizes."""
+        align = fp8_align_size(self.config)
+        if tokens.layout != "packed" or not self.token_buckets:
+            return align
+        bucket = -(-hidden.shape[0] * hidden.shape[1] // self.token_buckets)
+        return -(-bucket // align) * align
+
+    def _run_layers(
+        self, layers, hidden: Tensor, rotary: Optional[Tensor], mask=None, multiple: int = 1
+    ) -> Tensor:
         count = hidden.shape[0]
-        if self.config.fp8 and mask is not None:  # FP8 GEMMs: active-token count to a multiple of 16
-            hidden, rotary, mask = pad_active_tokens(hidden, rotary, mask, fp8_align_size(self.config))
+        if multiple > 1 and mask is not None:  # pads at the tail, sliced off below
+            hidden, rotary, mask = pad_active_tokens(hidden, rotary, mask, multiple)
         for index in layers:
             layer = self.layers[index]
             with fp8_context(self.config, "layer", layer.layer_number):  # non-delayed recipes
                 if self.config.recompute_granularity == "full" and self.training:
-                    hidden = checkpoint_layer(self.config, self._call_layer, layer, hidden, rotary, mask)
+                    hidden = checkpoint_layer(self.config, self._call_layer_at, index, layer, hidden, rotary, mask)
                 else:
-                    hidden = self._call_layer(layer, hidden, rotary, mask)
+                    hidden = self._call_layer_at(index, layer, hidden, rotary, mask)
         return hidden[:count]
+
+    def _call_layer_at(self, index, layer, hidden: Tensor, rotary: Optional[Tensor], mask) -> Tensor:
+        # the layer's own KV store, taken inside the (recomputed) call: `ActiveTokens.for_layer`
+        return self._call_layer(layer, hidden, rotary, None if mask is None else mask.for_layer(index))
 
     @staticmethod
     def _call_layer(layer, hidden: Tensor, rotary: Optional[Tensor], mask) -> Tensor:
@@ -171,7 +193,10 @@ class MoRDecoder(TransformerBlock):
         if self.config.kv_mode == "share_first":
             kv_role = "write" if r == 0 else "read"
         context = tokens.attention_context(kv_store, kv_role)
-        return self._run_layers(self.plan.block, tokens.gather(hidden), tokens.rotary(rotary), context)
+        return self._run_layers(
+            self.plan.block, tokens.gather(hidden), tokens.rotary(rotary), context,
+            self._pad_multiple(tokens, hidden),
+        )
 
     # -- recursion steps ----------------------------------------------------------------------
 

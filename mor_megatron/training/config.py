@@ -40,6 +40,9 @@ class DataConfig:
     tokenizer: Optional[str] = None  # folder or hub name; checked against model.vocab_size
 
 
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
+
+
 @dataclass
 class TrainingConfig:
     micro_batch_size: int = 2
@@ -60,6 +63,8 @@ class TrainingConfig:
     zero_stage: int = 1
     bf16: Optional[bool] = None  # None: bf16 where a GPU supports it, fp32 on CPU
     recompute: bool = False  # full activation recomputation per layer
+    compile: Optional[bool] = None  # torch.compile each layer; None: on where the device is CUDA
+    compile_backend: str = "inductor"  # torch.compile backend (aot_eager: tracing only, for tests)
     backend: str = "local"  # local | te
     # evaluation, checkpoints, faults
     eval_interval: int = 0  # steps between validation passes; 0: only at the end
@@ -79,6 +84,10 @@ class TrainingConfig:
             f"unknown training.lr_schedule '{self.lr_schedule}': choose one of wsd, cosine, constant",
         )
         _check(self.backend in ("local", "te"), f"unknown training.backend '{self.backend}': use local or te")
+        _check(
+            self.compile_backend in COMPILE_BACKENDS,
+            f"unknown training.compile_backend '{self.compile_backend}': use one of {', '.join(COMPILE_BACKENDS)}",
+        )
 
 
 @dataclass

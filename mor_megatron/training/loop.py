@@ -19,6 +19,7 @@ from mor_megatron.device import collective_device, compute_device
 from mor_megatron.errors import UserError
 from mor_megatron.model import MoRGPTModel
 from mor_megatron.parallel.pipeline import describe_stages, plan_stages
+from mor_megatron.parallel.compile import compile_enabled, compile_layers
 from mor_megatron.parallel.setup import parallelize
 from mor_megatron.parallel.state import initialize_parallel
 from mor_megatron.report import training_flops_per_token
@@ -145,6 +146,8 @@ def _pretrain(run: RunConfig, log) -> dict:
         # before the engine exists: ZeRO copies the weights into its fp32 master at creation
         load_weights(model, t.init_from)
         say(f"initialised weights from {t.init_from}")
+    if compile_enabled(t.compile, compute_device()):  # each layer's forward, before DeepSpeed hooks in
+        say(f"torch.compile ({t.compile_backend}): {compile_layers(model, config, backend=t.compile_backend)} layers")
     engine = build_engine(model, t, t.micro_batch_size, num_microbatches)
     faults.install(model)
     state = TrainState()
