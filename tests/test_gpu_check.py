@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from mor_megatron.tools import gpu_check
+from mor_megatron.tools.gpu_check_steps import bench_train_figures
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -42,12 +43,12 @@ def test_dry_run_passes_every_step_and_reports_agree(tmp_path):
     env = dict(os.environ, OUT=str(out))  # --out defaults to $OUT
     proc = subprocess.run(
         [sys.executable, "tools/gpu_check.py", "--dry-run", "--work", str(work), "--wheels", str(wheels)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
     )
     report = json.loads((out / "gpu_check.json").read_text())
     markdown = (out / "gpu_check.md").read_text()
     steps = report["steps"]
-    assert list(steps) == list("abcdefg"), proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert list(steps) == list("abcdefgh"), proc.stdout[-3000:] + proc.stderr[-3000:]
     for key, step in steps.items():
         assert step["status"] in ("passed", "skipped"), (key, step["reason"], step["tail"])
         if step["status"] == "skipped":
@@ -71,6 +72,12 @@ def test_dry_run_passes_every_step_and_reports_agree(tmp_path):
     assert {"vanilla", "MoR-2", "MoR-3"} <= set(decode["L8"]["max_batch"]) and "MoR-4" in decode["L10"]["max_batch"]
     assert decode["L10"]["vs_transformers"]["equal_greedy_tokens_pct"] == 100.0
     assert steps["g"]["figures"]["tests"]["counts"]["passed"] > 0 and steps["g"]["figures"]["bench"]
+    # h: the compiled bench, model-only and through mor-pretrain, every job with compiled layers
+    compiled = steps["h"]["figures"]["compiled_layers"]
+    assert {"vanilla L=8 [compiled]", "mor nr=2 [trainer, compiled]"} <= set(compiled), compiled
+    assert all(count > 0 for count in compiled.values()), compiled
+    assert set(steps["h"]["figures"]["trainer_vs_model_only"]) == {
+        "vanilla L=8 [trainer, compiled]", "mor nr=2 [trainer, compiled]"}
 
     # the wheel folder was installed offline and the steps saw it
     assert report["install"]["installed"] == ["gpu-check-probe 1.0"]
@@ -115,6 +122,37 @@ def test_parsers_read_the_tools_output():
     assert gpu_check.parse_bench_kernels(kernels_out)[0]["fwd_speedup"] == 2.0
     assert gpu_check.chip_peak_tflops("NVIDIA H200") == 989.0 and gpu_check.chip_peak_tflops(None) is None
     assert gpu_check.resume_tolerance(6.0, cuda=True) == pytest.approx(6.0 / 256) and gpu_check.resume_tolerance(6.0, cuda=False) == 0.0
+
+
+def test_bench_train_findings_name_each_missed_target():
+    """Step e/h figures: a trainer slower than its model-only loop beyond the target and a bench
+    note are findings; met targets are not."""
+    def row(name, paired):
+        return {"trainer": f"{name} [trainer, compiled]", "paired_ratio": paired, "step_time_ratio": 9.0}
+
+    record = {"tokens_per_s": 1.0, "step_time_s": 1.0, "peak_memory_bytes": 2**30, "achieved_tflops": 500.0,
+              "fraction_of_probe": 0.5}
+    report = {
+        "device": "NVIDIA H200", "notes": ["compiled trainer unavailable: no training.compile"],
+        "settings": {"dtype": "bfloat16", "batch_size": 2, "seq_length": 2048, "steps": 3, "warmup": 2,
+                     "hidden_size": 960, "effective_layers": 32},
+        "probe": {"samples_tflops": [700.0]},
+        "models": {"vanilla L=32 [compiled]": record, "mor nr=2 [compiled]": record},
+        "comparisons": {
+            "mor_vs_vanilla": [{"num_recursions": 2, "vanilla": "vanilla L=32 [compiled]", "step_time_ratio": 0.7,
+                                "flops_ratio": 0.6, "memory_ratio": 0.8}],
+            "trainer_overhead": [row("vanilla L=32", 1.01), row("mor nr=2", 1.05)],
+        },
+    }
+    figures, findings = bench_train_figures(report, peak=989.0)
+    assert figures["trainer_vs_model_only"]["mor nr=2 [trainer, compiled]"] == {
+        "vs_model_only": 1.05, "target": 1.03, "met": False}
+    assert figures["trainer_vs_model_only"]["vanilla L=32 [trainer, compiled]"]["met"] is True
+    # MoR-2 at 1/0.7 = 1.43x (target 1.23x) and vanilla MFU 500/989 (target 40%) are met
+    assert findings == [
+        "bench_train: compiled trainer unavailable: no training.compile",
+        "mor nr=2 [trainer, compiled]: step 1.050x the model-only step, target <= 1.03x",
+    ]
 
 
 def test_a_step_past_its_limit_is_killed_with_every_process_it_started(tmp_path):

@@ -1,12 +1,16 @@
-"""Training-step benchmark: MoR vs vanilla vs transformers' Llama, measured in one run.
+"""Training-step benchmark: MoR vs vanilla vs transformers' Llama, model-only and in mor-pretrain.
+
+Each model runs in the model-only loop and through the real trainer, eager and compiled, all
+measured in one run.
 
 Usage::
 
     python tools/bench_train.py [--config configs/tiny.yaml] [--seq-length S] [--batch-size B]
         [--steps N] [--warmup W] [--threads T] [--dtype float32|bfloat16] [--recursions 2,3,4]
-        [--sequential] [--no-transformers] [--json PATH] [model.key=value ...]
+        [--loops model,trainer] [--compile off|on|both] [--sequential] [--no-transformers]
+        [--json PATH] [model.key=value ...]
 
-Models (each in its own fresh Python process):
+Models:
 
 - `vanilla L=..`: the config's shape (width, heads, query groups, FFN, vocabulary, tied
   embeddings) with L unique layers, no sharing, no router.
@@ -14,43 +18,72 @@ Models (each in its own fresh Python process):
   paper's depth rule: L' = L if (L-2) % N == 0, else L' = 2 + N * ceil((L-2)/N). Each MoR model is
   compared with the vanilla model of its own L' (which is run too when L' != L).
 - `transformers L=..`: `transformers.LlamaForCausalLM` of the base vanilla shape, random init,
-  built locally from a `LlamaConfig` (sdpa attention, tied embeddings, `use_cache=False`).
+  built locally from a `LlamaConfig` (sdpa attention, tied embeddings, `use_cache=False`);
+  model-only, eager.
 - `dense mm probe`: a square `torch.mm` (`--probe-size`) in the same dtype and thread count.
 
-Parameters are cast to `--dtype` (buffers are not), as DeepSpeed's bf16 mode casts the training
-model. One training step = zero_grad + forward + loss (mean token cross-entropy, labels = inputs shifted
-by one) + backward + `torch.optim.AdamW.step()`, on one fixed batch of random tokens (same batch,
-dtype and threads for every model). Warm-up steps are not timed; on CUDA every step is bracketed
-by `torch.cuda.synchronize()`. By default all models are built first and then timed step by step
-in turns (one step of each model per cycle, the starting model rotating), so that load changes on
-a shared machine hit every model alike; only one process computes at any time. `--sequential`
-runs one model after another instead (only one model in memory at a time).
+Each megatron model runs as one job per loop and compile setting, each job in its own fresh
+Python process (`job_name`: `mor nr=2`, `mor nr=2 [trainer]`, `mor nr=2 [compiled]`,
+`mor nr=2 [trainer, compiled]`):
+
+- loop `model`: one step = zero_grad + forward + loss (mean token cross-entropy, labels = inputs
+  shifted by one) + backward + `torch.optim.AdamW.step()`, on one fixed batch of random tokens.
+  Parameters are cast to `--dtype` (buffers are not), as DeepSpeed's bf16 mode casts the model.
+- loop `trainer`: `mor-pretrain` itself (`mor_megatron.pretrain.main`, tools/bench_train_trainer.py)
+  on a shard of random tokens, the same model, batch (one micro-batch of B x S) and dtype
+  (`training.bf16`): its DeepSpeed engine (ZeRO-1, gradient clipping), data loader, router
+  statistics, metrics.jsonl + TensorBoard and a log line every step; checkpoints off. One step
+  = one iteration of its loop, boundary to boundary.
+- compiled: `mor_megatron.parallel.compile.compile_layers` on the model (model loop) or
+  `training.compile: true` (trainer). Warm-up steps absorb the cold compile (at least
+  `COMPILED_WARMUP` = 2 for compiled jobs) and are not timed; eager jobs set `training.compile:
+  false` explicitly (its default compiles on CUDA).
+
+Defaults: configs/tiny.yaml widened to hidden 256, FFN 704, sequence 256 (`DEFAULT_SHAPE`, unless
+another --config is given; model.* overrides win), batch 4, all cores as torch threads, 8 timed
+steps after 2 warm-up, Nr = 2, 3, 4, both loops, eager and compiled: 21 jobs (about 5 minutes on
+2 idle cores, most of it imports and cold compiles).
+
+Timing: warm-up steps are not timed; on CUDA every step is bracketed by
+`torch.cuda.synchronize()`. By default all jobs are built and warmed up first (`--setup-parallel`
+at a time), and then timed step by step in turns (one step of each job per cycle, the starting
+job rotating), so that load changes on a shared machine hit every job alike; only one process
+computes at any time. `--sequential` runs one job after another instead (only one model in
+memory at a time).
 
 Figures, all from this run's measurements (nothing stored):
-- step time: median over the timed steps (the fastest step is reported beside it);
-  tokens/s = batch x seq / median step time.
-- MoR/vanilla FLOPs ratio: `mor_megatron.report.training_flops_per_token` (the paper's
-  accounting) of the MoR config over that of the vanilla model of the same L'; step-time ratio:
-  measured MoR median / measured vanilla median; overhead = step-time ratio / FLOPs ratio
-  (target <= 1.05: routing, gather and scatter cost under 5%). Beside it: the same from the
-  fastest steps (min-based) and the median of the per-cycle MoR/vanilla ratios (paired: both
-  steps of a pair ran within seconds, so slow phases of a shared machine cancel out).
+- step time: median over the timed steps (the fastest step and the spread (max - min) / median
+  beside it); tokens/s = batch x seq / median step time.
+- MoR/vanilla, per loop and compile setting: FLOPs ratio from
+  `mor_megatron.report.training_flops_per_token` (the paper's accounting) of the MoR config over
+  that of the vanilla model of the same L'; step-time ratio: measured MoR median / vanilla median;
+  time/FLOPs = step-time ratio / FLOPs ratio, also from the fastest steps and from the median of
+  the per-cycle MoR/vanilla ratios (paired: both steps of a pair ran within seconds, so slow
+  phases of a shared machine cancel out). Target: paired time/FLOPs <= 1.03 (routing, gather and
+  scatter under 3%).
+- trainer / model-only step time per model and compile setting (paired, as above; target <= 1.03:
+  the trainer's engine, data, statistics and logging cost under 3% of the model's own step).
+- compiled / eager tokens/s per model and loop.
 - ours / transformers tokens/s (vanilla megatron model vs LlamaForCausalLM; target >= 0.9).
+- CPU time: each worker's process CPU time per step (`time.process_time`), medians and their
+  ratios beside the wall-clock ones: with `--threads 1` on a shared machine, what a step cost
+  whatever the neighbours did (informational; verdicts use wall-clock time).
 - achieved model FLOP/s = training FLOPs per token x tokens/s, as a fraction of the probe's median
-  TFLOP/s (target >= 0.5). The probe is timed in the same cycles as the models.
+  TFLOP/s (target >= 0.7). The probe is timed in the same cycles as the models.
 
 Memory. CUDA: `torch.cuda.max_memory_allocated()` of the worker (weights, gradients, AdamW state,
 activations, the batch). CPU: the worker's peak resident set growth from just before the model is
 built to the end of its run (Linux `VmHWM` after resetting it through /proc/self/clear_refs, or
 `ru_maxrss` where that reset is refused). It is approximate: it also counts allocator caching and
-one-time buffers (thread pools, kernels).
+one-time buffers (thread pools, kernels, the compiler).
 
 On CPU the megatron workers run under the project's CPU shims (a process-wide
 `TorchFunctionMode` maps `device="cuda"` to CPU), which every torch call pays; the transformers
 worker runs without them unless `--transformers-with-shims` is given (to isolate that cost).
 
-Targets are reported PASS/MISS (from the medians); the run never fails on a missed target.
-`--json PATH` writes every number (settings, per-step times and losses, medians, ratios).
+Targets are reported PASS/MISS; the run never fails on a missed target. A compiled job whose
+compiler is missing from this tree is left out with a note. `--json PATH` writes every number
+(settings, per-step times and losses, medians, ratios).
 """
 
 from __future__ import annotations
@@ -76,9 +109,26 @@ if str(REPO) not in sys.path:  # `python tools/bench_train.py` from anywhere
 
 TAG = "@bench"
 DTYPE_NAMES = ("float32", "bfloat16")
-OVERHEAD_TARGET = 1.05
+OVERHEAD_TARGET = 1.03  # MoR/vanilla step time over FLOPs, median of the paired per-cycle ratios
+TRAINER_TARGET = 1.03  # trainer step / model-only step, median of the paired per-cycle ratios
 TRANSFORMERS_TARGET = 0.9
-MFU_TARGET = 0.5
+MFU_TARGET = 0.7
+LOOPS = ("model", "trainer")
+COMPILED_WARMUP = 2  # untimed steps a compiled job runs at least
+DEFAULT_CONFIG = "configs/tiny.yaml"
+DEFAULT_SHAPE = ["model.hidden_size=256", "model.ffn_hidden_size=704", "model.seq_length=256"]
+# (loop, compiled) in the order the tables show them
+VARIANTS = (("model", False), ("trainer", False), ("model", True), ("trainer", True))
+
+
+def job_name(model: str, loop: str = "model", compiled: bool = False) -> str:
+    """'vanilla L=8', 'vanilla L=8 [trainer]', 'mor nr=2 [trainer, compiled]', ..."""
+    tags = (["trainer"] if loop == "trainer" else []) + (["compiled"] if compiled else [])
+    return f"{model} [{', '.join(tags)}]" if tags else model
+
+
+def variant_name(loop: str, compiled: bool) -> str:
+    return f"{'trainer' if loop == 'trainer' else 'model-only'} {'compiled' if compiled else 'eager'}"
 
 
 # -- depth rule ------------------------------------------------------------------------------------
@@ -244,10 +294,16 @@ class _Session:
         else:
             self.model, self.loss_fn = _build_transformers(spec, device, dtype)
         self.model.train()
+        compiled = 0
+        if spec.get("compile"):  # each layer's forward, in place, as training.compile does
+            from mor_megatron.parallel.compile import compile_layers
+
+            compiled = compile_layers(self.model, self.model.config)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=spec["lr"])
         self.info = {
             "params": sum(p.numel() for p in self.model.parameters()),
             "param_dtypes": sorted({str(p.dtype).removeprefix("torch.") for p in self.model.parameters()}),
+            "compiled_layers": compiled,
         }
 
     def _run_once(self):
@@ -260,16 +316,16 @@ class _Session:
         self.optimizer.step()
         return loss.detach()
 
-    def step(self) -> tuple[float, Optional[float]]:
-        """(seconds, loss) of one step; the probe's step is one `torch.mm`."""
+    def step(self) -> tuple[float, Optional[float], float]:
+        """(seconds, loss, CPU seconds) of one step; the probe's step is one `torch.mm`."""
         if self.cuda:
             self.torch.cuda.synchronize()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         loss = self._run_once()
         if self.cuda:
             self.torch.cuda.synchronize()
-        elapsed = time.perf_counter() - start
-        return elapsed, (float(loss) if loss is not None else None)
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+        return elapsed, (float(loss) if loss is not None else None), cpu
 
     def finish(self) -> dict[str, Any]:
         out = dict(self.info, torch_threads=self.torch.get_num_threads())
@@ -288,10 +344,16 @@ def _import_model_code(kind: str) -> None:
     worker says it is ready, so that they neither count in its memory nor overlap a timed step."""
     import torch  # noqa: F401
 
-    if kind == "megatron":
+    if kind in ("megatron", "trainer"):
         import mor_megatron.model  # noqa: F401
         import mor_megatron.parallel.state  # noqa: F401
         import mor_megatron.yaml_config  # noqa: F401
+    if kind == "trainer":
+        from mor_megatron import pretrain
+
+        # DeepSpeed's accelerator as mor-pretrain picks it, before DeepSpeed is first imported
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if pretrain._computes_on_cuda() else "cpu")
+        import mor_megatron.training.loop  # noqa: F401  (DeepSpeed)
     elif kind == "transformers":
         import transformers.models.llama.modeling_llama  # noqa: F401
 
@@ -305,6 +367,13 @@ def _worker_main(kind: str) -> int:
     seconds loss; on "done": RESULT json. An empty line or end of input cancels."""
     _import_model_code(kind)
     _say("READY")
+    if kind == "trainer":
+        from mor_megatron.tools.bench_train_trainer import trainer_worker
+
+        code = trainer_worker(_say, _CpuPeakMemory)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)  # without waiting for the threads pretrain leaves (TensorBoard, process group)
     line = sys.stdin.readline()
     if not line.strip():
         return 1
@@ -313,8 +382,8 @@ def _worker_main(kind: str) -> int:
     for line in sys.stdin:
         command = line.strip()
         if command == "step":
-            seconds, loss = session.step()
-            _say("STEP", repr(seconds), repr(loss))
+            seconds, loss, cpu = session.step()
+            _say("STEP", repr(seconds), repr(loss), repr(cpu))
         elif command == "done":
             _say("RESULT", json.dumps(session.finish()))
             return 0
@@ -376,13 +445,21 @@ class Worker:
         self._expect("READY")
 
     def setup(self, spec: dict) -> None:
+        self.start_setup(spec)
+        self.wait_warm()
+
+    def start_setup(self, spec: dict) -> None:
+        """Send the spec: the worker builds its model and runs its warm-up steps."""
         self._send(json.dumps(spec))
+
+    def wait_warm(self) -> None:
         self._expect("WARM")
 
-    def step(self) -> tuple[float, Optional[float]]:
+    def step(self) -> tuple[float, Optional[float], float]:
+        """(seconds, loss or None, CPU seconds of the worker process) of one step."""
         self._send("step")
-        seconds, loss = self._expect("STEP").split()
-        return float(seconds), (None if loss == "None" else float(loss))
+        seconds, loss, cpu = self._expect("STEP").split()
+        return float(seconds), (None if loss == "None" else float(loss)), float(cpu)
 
     def finish(self, verbose: bool = False) -> dict[str, Any]:
         self._send("done")
@@ -406,18 +483,21 @@ class Worker:
 
 
 def run_workers(jobs: list[tuple[str, dict]], steps: int, threads: int, sequential: bool,
-                verbose: bool = False) -> dict[str, dict]:
+                verbose: bool = False, concurrent_setup: int = 1) -> dict[str, dict]:
     """Run every (name, spec) job for `steps` timed steps; returns per job step times, losses and
-    the worker's final figures. Interleaved (default): all models are built first, then each
-    cycle times one step of every model, the starting model rotating from cycle to cycle, so that
-    load changes on a shared machine hit all models alike. Sequential: one model after another
-    (only one model in memory at a time)."""
+    the worker's final figures. Interleaved (default): all models are built and warmed up first
+    (`concurrent_setup` workers at a time: warm-up is untimed, and a compiled model's cold compile
+    is mostly single-threaded), then each cycle times one step of every model, one worker
+    computing at a time, the starting model rotating from cycle to cycle, so that load changes on
+    a shared machine hit all models alike. Sequential: one model after another (only one model
+    in memory at a time)."""
     workers = [Worker(name, spec["kind"], threads) for name, spec in jobs]
-    out = {name: {"step_times_s": [], "losses": []} for name, _ in jobs}
+    out = {name: {"step_times_s": [], "cpu_times_s": [], "losses": []} for name, _ in jobs}
 
     def record(worker: Worker) -> None:
-        seconds, loss = worker.step()
+        seconds, loss, cpu = worker.step()
         out[worker.name]["step_times_s"].append(seconds)
+        out[worker.name]["cpu_times_s"].append(cpu)
         if loss is not None:
             out[worker.name]["losses"].append(loss)
 
@@ -432,8 +512,15 @@ def run_workers(jobs: list[tuple[str, dict]], steps: int, threads: int, sequenti
                 out[name].update(worker.finish(verbose))
                 _progress(f"{name}: median step {statistics.median(out[name]['step_times_s']) * 1e3:.1f} ms")
         else:
-            for worker, (name, spec) in zip(workers, jobs):
-                worker.setup(spec)
+            pending = list(zip(workers, jobs))
+            warming: list[tuple[Worker, str]] = []
+            while pending or warming:
+                while pending and len(warming) < max(1, concurrent_setup):
+                    worker, (name, spec) = pending.pop(0)
+                    worker.start_setup(spec)
+                    warming.append((worker, name))
+                worker, name = warming.pop(0)
+                worker.wait_warm()
                 _progress(f"{name}: built and warmed up")
             for cycle in range(steps):
                 shift = cycle % len(workers)
@@ -529,50 +616,110 @@ def _verdict(ok: bool) -> str:
     return "PASS" if ok else "MISS"
 
 
+def _paired(a: dict, b: dict) -> float:
+    """Median of the per-cycle ratios a/b: both steps of a cycle ran within seconds of each
+    other, so a slow phase of a shared machine cancels out of the pair."""
+    return statistics.median(x / y for x, y in zip(a["step_times_s"], b["step_times_s"]))
+
+
+def _cpu_ratio(a: dict, b: dict) -> Optional[float]:
+    """Ratio of the median CPU times of two jobs, where both were measured."""
+    return a["cpu_time_s"] / b["cpu_time_s"] if a.get("cpu_time_s") and b.get("cpu_time_s") else None
+
+
+def variants_present(models: dict[str, dict]) -> list[tuple[str, bool]]:
+    return [v for v in VARIANTS if any((r.get("loop", "model"), r.get("compiled", False)) == v
+                                       for r in models.values())]
+
+
 def summarize(models: dict[str, dict], entries: list[dict], probe: dict,
               transformers_name: Optional[str], tokens_per_step: int, interleaved: bool = True) -> dict[str, Any]:
-    """Medians, throughput, FLOP/s and every ratio, from the raw per-step times (in place)."""
+    """Medians, throughput, FLOP/s and every ratio, from the raw per-step times (in place).
+    `models` holds one record per job (`job_name` of model, loop and compile setting)."""
     probe["tflops"] = statistics.median(probe["samples_tflops"])
     for record in models.values():
         times = record["step_times_s"]
         record["step_time_s"] = statistics.median(times)
         record["min_step_time_s"] = min(times)
+        # process CPU time: on a shared machine, with one torch thread, what the step itself cost
+        record["cpu_time_s"] = statistics.median(record["cpu_times_s"]) if record.get("cpu_times_s") else None
         record["tokens_per_s"] = tokens_per_step / record["step_time_s"]
         record["achieved_tflops"] = record["training_flops_per_token"] * record["tokens_per_s"] / 1e12
         record["fraction_of_probe"] = record["achieved_tflops"] / probe["tflops"]
 
     mor_vs_vanilla = []
-    for entry in entries:
-        if entry["role"] != "mor":
-            continue
-        mor, vanilla = models[entry["name"]], models[entry["vanilla"]]
-        flops_ratio = mor["training_flops_per_token"] / vanilla["training_flops_per_token"]
-        time_ratio = mor["step_time_s"] / vanilla["step_time_s"]
-        overhead = time_ratio / flops_ratio
-        mor_vs_vanilla.append({
-            "mor": entry["name"],
-            "vanilla": entry["vanilla"],
-            "num_recursions": entry["num_recursions"],
-            "effective_layers": entry["effective_layers"],
-            "flops_ratio": flops_ratio,
-            "step_time_ratio": time_ratio,
-            "overhead": overhead,
-            # the same from the fastest step of each: less sensitive to a noisy neighbour
-            "min_step_time_ratio": mor["min_step_time_s"] / vanilla["min_step_time_s"],
-            "min_overhead": mor["min_step_time_s"] / vanilla["min_step_time_s"] / flops_ratio,
-            # the median of per-cycle ratios: each cycle times both models within seconds of
-            # each other, so a slow phase of the machine cancels out of the pair
-            "paired_overhead": statistics.median(
-                m / v for m, v in zip(mor["step_times_s"], vanilla["step_times_s"])
-            ) / flops_ratio if interleaved else None,
-            "memory_ratio": (mor["peak_memory_bytes"] / vanilla["peak_memory_bytes"]
-                             if vanilla["peak_memory_bytes"] else None),
-            "target": OVERHEAD_TARGET,
-            "verdict": _verdict(overhead <= OVERHEAD_TARGET),
-        })
+    for loop, compiled in variants_present(models):
+        for entry in entries:
+            mor_name = job_name(entry["name"], loop, compiled)
+            if entry["role"] != "mor" or mor_name not in models:
+                continue
+            vanilla_name = job_name(entry["vanilla"], loop, compiled)
+            mor, vanilla = models[mor_name], models[vanilla_name]
+            flops_ratio = mor["training_flops_per_token"] / vanilla["training_flops_per_token"]
+            time_ratio = mor["step_time_s"] / vanilla["step_time_s"]
+            overhead = time_ratio / flops_ratio
+            paired = _paired(mor, vanilla) / flops_ratio if interleaved else None
+            mor_vs_vanilla.append({
+                "mor": mor_name,
+                "vanilla": vanilla_name,
+                "variant": variant_name(loop, compiled),
+                "loop": loop,
+                "compiled": compiled,
+                "num_recursions": entry["num_recursions"],
+                "effective_layers": entry["effective_layers"],
+                "flops_ratio": flops_ratio,
+                "step_time_ratio": time_ratio,
+                "overhead": overhead,
+                # the same from the fastest step of each: less sensitive to a noisy neighbour
+                "min_step_time_ratio": mor["min_step_time_s"] / vanilla["min_step_time_s"],
+                "min_overhead": mor["min_step_time_s"] / vanilla["min_step_time_s"] / flops_ratio,
+                "paired_overhead": paired,
+                "cpu_overhead": _cpu_ratio(mor, vanilla) / flops_ratio if _cpu_ratio(mor, vanilla) else None,
+                "memory_ratio": (mor["peak_memory_bytes"] / vanilla["peak_memory_bytes"]
+                                 if vanilla["peak_memory_bytes"] else None),
+                "target": OVERHEAD_TARGET,
+                # the paired figure where there is one: medians of a shared machine drift apart
+                "verdict": _verdict((paired if paired is not None else overhead) <= OVERHEAD_TARGET),
+            })
 
-    out: dict[str, Any] = {"mor_vs_vanilla": mor_vs_vanilla}
-    if transformers_name is not None:
+    trainer_overhead = []
+    for compiled in (False, True):
+        for entry in entries:
+            model = models.get(job_name(entry["name"], "model", compiled))
+            trainer = models.get(job_name(entry["name"], "trainer", compiled))
+            if model is None or trainer is None:
+                continue
+            ratio = trainer["step_time_s"] / model["step_time_s"]
+            paired = _paired(trainer, model) if interleaved else None
+            trainer_overhead.append({
+                "model": entry["name"],
+                "trainer": job_name(entry["name"], "trainer", compiled),
+                "model_only": job_name(entry["name"], "model", compiled),
+                "compiled": compiled,
+                "step_time_ratio": ratio,
+                "min_step_time_ratio": trainer["min_step_time_s"] / model["min_step_time_s"],
+                "paired_ratio": paired,
+                "cpu_ratio": _cpu_ratio(trainer, model),
+                "target": TRAINER_TARGET,
+                "verdict": _verdict((paired if paired is not None else ratio) <= TRAINER_TARGET),
+            })
+
+    compile_speedup = []
+    for loop in LOOPS:
+        for entry in entries:
+            eager = models.get(job_name(entry["name"], loop, False))
+            compiled = models.get(job_name(entry["name"], loop, True))
+            if eager is None or compiled is None:
+                continue
+            compile_speedup.append({
+                "model": entry["name"], "loop": loop,
+                "tokens_per_s_ratio": compiled["tokens_per_s"] / eager["tokens_per_s"],
+                "paired_ratio": _paired(eager, compiled) if interleaved else None,
+            })
+
+    out: dict[str, Any] = {"mor_vs_vanilla": mor_vs_vanilla, "trainer_overhead": trainer_overhead,
+                           "compile_speedup": compile_speedup}
+    if transformers_name is not None and entries and entries[0]["name"] in models:
         ours = models[entries[0]["name"]]
         theirs = models[transformers_name]
         ratio = ours["tokens_per_s"] / theirs["tokens_per_s"]
@@ -613,6 +760,10 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
+def _maybe(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def render(report: dict[str, Any]) -> str:
     s, probe = report["settings"], report["probe"]
     lines = [
@@ -623,34 +774,62 @@ def render(report: dict[str, Any]) -> str:
         f"batch {s['batch_size']} x seq {s['seq_length']} = {s['tokens_per_step']} tokens/step; "
         f"{s['steps']} timed steps per model after {s['warmup']} warm-up, "
         + ("one model at a time" if s["sequential"] else "interleaved step by step across models"),
+        f"loops: {', '.join(s['loops'])}; compile: {s['compile']}",
         f"dense mm probe ({s['dtype']}, {probe['size']}x{probe['size']}, "
         + ("timed before the models" if s["sequential"] else "timed in the same cycles")
         + f"): median {probe['tflops'] * 1e3:.1f} GFLOP/s, best "
         f"{max(probe['samples_tflops']) * 1e3:.1f}",
         f"memory: {report['memory_method']}",
+        *(f"note: {note}" for note in report.get("notes", [])),
         "",
     ]
     rows = []
     for name, r in report["models"].items():
+        spread = (max(r["step_times_s"]) - min(r["step_times_s"])) / r["step_time_s"]
         rows.append([
             name, r["effective_layers"], r["unique_layers"], f"{r['params'] / 1e6:.2f}M",
-            f"{r['step_time_s'] * 1e3:.1f}", f"{r['min_step_time_s'] * 1e3:.1f}",
+            f"{r['step_time_s'] * 1e3:.1f}", f"{r['min_step_time_s'] * 1e3:.1f}", f"{100 * spread:.0f}%",
             f"{r['tokens_per_s']:.0f}", f"{r['peak_memory_bytes'] / 2**20:.0f}",
             f"{r['training_flops_per_token'] / 1e6:.1f}",
             f"{r['achieved_tflops'] * 1e3:.1f}", f"{100 * r['fraction_of_probe']:.0f}%",
         ])
     lines.append(_table(
-        ["model", "L", "unique", "params", "median ms", "min ms", "tok/s", "peak MiB", "MFLOP/tok",
-         "GFLOP/s", "of probe"], rows))
+        ["job", "L", "unique", "params", "median ms", "min ms", "spread", "tok/s", "peak MiB",
+         "MFLOP/tok", "GFLOP/s", "of probe"], rows))
     lines.append("")
+
+    variants = [tuple(v) for v in report["variants"]]
+    if variants:
+        rows = []
+        for model in report["model_names"]:
+            cells = []
+            for loop, compiled in variants:
+                r = report["models"].get(job_name(model, loop, compiled))
+                cells.append(f"{r['tokens_per_s']:.0f} ({100 * r['fraction_of_probe']:.0f}%)" if r else "-")
+            rows.append([model] + cells)
+        lines.append(_table(["tokens/s (of probe)"] + [variant_name(*v) for v in variants], rows))
+        lines.append("")
     c = report["comparisons"]
     rows = [[m["mor"], f"{m['effective_layers']}", m["vanilla"], f"{m['flops_ratio']:.3f}",
              f"{m['step_time_ratio']:.3f}", f"{m['overhead']:.3f}", f"{m['min_overhead']:.3f}",
              f"{m['paired_overhead']:.3f}" if m["paired_overhead"] is not None else "-",
+             _maybe(m.get("cpu_overhead")),
              f"{m['memory_ratio']:.2f}" if m["memory_ratio"] is not None else "-",
              f"<= {m['target']:.2f}", m["verdict"]] for m in c["mor_vs_vanilla"]]
     lines.append(_table(["MoR vs vanilla", "L'", "vs", "FLOPs ratio", "time ratio",
-                         "time/FLOPs", "(min-based)", "(paired)", "mem ratio", "target", ""], rows))
+                         "time/FLOPs", "(min-based)", "(paired)", "(CPU time)", "mem ratio", "target", ""],
+                        rows))
+    if c["trainer_overhead"]:
+        rows = [[t["trainer"], t["model_only"], f"{t['step_time_ratio']:.3f}", f"{t['min_step_time_ratio']:.3f}",
+                 f"{t['paired_ratio']:.3f}" if t["paired_ratio"] is not None else "-",
+                 _maybe(t.get("cpu_ratio")), f"<= {t['target']:.2f}", t["verdict"]] for t in c["trainer_overhead"]]
+        lines += ["", _table(["trainer vs model-only", "vs", "time ratio", "(min-based)", "(paired)",
+                              "(CPU time)", "target", ""], rows)]
+    if c["compile_speedup"]:
+        rows = [[f"{t['model']} ({t['loop']})", f"{t['tokens_per_s_ratio']:.3f}",
+                 f"{t['paired_ratio']:.3f}" if t["paired_ratio"] is not None else "-"]
+                for t in c["compile_speedup"]]
+        lines += ["", _table(["compiled vs eager tokens/s", "ratio", "(paired)"], rows)]
     if "ours_vs_transformers" in c:
         t = c["ours_vs_transformers"]
         lines += ["", f"{t['ours']} vs {t['transformers']}: tokens/s {t['ours_tokens_per_s']:.0f} / "
@@ -662,8 +841,9 @@ def render(report: dict[str, Any]) -> str:
              f"{m['fraction']:.3f}", f">= {m['target']:.2f}", m["verdict"]]
             for m in c["model_flops_utilization"]]
     lines.append(_table(["model FLOP/s vs probe", "GFLOP/s", "probe", "fraction", "target", ""], rows))
-    lines += ["", "verdicts use the medians; targets are informational (PASS/MISS never changes "
-              "the exit status)"]
+    lines += ["", "verdicts: MoR vs vanilla and trainer vs model-only from the paired per-cycle ratios "
+              "(medians when --sequential), the rest from the medians; spread = (max - min) / median step; "
+              "CPU time: the process's, a check on a shared machine with --threads 1; targets are informational (PASS/MISS never changes the exit status)"]
     return "\n".join(lines)
 
 
@@ -685,16 +865,26 @@ def _cpu_name(threads: int) -> str:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/tiny.yaml",
-                        help="YAML config whose model shape is benchmarked (default configs/tiny.yaml)")
+    parser.add_argument("--config", default=DEFAULT_CONFIG,
+                        help=f"YAML config whose model shape is benchmarked (default {DEFAULT_CONFIG} "
+                        f"with {' '.join(DEFAULT_SHAPE)} unless overridden)")
     parser.add_argument("--seq-length", type=int, help="sequence length (default: the config's)")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per model")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before them")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per job")
+    parser.add_argument("--warmup", type=int, default=2,
+                        help=f"untimed steps before them (compiled jobs: at least {COMPILED_WARMUP})")
     parser.add_argument("--threads", type=int, default=cores,
                         help=f"CPU torch threads per model (default: all cores, {cores})")
     parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
     parser.add_argument("--recursions", default="2,3,4", help="MoR Nr values, comma-separated")
+    parser.add_argument("--loops", default="model,trainer",
+                        help="what a step is: 'model' (the model-only loop: forward, loss, backward, "
+                        "torch AdamW on a fixed batch), 'trainer' (mor-pretrain's loop: DeepSpeed, "
+                        "data loader, router statistics, logging; checkpoints off), or both")
+    parser.add_argument("--compile", choices=("off", "on", "both"), default="both",
+                        help="eager, per-layer torch.compile (training.compile), or both side by side")
+    parser.add_argument("--setup-parallel", type=int, default=cores,
+                        help=f"workers building and warming up at once (untimed; default {cores})")
     parser.add_argument("--sequential", action="store_true",
                         help="one model at a time instead of all built and interleaved step by "
                         "step (use when the models do not fit in memory together)")
@@ -708,15 +898,21 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--json", help="write every number to this JSON file")
     parser.add_argument("--verbose", action="store_true", help="show the workers' stderr")
     parser.add_argument("--debug", action="store_true", help="show library warnings and full tracebacks")
-    parser.add_argument("overrides", nargs="*", help="model.key=value overrides of the config")
-    parser.add_argument("--worker", choices=("megatron", "transformers", "probe"),
+    parser.add_argument("overrides", nargs="*", help="model.key=value overrides of the config; "
+                        "training.key=value / logging.key=value: of the trainer jobs' run config")
+    parser.add_argument("--worker", choices=("megatron", "trainer", "transformers", "probe"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    for name in ("batch_size", "steps", "threads"):
+    for name in ("batch_size", "steps", "threads", "setup_parallel"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.warmup < 0:
         parser.error("--warmup must be at least 0")
+    args.loop_list = [loop.strip() for loop in args.loops.split(",") if loop.strip()]
+    if not args.loop_list or set(args.loop_list) - set(LOOPS):
+        parser.error(f"--loops {args.loops}: give model, trainer or model,trainer")
+    # the CPU smoke config, widened to a shape worth timing
+    args.shape_defaults = list(DEFAULT_SHAPE) if args.config == DEFAULT_CONFIG else []
     if not Path(args.config).exists() and (REPO / args.config).exists():
         args.config = str(REPO / args.config)  # repo-relative, from any working directory
     return args
@@ -731,14 +927,50 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return run_cli(lambda: _benchmark(args), debug=args.debug)
 
 
+def compile_unavailable(loop: str) -> Optional[str]:
+    """Why compiled jobs of `loop` cannot run in this tree, or None."""
+    try:
+        from mor_megatron.parallel.compile import compile_layers  # noqa: F401
+    except ImportError as err:
+        return f"compiled {loop} loop unavailable: mor_megatron.parallel.compile: {err}"
+    if loop == "trainer":
+        from mor_megatron.training.config import TrainingConfig
+
+        if "compile" not in TrainingConfig.__dataclass_fields__:
+            return "compiled trainer unavailable: TrainingConfig has no training.compile setting"
+    return None
+
+
+def plan_jobs(entries: list[dict], variants: Sequence[tuple[str, bool]], common: dict,
+              work: Optional[str], data_prefix: Optional[str]) -> list[tuple[str, dict]]:
+    """(job name, worker spec) per megatron model and variant, variant by variant."""
+    from mor_megatron.yaml_config import dump_model_config
+
+    jobs = []
+    for loop, compiled in variants:
+        for entry in entries:
+            name = job_name(entry["name"], loop, compiled)
+            spec = dict(common, kind="megatron" if loop == "model" else "trainer",
+                        model=dump_model_config(entry["config"]), compile=compiled)
+            if compiled:  # the first step compiles, the second may meet new shapes
+                spec["warmup"] = max(COMPILED_WARMUP, spec["warmup"])
+            if loop == "trainer":
+                spec.update(run_dir=str(Path(work) / f"run_{len(jobs)}"), data_prefix=data_prefix)
+            jobs.append((name, spec))
+    return jobs
+
+
 def _benchmark(args: argparse.Namespace) -> int:
     import torch
 
     from mor_megatron.errors import UserError
     from mor_megatron.report import training_flops_per_token
-    from mor_megatron.yaml_config import dump_model_config, load_model_config
+    from mor_megatron.yaml_config import load_model_config
 
     overrides = list(args.overrides)
+    # training.* / logging.*: settings of the trainer jobs' run config (mor-pretrain's own overrides)
+    trainer_overrides = [o for o in overrides if o.startswith(("training.", "logging."))]
+    overrides = args.shape_defaults + [o for o in overrides if o not in trainer_overrides]  # the user's win
     if args.seq_length:
         overrides.append(f"model.seq_length={args.seq_length}")
     try:
@@ -759,43 +991,73 @@ def _benchmark(args: argparse.Namespace) -> int:
     seq, batch = base.seq_length, args.batch_size
     tokens_per_step = seq * batch
     common = dict(batch_size=batch, seq_length=seq, vocab_size=base.vocab_size,
-                  warmup=args.warmup, threads=args.threads, dtype=args.dtype, seed=args.seed,
-                  lr=args.lr)
+                  warmup=args.warmup, steps=args.steps, threads=args.threads, dtype=args.dtype,
+                  seed=args.seed, lr=args.lr, trainer_overrides=trainer_overrides)
+    compile_modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    variants, unavailable = [], []
+    for loop, compiled in VARIANTS:
+        if loop not in args.loop_list or compiled not in compile_modes:
+            continue
+        reason = compile_unavailable(loop) if compiled else None
+        if reason:  # reported, and the other jobs still run
+            unavailable.append(reason)
+            _progress(reason)
+        else:
+            variants.append((loop, compiled))
+    if not variants:
+        raise UserError(f"nothing to run: {'; '.join(unavailable)}; pass --compile off")
 
-    jobs = [("dense mm probe", dict(common, kind="probe", probe_size=probe_size,
-                                    warmup=max(2, args.warmup)))]
-    for entry in entries:
-        jobs.append((entry["name"], dict(common, kind="megatron",
-                                         model=dump_model_config(entry["config"]))))
-    transformers_name = None
-    if not args.no_transformers:
-        vanilla = entries[0]["config"]
-        transformers_name = f"transformers L={vanilla.effective_layers}"
-        entries.append({"name": transformers_name, "kind": "transformers", "role": "reference",
-                        "config": vanilla, "effective_layers": vanilla.effective_layers})
-        jobs.append((transformers_name, dict(common, kind="transformers",
-                                             llama=llama_shape(vanilla),
-                                             with_shims=args.transformers_with_shims)))
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as work:
+        data_prefix = None
+        if "trainer" in args.loop_list:
+            from mor_megatron.tools.bench_train_trainer import shard_samples, write_random_shard
 
-    _progress(f"{len(jobs) - 1} models + probe, {args.steps} timed steps each, on {device}")
-    try:
-        measured = run_workers(jobs, args.steps, args.threads, args.sequential, args.verbose)
-    except WorkerError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+            data_prefix = str(Path(work) / "random_tokens")
+            write_random_shard(data_prefix, base.vocab_size, seq,
+                               shard_samples(args.warmup, args.steps, batch), args.seed)
+        jobs = [("dense mm probe", dict(common, kind="probe", probe_size=probe_size,
+                                        warmup=max(2, args.warmup)))]
+        jobs += plan_jobs(entries, variants, common, work, data_prefix)
+        model_entries = list(entries)
+        transformers_name = None
+        if not args.no_transformers and ("model", False) in variants:
+            vanilla = entries[0]["config"]
+            transformers_name = f"transformers L={vanilla.effective_layers}"
+            entries.append({"name": transformers_name, "kind": "transformers", "role": "reference",
+                            "config": vanilla, "effective_layers": vanilla.effective_layers})
+            jobs.append((transformers_name, dict(common, kind="transformers",
+                                                 llama=llama_shape(vanilla),
+                                                 with_shims=args.transformers_with_shims)))
+
+        _progress(f"{len(jobs) - 1} jobs + probe, {args.steps} timed steps each, on {device}")
+        try:
+            measured = run_workers(jobs, args.steps, args.threads, args.sequential, args.verbose,
+                                   concurrent_setup=args.setup_parallel)
+        except WorkerError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
 
     models: dict[str, dict] = {}
+    notes: list[str] = list(unavailable)
     for entry in entries:
-        config, result = entry["config"], measured[entry["name"]]
-        models[entry["name"]] = {
-            "kind": entry["kind"],
-            "role": entry["role"],
-            "effective_layers": entry["effective_layers"],
-            "unique_layers": config.num_layers if entry["kind"] == "megatron" else config.effective_layers,
-            "num_recursions": entry.get("num_recursions", 1),
-            "training_flops_per_token": training_flops_per_token(config),
-            **result,
-        }
+        config = entry["config"]
+        for loop, compiled in variants if entry["kind"] == "megatron" else [("model", False)]:
+            name = job_name(entry["name"], loop, compiled)
+            models[name] = {
+                "model": entry["name"],
+                "loop": loop,
+                "compiled": compiled,
+                "kind": entry["kind"],
+                "role": entry["role"],
+                "effective_layers": entry["effective_layers"],
+                "unique_layers": config.num_layers if entry["kind"] == "megatron" else config.effective_layers,
+                "num_recursions": entry.get("num_recursions", 1),
+                "training_flops_per_token": training_flops_per_token(config),
+                **measured[name],
+            }
+            if compiled and not models[name].get("compiled_layers"):
+                notes.append(f"{name}: no layer was compiled (training.compile / compile_layers did "
+                             "nothing): its figures are eager ones")
     probe_result = measured["dense mm probe"]
     probe = {
         "size": probe_size,
@@ -803,13 +1065,14 @@ def _benchmark(args: argparse.Namespace) -> int:
         "samples_tflops": [2 * probe_size**3 / t / 1e12 for t in probe_result["step_times_s"]],
         "step_times_s": probe_result["step_times_s"],
     }
-    comparisons = summarize(models, [e for e in entries if e["kind"] == "megatron"], probe,
-                            transformers_name, tokens_per_step, interleaved=not args.sequential)
+    comparisons = summarize(models, model_entries, probe, transformers_name, tokens_per_step,
+                            interleaved=not args.sequential)
     report = {
         "device": device,
         "settings": {
             "config": args.config,
             "overrides": overrides,
+            "trainer_overrides": trainer_overrides,
             "dtype": args.dtype,
             "threads": args.threads,
             "batch_size": batch,
@@ -819,6 +1082,8 @@ def _benchmark(args: argparse.Namespace) -> int:
             "warmup": args.warmup,
             "sequential": args.sequential,
             "recursions": recursions,
+            "loops": args.loop_list,
+            "compile": args.compile,
             "effective_layers": base.effective_layers,
             "hidden_size": base.hidden_size,
             "num_attention_heads": base.num_attention_heads,
@@ -828,6 +1093,10 @@ def _benchmark(args: argparse.Namespace) -> int:
             "transformers_with_shims": args.transformers_with_shims,
             "torch": torch.__version__,
         },
+        "compile_unavailable": unavailable,  # reasons, also among the notes
+        "notes": notes,
+        "variants": [list(v) for v in variants],
+        "model_names": [e["name"] for e in entries],
         "probe": probe,
         "memory_method": "; ".join(sorted({m["memory_method"] for m in models.values()})),
         "models": models,

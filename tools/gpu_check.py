@@ -4,7 +4,7 @@
     python tools/gpu_check.py --dry-run                                      # the same at toy sizes on CPU
 
 Steps (each in its own subprocesses under its own time limit; a failure or a timeout is recorded
-and the next step runs; the whole check stays within `--budget-s`, 480 s by default):
+and the next step runs; the whole check stays within `--budget-s`, 720 s by default):
 
   a. `pytest -m cuda` over the suite (the CUDA-marked tests; they skip without CUDA).
   b. `mor-pretrain` on configs/tiny.yaml (the embedded stdlib corpus, a tokenizer trained on the
@@ -24,15 +24,22 @@ and the next step runs; the whole check stays within `--budget-s`, 480 s by defa
   d. `tools/convert_to_hf.py` of step b's checkpoint; transformers' greedy `generate()` of the
      exported folder (trust_remote_code) on the GPU against the project's engine
      (`tools/generate.py --greedy`) for a few prompts: the same tokens.
-  e. `tools/bench_train.py --dtype bfloat16` at the paper's 360M shape, sequence 2048: vanilla,
-     MoR-2, MoR-3 tokens/s, MFU against the chip's dense bf16 peak, peak memory, the ratios
-     (targets: MoR-2 >= 1.23x, MoR-3 >= 1.30x vanilla tokens/s; vanilla MFU >= 40%).
+  e. `tools/bench_train.py --dtype bfloat16 --loops model --compile off` at the paper's 360M
+     shape, sequence 2048: vanilla, MoR-2, MoR-3 tokens/s, MFU against the chip's dense bf16
+     peak, peak memory, the ratios (targets: MoR-2 >= 1.23x, MoR-3 >= 1.30x vanilla tokens/s;
+     vanilla MFU >= 40%).
   f. `tools/bench_decode.py` at the paper's 360M shape (L=32 for MoR-2/3, L=34 for MoR-4, each
      against the vanilla model of its depth) at batch 32 and at the largest batch of an 8000 MiB
      budget (weights + KV caches, below the 1024 cap for every model); targets at the max batch:
      MoR-4 >= 2.06x, MoR-2 >= 1.60x vanilla tokens/s.
   g. the Triton kernel tests compiled (tests/test_kernels_gated_scatter.py, no TRITON_INTERPRET)
      and `tools/bench_kernels.py`.
+  h. `tools/bench_train.py --compile on --loops model,trainer` at the shapes of
+     configs/mor_360m_nr{2,3,4}.yaml (vanilla L=32, MoR-2/3 at L=32, MoR-4 and vanilla at L=34),
+     bf16, sequence 2048, batch 2 (all ten jobs in GPU memory at once), 3 timed steps after a
+     compiling warm-up of 2: per-layer torch.compile model-only and `training.compile: true`
+     through mor-pretrain; every job must have compiled layers (a compiled path missing from the
+     tree is a failure); MoR/vanilla time/FLOPs and trainer/model-only ratios are findings.
 A missed performance target is a finding, recorded, not a failure.
 
 Writes into `--out` (default `$OUT` if set, else runs/gpu_check): `gpu_check.json`,
@@ -73,8 +80,8 @@ from mor_megatron.errors import UserError, run_cli
 from mor_megatron.tools.gpu_check_proc import REPO, TAG, Context, Outcome, StepFailed, StepTimeout, error_line, tail
 from mor_megatron.tools.gpu_check_report import Report
 from mor_megatron.tools.gpu_check_steps import (
-    PROMPTS, step_bench_decode, step_bench_train, step_cuda_tests, step_hf_generate, step_kernels,
-    step_train_resume, step_two_processes,
+    PROMPTS, step_bench_decode, step_bench_train, step_bench_train_compiled, step_cuda_tests, step_hf_generate,
+    step_kernels, step_train_resume, step_two_processes,
 )
 # read from this module by tests/test_gpu_check.py
 from mor_megatron.tools.gpu_check_steps import (  # noqa: F401
@@ -117,6 +124,8 @@ STEPS = (
     Step("e", "bench_train (360M, bf16, seq 2048 on the GPU)", step_bench_train, 90, 45),
     Step("f", "bench_decode (360M on the GPU)", step_bench_decode, 120, 45),
     Step("g", "Triton kernel tests compiled + bench_kernels", step_kernels, 35, 40),
+    Step("h", "bench_train compiled, model-only and trainer (360M, bf16 on the GPU)", step_bench_train_compiled,
+         240, 300),
 )
 
 
@@ -281,7 +290,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--wheels", help="folder of wheels to install offline (tools/gpu_wheels.sh)")
     parser.add_argument("--steps", default=",".join(s.key for s in STEPS), help="subset, e.g. a,b,e")
     parser.add_argument("--dry-run", action="store_true", help="toy sizes on CPU (gloo, fp32)")
-    parser.add_argument("--budget-s", type=float, default=480.0, help="wall-clock limit of the whole check")
+    parser.add_argument("--budget-s", type=float, default=720.0, help="wall-clock limit of the whole check")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     parser.add_argument("--worker", choices=("pretrain-deterministic", "hf-generate"), help=argparse.SUPPRESS)
     parser.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -291,7 +300,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     keys = [k.strip() for k in args.steps.split(",") if k.strip()]
     unknown = sorted(set(keys) - {s.key for s in STEPS})
     if unknown or not keys:
-        parser.error(f"--steps: unknown step(s) {', '.join(unknown) or '(none given)'}; choose from a-g")
+        parser.error(f"--steps: unknown step(s) {', '.join(unknown) or '(none given)'}; choose from a-h")
     args.step_keys = keys
     return args
 
@@ -309,7 +318,8 @@ def check(args: argparse.Namespace) -> int:
     budget_end = started + args.budget_s
     out, work = Path(args.out).resolve(), Path(args.work).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    for old in [*out.glob("*.log"), out / "gpu_check.json", out / "gpu_check.md", out / "e_bench_train.json"]:
+    for old in [*out.glob("*.log"), out / "gpu_check.json", out / "gpu_check.md", out / "e_bench_train.json",
+                out / "h_bench_train_compiled.json"]:
         old.unlink(missing_ok=True)
     prepare_work(work)
     report = Report(out, args.dry_run, args.budget_s)

@@ -1,4 +1,4 @@
-"""The seven steps of `tools/gpu_check.py` (a-g, described in its docstring) and the parsers that
+"""The eight steps of `tools/gpu_check.py` (a-h, described in its docstring) and the parsers that
 read the tools' output. Standard library only: torch and the rest run in the steps' subprocesses."""
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ GPU_LAYOUT_REL, CPU_LAYOUT_REL = 1e-4, 1e-5
 # e / f: the targets (paper ratios; MFU as a share of the chip's dense bf16 peak)
 TRAIN_TARGETS = {2: 1.23, 3: 1.30}
 TRAIN_MFU_TARGET = 0.40
+# h: the trainer's step over the model-only step (bench_train's paired ratio)
+TRAINER_OVERHEAD_TARGET = 1.03
 DECODE_TARGETS = {4: 2.06, 2: 1.60}
 
 PROMPTS = (
@@ -345,7 +347,7 @@ def bench_train_figures(report: dict, peak: Optional[float]) -> tuple[dict[str, 
             "of_mm_probe": record["fraction_of_probe"],
             "mfu_of_chip_peak": record["achieved_tflops"] / peak if peak else None,
         }
-    findings, ratios = [], {}
+    findings, ratios = [f"bench_train: {note}" for note in report.get("notes", [])], {}
     for comparison in report["comparisons"]["mor_vs_vanilla"]:
         nr = comparison["num_recursions"]
         speedup = 1.0 / comparison["step_time_ratio"]
@@ -360,29 +362,70 @@ def bench_train_figures(report: dict, peak: Optional[float]) -> tuple[dict[str, 
     if vanilla and vanilla["mfu_of_chip_peak"] is not None and vanilla["mfu_of_chip_peak"] < TRAIN_MFU_TARGET:
         findings.append(f"training vanilla MFU {vanilla['mfu_of_chip_peak']:.1%} of the {peak:g} TFLOP/s "
                         f"bf16 peak, target >= {TRAIN_MFU_TARGET:.0%}")
+    trainer = {}
+    for row in report["comparisons"].get("trainer_overhead", []):
+        ratio = row["paired_ratio"] if row["paired_ratio"] is not None else row["step_time_ratio"]
+        trainer[row["trainer"]] = {"vs_model_only": ratio, "target": TRAINER_OVERHEAD_TARGET,
+                                   "met": ratio <= TRAINER_OVERHEAD_TARGET}
+        if ratio > TRAINER_OVERHEAD_TARGET:
+            findings.append(f"{row['trainer']}: step {ratio:.3f}x the model-only step, "
+                            f"target <= {TRAINER_OVERHEAD_TARGET:.2f}x")
     figures = {"device": report["device"], "settings": {k: report["settings"][k] for k in
                ("dtype", "batch_size", "seq_length", "steps", "warmup", "hidden_size", "effective_layers")},
                "chip_peak_tflops": peak, "mm_probe_tflops": statistics.median(report["probe"]["samples_tflops"]),
                "models": models, "ratios": ratios, "vanilla_mfu_target": TRAIN_MFU_TARGET}
+    if trainer:
+        figures["trainer_vs_model_only"] = trainer
     return figures, findings
 
 
-def step_bench_train(ctx: Context) -> Outcome:
-    result = ctx.work / "e_bench_train.json"
-    if ctx.dry:
-        options = ["--config", "configs/tiny.yaml", "--seq-length", "16", "--batch-size", "1", "--steps", "1",
-                   "--warmup", "0", "--threads", "1", "--recursions", "2", "--probe-size", "64",
-                   "--no-transformers", "model.hidden_size=32", "model.ffn_hidden_size=64",
-                   "model.vocab_size=128"]
-    else:
-        options = ["--config", "configs/vanilla_360m.yaml", "--seq-length", "2048", "--batch-size", "8",
-                   "--dtype", "bfloat16", "--recursions", "2,3", "--steps", "10", "--warmup", "3"]
+def run_bench_train(ctx: Context, options: list[str], name: str) -> Outcome:
+    """bench_train.py with `options`, its JSON copied into --out, its figures and findings read."""
+    result = ctx.work / f"{name}.json"
     ctx.run([ctx.python, "tools/bench_train.py", *options, "--json", result], what="bench_train.py")
     shutil.copy(result, ctx.out / result.name)
     peak = chip_peak_tflops(ctx.environment.get("gpu"))
     figures, findings = bench_train_figures(json.loads(result.read_text()), peak)
     ctx.figures.update(figures)
     return Outcome("passed", findings=findings)
+
+
+# the CPU dry run's toy shape for steps e and h
+DRY_BENCH_TRAIN = ["--config", "configs/tiny.yaml", "--seq-length", "16", "--batch-size", "1", "--steps", "1",
+                   "--threads", "1", "--recursions", "2", "--probe-size", "64", "--no-transformers",
+                   "model.hidden_size=32", "model.ffn_hidden_size=64", "model.vocab_size=128"]
+
+
+def step_bench_train(ctx: Context) -> Outcome:
+    if ctx.dry:
+        options = DRY_BENCH_TRAIN + ["--warmup", "0", "--loops", "model", "--compile", "off"]
+    else:
+        options = ["--config", "configs/vanilla_360m.yaml", "--seq-length", "2048", "--batch-size", "8",
+                   "--dtype", "bfloat16", "--recursions", "2,3", "--steps", "10", "--warmup", "3",
+                   "--loops", "model", "--compile", "off"]
+    return run_bench_train(ctx, options, "e_bench_train")
+
+
+# -- h. compiled training at the 360M shape: model-only and through the trainer -------------------------
+
+
+def step_bench_train_compiled(ctx: Context) -> Outcome:
+    """bench_train.py --compile on at the shapes of configs/mor_360m_nr{2,3,4}.yaml (MoR-4 at
+    L=34 with the vanilla model of that depth), both loops, bf16; every model in memory at once,
+    hence batch 2. A few timed steps after the compiling warm-up."""
+    options = ["--loops", "model,trainer", "--compile", "on", "--warmup", "2"]
+    if ctx.dry:
+        options = DRY_BENCH_TRAIN + options
+    else:
+        options += ["--config", "configs/vanilla_360m.yaml", "--seq-length", "2048", "--batch-size", "2",
+                    "--dtype", "bfloat16", "--recursions", "2,3,4", "--steps", "3", "--no-transformers"]
+    outcome = run_bench_train(ctx, options, "h_bench_train_compiled")
+    compiled = {name: record.get("compiled_layers") for name, record in
+                json.loads((ctx.out / "h_bench_train_compiled.json").read_text())["models"].items()}
+    ctx.figures["compiled_layers"] = compiled
+    if not compiled or not all(compiled.values()):
+        return Outcome("failed", f"jobs without a compiled layer: {compiled}")
+    return outcome
 
 
 # -- f. decode throughput at the 360M shape ------------------------------------------------------------
