@@ -862,18 +862,20 @@ def _cpu_name(threads: int) -> str:
 # -- main -----------------------------------------------------------------------------------------
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    from mor_megatron.cli import ToolParser, non_negative_int, positive_float, positive_int, seed
+
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ToolParser(prog="bench_train.py", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=DEFAULT_CONFIG,
                         help=f"YAML config whose model shape is benchmarked (default {DEFAULT_CONFIG} "
                         f"with {' '.join(DEFAULT_SHAPE)} unless overridden)")
-    parser.add_argument("--seq-length", type=int, help="sequence length (default: the config's)")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=8, help="timed steps per job")
-    parser.add_argument("--warmup", type=int, default=2,
+    parser.add_argument("--seq-length", type=positive_int, help="sequence length (default: the config's)")
+    parser.add_argument("--batch-size", type=positive_int, default=4)
+    parser.add_argument("--steps", type=positive_int, default=8, help="timed steps per job")
+    parser.add_argument("--warmup", type=non_negative_int, default=2,
                         help=f"untimed steps before them (compiled jobs: at least {COMPILED_WARMUP})")
-    parser.add_argument("--threads", type=int, default=cores,
+    parser.add_argument("--threads", type=positive_int, default=cores,
                         help=f"CPU torch threads per model (default: all cores, {cores})")
     parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
     parser.add_argument("--recursions", default="2,3,4", help="MoR Nr values, comma-separated")
@@ -883,31 +885,30 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "data loader, router statistics, logging; checkpoints off), or both")
     parser.add_argument("--compile", choices=("off", "on", "both"), default="both",
                         help="eager, per-layer torch.compile (training.compile), or both side by side")
-    parser.add_argument("--setup-parallel", type=int, default=cores,
+    parser.add_argument("--setup-parallel", type=positive_int, default=cores,
                         help=f"workers building and warming up at once (untimed; default {cores})")
     parser.add_argument("--sequential", action="store_true",
                         help="one model at a time instead of all built and interleaved step by "
                         "step (use when the models do not fit in memory together)")
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--probe-size", type=int, help="dense mm size (default 2048 CPU, 8192 CUDA)")
+    parser.add_argument("--lr", type=positive_float, default=1e-4)
+    parser.add_argument("--seed", type=seed, default=1234)
+    parser.add_argument("--probe-size", type=positive_int, help="dense mm size (default 2048 CPU, 8192 CUDA)")
     parser.add_argument("--no-transformers", action="store_true",
                         help="skip the transformers LlamaForCausalLM comparison")
     parser.add_argument("--transformers-with-shims", action="store_true",
                         help="run transformers under the same CPU shims as megatron (diagnostic)")
     parser.add_argument("--json", help="write every number to this JSON file")
     parser.add_argument("--verbose", action="store_true", help="show the workers' stderr")
-    parser.add_argument("--debug", action="store_true", help="show library warnings and full tracebacks")
     parser.add_argument("overrides", nargs="*", help="model.key=value overrides of the config; "
                         "training.key=value / logging.key=value: of the trainer jobs' run config")
     parser.add_argument("--worker", choices=("megatron", "trainer", "transformers", "probe"),
                         help=argparse.SUPPRESS)
+    return parser
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("batch_size", "steps", "threads", "setup_parallel"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.warmup < 0:
-        parser.error("--warmup must be at least 0")
     args.loop_list = [loop.strip() for loop in args.loops.split(",") if loop.strip()]
     if not args.loop_list or set(args.loop_list) - set(LOOPS):
         parser.error(f"--loops {args.loops}: give model, trainer or model,trainer")

@@ -281,8 +281,10 @@ def prepare_work(work: Path) -> None:
     (work / WORK_MARKER).write_text("made by tools/gpu_check.py; emptied at every run\n")
 
 
-def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    from mor_megatron.cli import ToolParser, positive_float
+
+    parser = ToolParser(prog="gpu_check.py", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "runs" / "gpu_check"),
                         help="results folder (default: $OUT if set, else runs/gpu_check)")
     parser.add_argument("--work", default=str(REPO / "runs" / "gpu_check_work"),
@@ -290,10 +292,14 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--wheels", help="folder of wheels to install offline (tools/gpu_wheels.sh)")
     parser.add_argument("--steps", default=",".join(s.key for s in STEPS), help="subset, e.g. a,b,e")
     parser.add_argument("--dry-run", action="store_true", help="toy sizes on CPU (gloo, fp32)")
-    parser.add_argument("--budget-s", type=float, default=720.0, help="wall-clock limit of the whole check")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    parser.add_argument("--budget-s", type=positive_float, default=720.0, help="wall-clock limit of the whole check")
     parser.add_argument("--worker", choices=("pretrain-deterministic", "hf-generate"), help=argparse.SUPPRESS)
     parser.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    return parser
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.rest and not args.worker:
         parser.error(f"unexpected arguments: {' '.join(args.rest)}")
