@@ -76,3 +76,58 @@ def test_rows_are_refilled_from_the_queue(parallel):
     # the first finished request's row goes to request 2 while the other first request decodes
     other = 1 - finished[0].request_id
     assert {other, 2} in held
+
+
+class _HostReads(torch.overrides.TorchFunctionMode):
+    """Counts the calls that read a device value on the host (a sync on CUDA)."""
+
+    READS = {"__int__", "__bool__", "__float__", "item", "tolist", "nonzero", "unique"}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += getattr(func, "__name__", "") in self.READS
+        return func(*args, **(kwargs or {}))
+
+
+def test_decode_tick_host_reads_do_not_grow_with_depth(parallel):
+    """Routing bookkeeping and KV-cache bounds live on the host: a decode tick reads the device
+    a few times (routing's count, the sampled tokens), not once per layer or recursion step."""
+    reads = {}
+    for layers in (5, 8):  # shared block of 1 and of 2 layers
+        model = build(tiny_config(router="expert_choice", effective_layers=layers, seq_length=MAX_SEQ))
+        engine = Engine(model, max_batch=4, max_seq=MAX_SEQ, depth_override=lambda rows, positions: 3 - positions % 3)
+        for _ in range(4):
+            engine.add_request([1, 2, 3, 4, 5, 6], SamplingParams(max_tokens=12))
+        for _ in range(6):  # prefill and its exits
+            engine.tick()
+        per_tick = []
+        for _ in range(9):  # decode ticks: every depth 1-3
+            with _HostReads() as counter:
+                engine.tick()
+            per_tick.append(counter.count)
+        reads[layers] = per_tick
+    assert reads[5] == reads[8] and max(reads[5]) <= 4, reads
+
+
+def test_compiled_decoding_equals_eager_without_recompiling(parallel):
+    """`Engine(compile=...)`: the same greedy tokens as eager decoding; once a run has met the
+    token counts a tick can have (its first, a symbolic count, one token), another run with other
+    requests compiles nothing new (dynamo's counters)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = model_for("expert_choice", "recursion_wise")
+    requests = prompts(model.config)
+    params = [SamplingParams(max_tokens=n) for n in NEW_TOKENS]
+    eager = [c.token_ids for c in Engine(model, max_batch=3, max_seq=MAX_SEQ).generate(requests, params)]
+    compiled = Engine(model, max_batch=3, max_seq=MAX_SEQ, compile="aot_eager").generate(requests, params)
+    assert [c.token_ids for c in compiled] == eager
+    graphs = counters["stats"]["unique_graphs"]
+    assert 0 < graphs <= 6  # two compiled functions (layers.lean_qkv, lean_out), at most three graphs each
+    again = Engine(model, max_batch=2, max_seq=MAX_SEQ, compile="aot_eager").generate(requests[::-1], params[::-1])
+    assert [c.token_ids for c in again] == eager[::-1]
+    assert counters["stats"]["unique_graphs"] == graphs

@@ -25,7 +25,9 @@ def checkpoint(parallel, tmp_path_factory):
     model = build(config, seed=3)
     step = root / "checkpoints" / "step_00000010"
     save_weights(model, str(step / "universal"))
-    meta = {"config": {"model": dump_model_config(config), "data": {"tokenizer": str(root / "tokenizer")}}}
+    # what loading reads, plus the keys every complete checkpoint's meta.json has (checkpoint_files.META_KEYS)
+    meta = {"config": {"model": dump_model_config(config), "data": {"tokenizer": str(root / "tokenizer")}},
+            "format": 1, "tag": step.name, "train_state": {}, "layout": {}, "model_hash": "", "files": {}}
     (step / "meta.json").write_text(json.dumps(meta))
     return root, step, model, tokenizer
 

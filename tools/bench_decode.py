@@ -15,7 +15,10 @@ greedy, a fixed number of new tokens (no early stop), through `mor_megatron.infe
    are sized by capacity, so they are smaller and the batch grows).
 Throughput ratios against vanilla are measured in this one run: every model is timed `--repeats`
 times in round-robin order and its median run counts. `layers/tok` is the compute the engine did,
-in layer passes per token fed (vanilla: L; MoR: its unique layers plus the block once per step). Routing of the randomly
+in layer passes per token fed (vanilla: L; MoR: its unique layers plus the block once per step).
+At the fixed batch each MoR model's speed-up is checked against 0.95x its layer-pass ratio (the
+share a tick loses to per-tick host work beyond the layers; issue #15), with the paired per-round
+ratios as the spread. Routing of the randomly
 initialised MoR models: `--routing capacity` (default) forces depth Nr - (position mod Nr), which
 realises the default capacities exactly, as a trained router does on average; `--routing router`
 uses the untrained routers' threshold decisions. Finally the vanilla engine and transformers'
@@ -75,8 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gen-len", type=int, default=32)
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--repeats", type=int, default=3,
+    parser.add_argument("--repeats", type=int, default=5,
                         help="timed runs of every model, round-robin; the median is reported")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                        help="also time the fixed batch with the decode layers under torch.compile "
+                             "(default backend inductor; its warm-up compiles, untimed)")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks and library warnings")
     parser.add_argument("--seed", type=int, default=0)
@@ -107,8 +114,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def run_engine(model, prompts: list[list[int]], args, batch: int, name: str, device: torch.device) -> Result:
-    """Greedy decoding of `prompts`, `args.gen_len` tokens each, `batch` rows; timed after a warm-up."""
+def run_engine(model, prompts: list[list[int]], args, batch: int, name: str, device: torch.device,
+               compile: Optional[str] = None) -> Result:
+    """Greedy decoding of `prompts`, `args.gen_len` tokens each, `batch` rows; timed after a warm-up
+    (which also compiles, with `compile`)."""
     from mor_megatron.inference import Engine, SamplingParams, kv_bytes_per_row
 
     config = model.config
@@ -121,10 +130,12 @@ def run_engine(model, prompts: list[list[int]], args, batch: int, name: str, dev
 
     def engine() -> Engine:
         return Engine(model, max_batch=batch, max_seq=max_seq, kv_slots=slots, capacity_margin=args.capacity_margin,
-                      depth_override=override, device=device, track_memory=True)
+                      depth_override=override, device=device, track_memory=True, compile=compile or False)
 
     params = SamplingParams(max_tokens=args.gen_len)
-    engine().generate(prompts[: min(len(prompts), batch)], SamplingParams(max_tokens=2))  # warm-up
+    # warm-up: a compiled engine meets every token count a run has (prefill, decode, one token)
+    warm = SamplingParams(max_tokens=args.gen_len if compile else 2)
+    engine().generate(prompts[: min(len(prompts), batch)], warm)
     timed = engine()
     _sync(device)
     start = time.perf_counter()
@@ -139,14 +150,51 @@ def run_engine(model, prompts: list[list[int]], args, batch: int, name: str, dev
     )
 
 
-def median_of_rounds(jobs: list[Callable[[], Result]], repeats: int) -> list[Result]:
+def rounds(jobs: list[Callable[[], Result]], repeats: int) -> list[list[Result]]:
     """Run every job `repeats` times in round-robin order (a slow phase of a shared machine then
-    hits every model alike) and keep each job's median run."""
+    hits every model alike); each job's runs, in round order."""
     runs: list[list[Result]] = [[] for _ in jobs]
     for _ in range(max(1, repeats)):
         for job, results in zip(jobs, runs):
             results.append(job())
-    return [sorted(results, key=lambda r: r.seconds)[len(results) // 2] for results in runs]
+    return runs
+
+
+def median_run(results: list[Result]) -> Result:
+    return sorted(results, key=lambda r: r.seconds)[len(results) // 2]
+
+
+def median_of_rounds(jobs: list[Callable[[], Result]], repeats: int) -> list[Result]:
+    """`rounds`, keeping each job's median run."""
+    return [median_run(results) for results in rounds(jobs, repeats)]
+
+
+# issue #15: at the fixed batch, a MoR model's speed-up over vanilla reaches this share of its
+# layer-pass ratio (what is left to per-tick host work beyond the layers)
+LAYER_RATIO_SHARE = 0.95
+
+
+def overhead_targets(names: list[str], runs: list[list[Result]]) -> list[str]:
+    """Per MoR model at the fixed batch: its speed-up (median runs, and the paired per-round
+    ratios as the spread) against LAYER_RATIO_SHARE x its layer-pass ratio, and whether it holds."""
+    base = runs[names.index("vanilla")] if "vanilla" in names else None
+    if base is None:
+        return []
+    lines = [f"fixed batch target: MoR tok/s vs vanilla >= {LAYER_RATIO_SHARE:g}x the layer-pass ratio"]
+    base_median = median_run(base)
+    for name, results in zip(names, runs):
+        if name == "vanilla":
+            continue
+        median = median_run(results)
+        speed = median.tokens_per_s / base_median.tokens_per_s
+        paired = [r.tokens_per_s / b.tokens_per_s for r, b in zip(results, base)]
+        layer_ratio = base_median.layers_per_token / median.layers_per_token
+        need = LAYER_RATIO_SHARE * layer_ratio
+        lines.append(
+            f"  {name}: {speed:.2f}x (per round {' '.join(f'{x:.2f}' for x in paired)}), layer-pass ratio "
+            f"{layer_ratio:.2f}x, needs >= {need:.2f}x: {'holds' if speed >= need else 'MISSED'}"
+        )
+    return lines
 
 
 def budget_batch(model, args) -> int:
@@ -216,6 +264,8 @@ def _run(args: argparse.Namespace) -> None:
     from mor_megatron.parallel.state import initialize_parallel
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     configs = [("vanilla", make_config(args, None))] + [(f"MoR-{nr}", make_config(args, nr)) for nr in args.recursions]
     initialize_parallel(seed=args.seed)
     generator = torch.Generator().manual_seed(args.seed)
@@ -224,7 +274,8 @@ def _run(args: argparse.Namespace) -> None:
     print(
         f"shape: d={args.hidden} heads={args.heads}/{args.kv_heads} ffn={args.ffn} vocab={args.vocab} "
         f"L={args.effective_layers}; prompt {args.prompt_len} + {args.gen_len} new tokens; {args.dtype} on {device}; "
-        f"router {args.router}, {args.kv_mode}, routing '{args.routing}', KV slots '{args.kv_slots}'"
+        f"router {args.router}, {args.kv_mode}, routing '{args.routing}', KV slots '{args.kv_slots}'; "
+        f"{torch.get_num_threads()} torch threads"
     )
     fixed_jobs, budget_jobs, models = [], [], {}
     for name, config in configs:
@@ -238,7 +289,12 @@ def _run(args: argparse.Namespace) -> None:
         print(f"  {name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
               f"{len(config.recursion_plan.unrolled)} effective / {config.num_layers} unique layers, budget batch {rows}")
     print(f"timing: median of {args.repeats} round-robin runs per model")
-    fixed, budget = median_of_rounds(fixed_jobs, args.repeats), median_of_rounds(budget_jobs, args.repeats)
+    fixed_runs = rounds(fixed_jobs, args.repeats)
+    fixed, budget = [median_run(r) for r in fixed_runs], median_of_rounds(budget_jobs, args.repeats)
+    compiled_runs = []
+    if args.compile:
+        compiled_jobs = [functools.partial(job, compile=args.compile) for job in fixed_jobs]
+        compiled_runs = rounds(compiled_jobs, args.repeats)
     mib = 2.0**20
     for title, results in (("fixed batch", fixed), (f"max batch in {args.memory_budget_mib:g} MiB", budget)):
         if not results:
@@ -256,6 +312,17 @@ def _run(args: argparse.Namespace) -> None:
                   f"{r.layers_per_token:>11.2f}{compute:>12.2f}x")
         print("(layers/tok: layer passes per token fed, the compute; where a tick is compute-bound, "
               "the speed-up over vanilla tends to vanilla/this)")
+        if results is fixed:
+            print("\n".join(overhead_targets([name for name, _ in configs], fixed_runs)))
+    if compiled_runs:
+        print(f"\ncompiled (torch.compile backend {args.compile}) vs eager, fixed batch {args.batch}")
+        base = median_run(compiled_runs[0])
+        for (name, _), eager, runs in zip(configs, fixed, compiled_runs):
+            run = median_run(runs)
+            print(f"  {name:<8} eager {eager.tokens_per_s:8.1f} tok/s, compiled {run.tokens_per_s:8.1f} tok/s: "
+                  f"{run.tokens_per_s / eager.tokens_per_s:.2f}x; compiled vs compiled vanilla "
+                  f"{run.tokens_per_s / base.tokens_per_s:.2f}x")
+        print("\n".join(overhead_targets([name for name, _ in configs], compiled_runs)))
     if not args.no_hf:
         hf_batch = pool[: args.batch].tolist()
         compared = hf_compare(models["vanilla"], hf_batch, args, device)

@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (request i uses seed + i)")
     parser.add_argument("--max-batch", type=int, default=8, help="sequences decoded at once")
     parser.add_argument("--max-seq", type=int, help="cache length per sequence (default: the model's)")
+    parser.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                        help="run the decode layers under torch.compile (default backend: inductor)")
     parser.add_argument("--output", help="also write JSON lines here")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks and library warnings")
     return parser
@@ -100,7 +102,7 @@ def _run(args) -> int:
         )
         for i in range(len(prompts))
     ]
-    engine = Engine(model, max_batch=args.max_batch, max_seq=max_seq, tokenizer=tokenizer)
+    engine = Engine(model, max_batch=args.max_batch, max_seq=max_seq, tokenizer=tokenizer, compile=args.compile or False)
     start = time.perf_counter()
     completions = engine.generate(prompts, params)
     elapsed = time.perf_counter() - start

@@ -77,6 +77,12 @@ class RowGroups:
     first_row: Optional[int] = None
 
 
+def one_per_row_groups(rows: Tensor, first_row: Optional[int]) -> RowGroups:
+    """The grouping of `rows` known to be one token per row in increasing order (`first_row`:
+    rows[0] when the rows are consecutive, else None), built without reading the device."""
+    return RowGroups(rows, torch.arange(rows.numel(), device=rows.device), torch.zeros_like(rows), 1, True, first_row)
+
+
 def row_groups(rows: Tensor) -> RowGroups:
     """Group `rows` (a plain decode tick, one token per row in order, skips the sorts).
 
@@ -91,8 +97,7 @@ def row_groups(rows: Tensor) -> RowGroups:
     else:
         increasing, first, last = torch.stack(((rows[1:] > rows[:-1]).all().to(rows.dtype), rows[0], rows[-1])).tolist()
     if increasing:
-        first_row = first if last - first == count - 1 else None
-        return RowGroups(rows, torch.arange(count, device=rows.device), torch.zeros_like(rows), 1, True, first_row)
+        return one_per_row_groups(rows, first if last - first == count - 1 else None)
     unique, inverse = torch.unique(rows, return_inverse=True)
     ranks = _ranks_in_order(rows)
     first, last, top = torch.stack((unique[0], unique[-1], ranks.max())).tolist()
@@ -120,6 +125,10 @@ class StaticKVCache:
         self.positions = torch.zeros(max_batch, slots, dtype=torch.long, device=device)
         self.lengths = torch.zeros(max_batch, dtype=torch.long, device=device)
         self.entries = 0  # sum of `lengths`, kept on the host: memory reports read no device tensor
+        # an upper bound on every row's length, kept on the host (None: read it when next needed):
+        # the span attention reads and the overflow check need no device read until a row may
+        # reach the last slot
+        self.bound: Optional[int] = 0
         # bytes of K plus V for one token (the reports count K/V; the position index, 8 bytes
         # per slot, is bookkeeping)
         self.entry_bytes = 2 * kv_heads * head_dim * self.k.element_size()
@@ -134,45 +143,58 @@ class StaticKVCache:
 
     def reset(self, rows: Union[Tensor, slice, None] = None, stored: Optional[int] = None) -> None:
         """Forget the entries of `rows` (all rows when None); `stored`: how many entries those
-        rows hold, when the caller has read it (`KVCacheSet.reset` reads every cache's at once)."""
+        rows hold, when the caller has read it (`KVCacheSet.reset` reads every cache's at once).
+        The length bound is read again when next needed (or set by `KVCacheSet.reset`)."""
         if rows is None:
             self.lengths.zero_()
             self.entries = 0
+            self.bound = 0
         else:
             self.entries -= int(self.lengths[rows].sum()) if stored is None else stored
             self.lengths[rows] = 0
+            self.bound = None
+
+    def _bound(self) -> int:
+        if self.bound is None:
+            self.bound = int(self.lengths.max())
+        return self.bound
 
     def append(
         self, rows: Tensor, positions: Tensor, key: Tensor, value: Tensor, groups: Optional[RowGroups] = None
     ) -> None:
         """Store `key`/`value` `[T, kv_heads, head_dim]` of tokens at (`rows`, `positions`);
-        `groups`: `row_groups(rows)` when the caller has it. Returns the longest of these rows'
-        lengths now (the span `attend` reads for them: the overflow check's one device read
-        serves both), None when no token came."""
+        `groups`: `row_groups(rows)` when the caller has it. Returns the span `attend` reads for
+        these rows (at least their longest length now), None when no token came."""
         if rows.numel() == 0:
             return None
-        ranks = groups.ranks if groups is not None else ranks_within_rows(rows)
-        slot = self.lengths[rows] + ranks
-        top = int(slot.max())  # the last slot written: a row's new length minus one
-        if top >= self.slots:
-            raise CacheOverflowError(
-                f"KV cache {self.name} is full ({self.slots} slots per row): allocate with "
-                "kv_slots='full', a larger capacity margin, or a larger max_seq"
-            )
+        groups = groups if groups is not None else row_groups(rows)
+        slot = self.lengths[rows] if groups.one_per_row else self.lengths[rows] + groups.ranks
+        bound = self._bound() + groups.width  # no row grows by more than its tokens here
+        if bound > self.slots:  # a row may overflow: read the exact lengths (rare: near full)
+            # the last slot written (a row's new length minus one) and the longest row before
+            top, longest = torch.stack((slot.max(), self.lengths.max())).tolist()
+            if top >= self.slots:
+                raise CacheOverflowError(
+                    f"KV cache {self.name} is full ({self.slots} slots per row): allocate with "
+                    "kv_slots='full', a larger capacity margin, or a larger max_seq"
+                )
+            bound = max(top + 1, longest)
+        self.bound = bound
         self.k[rows, slot] = key.to(self.k.dtype)
         self.v[rows, slot] = value.to(self.v.dtype)
         self.positions[rows, slot] = positions
         self.lengths.index_add_(0, rows, torch.ones_like(rows))
         self.entries += rows.numel()
-        return top + 1
+        return self.bound
 
     def attend(
         self, query: Tensor, rows: Tensor, positions: Tensor, scale: Optional[float],
         groups: Optional[RowGroups] = None, span: Optional[int] = None,
     ) -> Tensor:
         """Causal attention of `query` `[T, heads, head_dim]` over its row's stored entries at
-        positions <= its own; returns `[T, heads, head_dim]`. `span`: the longest length among
-        `rows` when the caller knows it (what `append` of these rows returned), else read here."""
+        positions <= its own; returns `[T, heads, head_dim]`. `span`: how many slots to read (at
+        least the longest length among `rows`; what `append` of these rows returned), else the
+        host bound on every row's length."""
         heads, head_dim = query.shape[1:]
         groups = groups if groups is not None else row_groups(rows)
         unique, inverse, ranks, width = groups.unique, groups.inverse, groups.ranks, groups.width
@@ -187,8 +209,7 @@ class StaticKVCache:
             q_pos[inverse, ranks] = positions
         pick = unique if groups.first_row is None else slice(groups.first_row, groups.first_row + n)
         lengths = self.lengths[pick]
-        if span is None:
-            span = int(lengths.max())
+        span = self._bound() if span is None else span
         k, v = self.k[pick, :span], self.v[pick, :span]  # [n, L, g, hd]
         stored = self.positions[pick, :span]
         valid = torch.arange(span, device=rows.device).unsqueeze(0) < lengths.unsqueeze(1)
@@ -332,10 +353,13 @@ class KVCacheSet:
             self.row_tokens.zero_()
             self.tokens = 0
             return
-        # every cache's count and the rows' tokens in one device read
+        # every cache's count and the rows' tokens in one device read, then every cache's longest row
         *stored, tokens = torch.stack([cache.lengths[rows].sum() for cache in caches] + [self.row_tokens[rows].sum()]).tolist()
         for cache, count in zip(caches, stored):
             cache.reset(rows, count)
+        longest = torch.stack([cache.lengths.max() for cache in caches]).tolist()
+        for cache, top in zip(caches, longest):
+            cache.bound = top
         self.row_tokens[rows] = 0
         self.tokens -= tokens
 
@@ -352,7 +376,7 @@ class KVCacheSet:
         config = self.config
         any_cache = next(iter(self.caches.values()))
         entry = any_cache.entry_bytes
-        tokens = self.tokens  # no device read: the engine's `track_memory` asks every tick
+        tokens = self.tokens  # no device read: the engine's `track_memory` asks at every admission
         depth = config.effective_layers
         plan = config.recursion_plan
         recursion_layers = len(plan.block) * plan.num_recursions if config.router != "none" else 0

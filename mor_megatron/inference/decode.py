@@ -21,7 +21,13 @@ import torch.nn.functional as F
 from megatron.core.tensor_parallel import ColumnParallelLinear
 from torch import Tensor
 
-from mor_megatron.inference.cache import DEFAULT_CAPACITY_MARGIN, KVCacheSet, StaticKVCache, ranks_within_rows
+from mor_megatron.inference.cache import (
+    DEFAULT_CAPACITY_MARGIN,
+    KVCacheSet,
+    RowGroups,
+    StaticKVCache,
+    ranks_within_rows,
+)
 from mor_megatron.inference.layers import TokenBatch, decode_layer, rope_mscale, softmax_scale
 from mor_megatron.model.rules import gated_update, threshold_continue, token_choice_combine, token_choice_runs
 
@@ -42,10 +48,12 @@ class ModelStages:
 
     lean: run layers, embedding and head as plain torch ops on the model's weights where they
     are the local spec's (`layers.LeanLayer`); False runs megatron's modules (same arithmetic).
+    compile: a `torch.compile` backend for the lean layers' math (`layers.compiled`), or None.
     """
 
     def __init__(
-        self, model, caches: KVCacheSet, depth_override: Optional[DepthOverride] = None, lean: bool = True
+        self, model, caches: KVCacheSet, depth_override: Optional[DepthOverride] = None, lean: bool = True,
+        compile: Optional[str] = None,
     ) -> None:
         config = model.config
         if config.tensor_model_parallel_size != 1 or config.pipeline_model_parallel_size != 1:
@@ -72,7 +80,7 @@ class ModelStages:
         self.cos_table = (torch.cos(self.rope_table[:, 0]) * mscale).to(dtype)  # [max_seq, 1, rot_dim]
         self.sin_table = (torch.sin(self.rope_table[:, 0]) * mscale).to(dtype)
         self.scale = softmax_scale(next(iter(self.decoder.layers)))
-        self.layers = [decode_layer(layer, lean) for layer in self.decoder.layers]
+        self.layers = [decode_layer(layer, lean, compile) for layer in self.decoder.layers]
         embedding = model.embedding
         self.lean_embed = lean and not (
             embedding.add_position_embedding or embedding.tokentype_embeddings is not None
@@ -83,15 +91,15 @@ class ModelStages:
 
     # -- pieces ---------------------------------------------------------------------------------
 
-    def batch(self, rows: Tensor, positions: Tensor, check: bool = True) -> TokenBatch:
+    def batch(self, rows: Tensor, positions: Tensor, check: bool = True, groups: Optional[RowGroups] = None) -> TokenBatch:
         """The tokens' `TokenBatch`. check: refuse positions beyond the caches (a device read);
-        False where the caller has checked them (the engine, on the host)."""
+        False where the caller has checked them (the engine, on the host). groups: the rows'
+        `RowGroups` where the caller knows them on the host (else read when first needed)."""
         if check and positions.numel():
             top = int(positions.max())
             if top >= self.caches.max_seq:
                 raise ValueError(f"position {top} is beyond max_seq={self.caches.max_seq}")
-        return TokenBatch(rows, positions, self.rope_table[positions], self.cos_table[positions],
-                          self.sin_table[positions])
+        return TokenBatch(rows, positions, self.rope_table, self.cos_table[positions], self.sin_table[positions], groups)
 
     def embed(self, tokens: Tensor, batch: TokenBatch) -> Tensor:
         """Token ids `[T]` -> `[T, 1, D]` (the model's word embedding)."""
@@ -147,8 +155,10 @@ class ModelStages:
     def expert_route(self, r: int, hidden: Tensor, batch: TokenBatch) -> Routed:
         """Expert-choice decision of recursion step r for tokens that ran the previous step."""
         router = self.decoder.routers[str(r)]
-        logits, aux = router(hidden)
-        logits = logits.reshape(-1)
+        # the router's forward as plain ops on its bias-free linears (`ExpertChoiceRouter.forward`):
+        # a tick routes a few dozen tokens, where two module calls cost more than the matmuls
+        logits = F.linear(hidden, router.linear.weight).view(-1)
+        aux = F.linear(hidden, router.aux.weight) if router.aux is not None else None
         gate = router.gate(logits)
         if self.depth_override is not None:
             keep = self.depth_override(batch.rows, batch.positions) > r

@@ -26,13 +26,15 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from mor_megatron.inference.cache import DEFAULT_CAPACITY_MARGIN, KVCacheSet
+from mor_megatron.inference.cache import DEFAULT_CAPACITY_MARGIN, KVCacheSet, one_per_row_groups
 from mor_megatron.inference.decode import DepthOverride, ModelStages
+from mor_megatron.inference.layers import TokenBatch
 from mor_megatron.model.rules import gated_update, token_choice_combine, token_choice_runs
 from mor_megatron.parallel.setup import shim_m_suspended
 from mor_megatron.inference.sampling import (
     SamplingParams,
     cut_at_stop,
+    greedy_tokens,
     make_generator,
     sample,
     stop_reason,
@@ -71,7 +73,12 @@ class _Row:
 
 @dataclass
 class _Tokens:
-    """A flat set of in-flight tokens (all tensors share the first axis)."""
+    """A flat set of in-flight tokens (all tensors share the first axis).
+
+    Two host-side notes save device reads every tick: `steps`, the recursion steps `step` may
+    hold (a superset, exact when it has one value: a token set that entered together and ran
+    every block call since, the common case); `batch`, the tokens' `TokenBatch` (RoPE rows and
+    cache row grouping), kept while the set is unchanged and rebuilt after a `take`."""
 
     rows: Tensor
     positions: Tensor
@@ -80,10 +87,12 @@ class _Tokens:
     gate: Tensor  # expert-choice: gate of the next step; token-choice: final gate
     h1: Optional[Tensor] = None  # token-choice: stream entering recursion 1
     depth: Optional[Tensor] = None  # token-choice: chosen 0-based depth
+    steps: tuple[int, ...] = ()
+    batch: Optional[TokenBatch] = None
 
     def take(self, index: Tensor) -> "_Tokens":
         pick = lambda t: None if t is None else t[index]  # noqa: E731
-        return _Tokens(*(pick(getattr(self, name)) for name in _FIELDS))
+        return _Tokens(*(pick(getattr(self, name)) for name in _FIELDS), steps=self.steps)
 
     def split(self, mask: Tensor) -> tuple[Optional["_Tokens"], Optional["_Tokens"]]:
         """(the tokens where `mask`, the others); None for an empty side, and no copies when
@@ -105,7 +114,7 @@ class _Tokens:
 _FIELDS = ("rows", "positions", "hidden", "step", "gate", "h1", "depth")
 
 
-def _cat(parts: list[_Tokens]) -> Optional[_Tokens]:
+def _cat(parts: list[Optional[_Tokens]]) -> Optional[_Tokens]:
     parts = [p for p in parts if p is not None and p.count]
     if not parts:
         return None
@@ -115,7 +124,7 @@ def _cat(parts: list[_Tokens]) -> Optional[_Tokens]:
     for name in _FIELDS:
         items = [getattr(p, name) for p in parts]
         values.append(None if items[0] is None else torch.cat(items))
-    return _Tokens(*values)
+    return _Tokens(*values, steps=tuple(sorted({s for p in parts for s in p.steps})))
 
 
 @dataclass
@@ -147,8 +156,12 @@ class Engine:
     tokens are never split); None runs the whole pool each tick.
     kv_slots / capacity_margin: see `IncrementalDecoder`.
     tokenizer: anything with `decode(ids) -> str`; needed for stop strings and `Completion.text`.
-    track_memory: record the peak KV bytes in `stats` (reads every cache's lengths each tick).
+    track_memory: record the peak KV bytes in `stats` (host counters, no device read). KV entries
+    only grow until a row is reset for a new request, so the peak is taken just before each
+    admission's resets and when the engine runs out of work, not every tick.
     lean: see `ModelStages`.
+    compile: run the decode layers' math under `torch.compile` (True: inductor, or a backend's
+    name such as "aot_eager"); the KV caches, routing and sampling stay eager.
     """
 
     def __init__(
@@ -164,6 +177,7 @@ class Engine:
         lean: bool = True,
         device: Union[str, torch.device, None] = None,
         track_memory: bool = False,
+        compile: Union[bool, str] = False,
     ) -> None:
         config = model.config
         device = torch.device(device or next(model.parameters()).device)
@@ -171,7 +185,8 @@ class Engine:
         self.device, self.max_batch = device, max_batch
         self.max_seq = max_seq or config.seq_length
         self.caches = KVCacheSet(config, max_batch, self.max_seq, kv_slots, capacity_margin, device=device)
-        self.stages = ModelStages(model, self.caches, depth_override, lean)
+        backend = ("inductor" if compile is True else compile) or None
+        self.stages = ModelStages(model, self.caches, depth_override, lean, backend)
         self.max_block_tokens = max_block_tokens
         self.tokenizer = tokenizer
         self.queue: deque[_Request] = deque()
@@ -226,15 +241,23 @@ class Engine:
             self._admit()
             self._enter()
             self._run_block()
-            if self.track_memory:
-                report = self.caches.kv_usage()
-                if report.used_bytes > self.stats.peak_kv_used_bytes:
-                    self.stats.peak_kv_used_bytes = report.used_bytes
-                    self.stats.peak_kv_vanilla_bytes = report.vanilla_used_bytes
-            return self._leave()
+            finished = self._leave()
+            if self.track_memory and not self.busy:
+                self._note_memory()
+            return finished
+
+    def _note_memory(self) -> None:
+        report = self.caches.kv_usage()
+        if report.used_bytes > self.stats.peak_kv_used_bytes:
+            self.stats.peak_kv_used_bytes = report.used_bytes
+            self.stats.peak_kv_vanilla_bytes = report.vanilla_used_bytes
 
     def _admit(self) -> None:
+        if not self.queue:
+            return
         free = [row for row in range(self.max_batch) if row not in self.rows]
+        if free and self.track_memory:
+            self._note_memory()  # before the resets below free entries
         for row in free:
             if not self.queue:
                 break
@@ -245,7 +268,9 @@ class Engine:
             self.rows[row] = state
 
     def _enter(self) -> None:
-        entering = [(row, state) for row, state in self.rows.items() if state.pending]
+        # in row order: a decode tick's tokens are then one per row in order, which the caches
+        # attend without regrouping (`row_groups`)
+        entering = [(row, state) for row, state in sorted(self.rows.items()) if state.pending]
         if not entering:
             return
         tokens, rows, positions = [], [], []
@@ -259,15 +284,19 @@ class Engine:
         top = max(positions)  # the caches' bound, checked here on the host (the stages would read the device)
         if top >= self.max_seq:
             raise ValueError(f"position {top} is beyond max_seq={self.max_seq}")
+        # a decode tick (one token per row, rows in increasing order): its row grouping is known here
+        single = len(rows) == len(entering)
+        first_row = rows[0] if rows[-1] - rows[0] == len(rows) - 1 else None
         # one host-to-device copy for the three (each copy from pageable memory waits for the stream)
         tokens, rows, positions = torch.tensor([tokens, rows, positions], dtype=torch.long, device=self.device).unbind(0)
         self.stats.entered_tokens += tokens.numel()
         stages = self.stages
         self.stats.layer_tokens += tokens.numel() * len(stages.prefix)
-        batch = stages.batch(rows, positions, check=False)  # checked above, on the host
+        groups = one_per_row_groups(rows, first_row) if single else None
+        batch = stages.batch(rows, positions, check=False, groups=groups)  # positions checked above
         hidden = stages.run_units(stages.prefix, stages.embed(tokens, batch), batch)
         zeros = torch.zeros_like(rows)
-        fresh = _Tokens(rows, positions, hidden, zeros, hidden.new_zeros(rows.shape))
+        fresh = _Tokens(rows, positions, hidden, zeros, hidden.new_zeros(rows.shape), steps=(0,), batch=batch)
         if stages.router == "none":
             self.exited = _cat([self.exited, fresh])
         elif stages.router == "expert_choice":
@@ -281,14 +310,17 @@ class Engine:
             fresh.gate, fresh.h1, fresh.depth = gate, hidden, depth
             self.pool = _cat([self.pool, fresh])
 
+    def _batch(self, tokens: _Tokens) -> TokenBatch:
+        """The tokens' `TokenBatch`, made once per token set (positions were checked on entry)."""
+        if tokens.batch is None:
+            tokens.batch = self.stages.batch(tokens.rows, tokens.positions, check=False)
+        return tokens.batch
+
     def _pick(self, pool: _Tokens) -> Tensor:
-        """Boolean mask of the pool tokens the next block call takes: rows by priority (recursion
-        step plus ticks already waited, so deep tokens go first and nobody starves), greedily
-        while they fit under `max_block_tokens`; the first row is always taken."""
+        """Boolean mask of the pool tokens the next block call takes when the pool holds more than
+        `max_block_tokens`: rows by priority (recursion step plus ticks already waited, so deep
+        tokens go first and nobody starves), greedily while they fit; the first row is always taken."""
         cap = self.max_block_tokens
-        if cap is None or pool.count <= cap:
-            self._waited.clear()
-            return torch.ones_like(pool.rows, dtype=torch.bool)
         rows, counts = torch.unique(pool.rows, return_counts=True)
         # a row's step: that of its last token in the pool (what `step[pool.rows] = pool.step`
         # left on the host, where the last write wins; on CUDA such a write keeps any of them)
@@ -310,10 +342,16 @@ class Engine:
         pool = self.pool
         if pool is None or pool.count == 0:
             return
-        run, waiting = pool.split(self._pick(pool))
+        cap = self.max_block_tokens
+        if cap is None or pool.count <= cap:
+            self._waited.clear()
+            run, waiting = pool, None
+        else:
+            run, waiting = pool.split(self._pick(pool))
         stages = self.stages
-        batch = stages.batch(run.rows, run.positions, check=False)  # checked when they entered
-        present = torch.unique(run.step).tolist()  # the recursion steps this call runs
+        batch = self._batch(run)
+        # the recursion steps this call runs: known on the host unless the pool mixes steps
+        present = list(run.steps) if len(run.steps) == 1 else torch.unique(run.step).tolist()
         out = stages.block(run.hidden, batch, run.step, present)
         self.stats.block_calls += 1
         self.stats.block_tokens += run.count
@@ -334,12 +372,12 @@ class Engine:
                     routed = stages.expert_route(step, run.hidden[index], batch.select(index))
                     keep[index] = routed.keep
                     run.gate[index] = routed.gate
-            run.step = nxt
+            run.step, run.steps = nxt, tuple(s + 1 for s in present)
             staying, leaving = run.split(keep)
         else:
             run.hidden = out
             keep = token_choice_runs(run.depth, nxt) & (nxt < last)
-            run.step = nxt
+            run.step, run.steps = nxt, tuple(s + 1 for s in present)
             staying, leaving = run.split(keep)
             if leaving is not None:
                 leaving.hidden = token_choice_combine(leaving.h1, leaving.gate.view(-1, 1), leaving.hidden)
@@ -350,42 +388,45 @@ class Engine:
         exited = self.exited
         if exited is None or exited.count == 0:
             return []
-        ready = torch.ones_like(exited.rows, dtype=torch.bool)
+        done, rest = exited, None
         if self.pool is not None and self.pool.count:
-            ready = ~torch.isin(exited.rows, self.pool.rows)
-        done, rest = exited.split(ready)
-        if done is None:
-            return []
+            done, rest = exited.split(~torch.isin(exited.rows, self.pool.rows))
+            if done is None:
+                return []
         self.exited = rest
         stages = self.stages
-        batch = stages.batch(done.rows, done.positions, check=False)  # checked when they entered
+        batch = self._batch(done)
         hidden = stages.run_units(stages.suffix, done.hidden, batch)
         self.stats.layer_tokens += done.count * len(stages.suffix)
         rows, positions, steps = torch.stack((done.rows, done.positions, done.step)).tolist()  # one device read
-        ready_rows = sorted(set(rows))
-        # the last token of each row (larger position wins), in row order
-        key = done.rows * (self.max_seq + 1) + done.positions
-        order = torch.argsort(key)
-        rows_sorted = done.rows[order]
-        is_last = torch.ones_like(rows_sorted, dtype=torch.bool)
-        is_last[:-1] = rows_sorted[1:] != rows_sorted[:-1]
-        # order[is_last] without reading its size from the device: one last token per ready row
-        last = order[torch.argsort((~is_last).to(torch.uint8), stable=True)[: len(ready_rows)]]
-        logits = stages.head(hidden[last])
+        if batch.groups.one_per_row:  # one token per row, in row order (a decode tick): each is its row's last
+            ready_rows, logits = rows, stages.head(hidden)
+        else:
+            ready_rows = sorted(set(rows))
+            # the last token of each row (larger position wins), in row order
+            key = done.rows * (self.max_seq + 1) + done.positions
+            order = torch.argsort(key)
+            rows_sorted = done.rows[order]
+            is_last = torch.ones_like(rows_sorted, dtype=torch.bool)
+            is_last[:-1] = rows_sorted[1:] != rows_sorted[:-1]
+            # order[is_last] without reading its size from the device: one last token per ready row
+            last = order[torch.argsort((~is_last).to(torch.uint8), stable=True)[: len(ready_rows)]]
+            logits = stages.head(hidden[last])
         for row, position, depth in zip(rows, positions, steps):
             self.rows[row].depths[position] = depth
-        greedy = logits.argmax(dim=-1).tolist()  # one call for every row (most requests are greedy)
+        greedy = greedy_tokens(logits).tolist()  # one call for every row (most requests are greedy)
         finished = []
         for index, row in enumerate(ready_rows):
-            completion = self._sample(row, logits[index], greedy[index])
+            completion = self._sample(row, logits, index, greedy[index])
             if completion is not None:
                 finished.append(completion)
         return finished
 
-    def _sample(self, row: int, logits: Tensor, greedy: int) -> Optional[Completion]:
+    def _sample(self, row: int, logits: Tensor, index: int, greedy: int) -> Optional[Completion]:
+        """Row `row`'s next token: `greedy` (the argmax of `logits[index]`) or sampled from that row."""
         state = self.rows[row]
         params = state.request.params
-        token = greedy if params.greedy else sample(logits, params, state.generator)
+        token = greedy if params.greedy else sample(logits[index], params, state.generator)
         state.generated.append(token)
         self.stats.generated_tokens += 1
         decode = self.tokenizer.decode if self.tokenizer is not None else None

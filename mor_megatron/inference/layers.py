@@ -26,6 +26,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from megatron.core.transformer.attention import _yarn_get_concentration_factor_from_config
 from torch import Tensor
 
+from mor_megatron.config import ConfigError
 from mor_megatron.inference.cache import RowGroups, row_groups
 
 # attend(query [T, heads, hd], key [T, groups, hd], value [T, groups, hd]) -> [T, heads, hd]
@@ -36,18 +37,24 @@ LayerFn = Callable[[Tensor, "TokenBatch", AttendFn], Tensor]
 
 @dataclass
 class TokenBatch:
-    """Where the tokens of a flat batch sit: cache row, absolute position, RoPE frequencies
-    (`rope`, megatron's form) and their cos/sin (`cos`, `sin` `[T, 1, rot_dim]`, mscale applied)."""
+    """Where the tokens of a flat batch sit: cache row, absolute position, and RoPE's cos/sin
+    (`cos`, `sin` `[T, 1, rot_dim]`, mscale applied); `rope`, megatron's form of the frequencies,
+    is gathered from `rope_table` only when asked (the lean layers never do)."""
 
     rows: Tensor  # [T] long
     positions: Tensor  # [T] long
-    rope: Tensor  # [T, 1, 1, rot_dim]
+    rope_table: Tensor  # [max_seq, 1, 1, rot_dim]
     cos: Tensor
     sin: Tensor
     _groups: Optional[RowGroups] = field(default=None, repr=False)
 
     def select(self, index: Tensor) -> "TokenBatch":
-        return TokenBatch(self.rows[index], self.positions[index], self.rope[index], self.cos[index], self.sin[index])
+        return TokenBatch(self.rows[index], self.positions[index], self.rope_table, self.cos[index], self.sin[index])
+
+    @property
+    def rope(self) -> Tensor:
+        """`[T, 1, 1, rot_dim]`"""
+        return self.rope_table[self.positions]
 
     @property
     def groups(self) -> RowGroups:
@@ -123,11 +130,41 @@ def rotate(t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return rotated if rest is None else torch.cat((rotated, rest), dim=-1)
 
 
+def lean_qkv(
+    hidden: Tensor, norm: Tensor, eps: Optional[float], qkv: Tensor, cos: Tensor, sin: Tensor,
+    groups: int, heads: int, split: list[int],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Input RMSNorm, fused QKV linear, RoPE: `[T, 1, D]` -> query `[T, heads, hd]`, key and value
+    `[T, groups, hd]`. Weights are arguments, so one compiled graph serves every layer."""
+    count = hidden.shape[0]
+    normed = F.rms_norm(hidden, (norm.shape[0],), norm, eps)
+    query, key, value = F.linear(normed, qkv).view(count, groups, -1).split(split, dim=-1)
+    return rotate(query.reshape(count, heads, -1), cos, sin), rotate(key, cos, sin), value
+
+
+def lean_out(
+    hidden: Tensor, context: Tensor, proj: Tensor, norm: Tensor, eps: Optional[float], fc1: Tensor, fc2: Tensor
+) -> Tensor:
+    """Output projection and residual, pre-MLP RMSNorm, SwiGLU MLP and residual."""
+    hidden = hidden + F.linear(context.reshape(context.shape[0], 1, -1), proj)
+    gate, up = F.linear(F.rms_norm(hidden, (norm.shape[0],), norm, eps), fc1).chunk(2, dim=-1)
+    return hidden + F.linear(F.silu(gate) * up, fc2)
+
+
+@functools.lru_cache(maxsize=None)
+def compiled(fn: Callable, backend: str) -> Callable:
+    """`fn` under `torch.compile` (one wrapper per backend, shared by every layer and model).
+    Token counts vary between prefill and decode ticks: dynamo's automatic dynamic shapes make
+    the count symbolic at its second value, so a run compiles at most two graphs per function."""
+    return torch.compile(fn, backend=backend)
+
+
 class LeanLayer:
     """`layer_forward` of a local-spec Llama layer as plain torch ops on the layer's own weights
-    (the tensors themselves, so loading new weights into the model is seen here)."""
+    (the tensors themselves, so loading new weights into the model is seen here). compile: a
+    `torch.compile` backend for the math around the cached attention (None: eager)."""
 
-    def __init__(self, layer) -> None:
+    def __init__(self, layer, compile: Optional[str] = None) -> None:
         reason = lean_unsupported(layer)
         if reason is not None:
             raise ValueError(f"LeanLayer cannot run this layer: {reason}")
@@ -141,26 +178,24 @@ class LeanLayer:
         self.head_dim = attention.hidden_size_per_attention_head
         per_group = self.heads // self.groups
         self.split = [per_group * self.head_dim, self.head_dim, self.head_dim]
-
-    @staticmethod
-    def _norm(norm: torch.nn.RMSNorm, x: Tensor) -> Tensor:
-        return F.rms_norm(x, norm.normalized_shape, norm.weight, norm.eps)
+        self._qkv = compiled(lean_qkv, compile) if compile else lean_qkv
+        self._out = compiled(lean_out, compile) if compile else lean_out
 
     def __call__(self, hidden: Tensor, batch: TokenBatch, attend: AttendFn) -> Tensor:
-        count = hidden.shape[0]
-        mixed = F.linear(self._norm(self.norm1, hidden), self.qkv).view(count, self.groups, -1)
-        query, key, value = mixed.split(self.split, dim=-1)
-        query = rotate(query.reshape(count, self.heads, self.head_dim), batch.cos, batch.sin)
-        key = rotate(key, batch.cos, batch.sin)
+        n1, n2 = self.norm1, self.norm2
+        query, key, value = self._qkv(hidden, n1.weight, n1.eps, self.qkv, batch.cos, batch.sin, self.groups,
+                                      self.heads, self.split)
         context = attend(query, key, value)  # [T, heads, hd]
-        hidden = hidden + F.linear(context.reshape(count, 1, -1), self.proj)
-        gate, up = F.linear(self._norm(self.norm2, hidden), self.fc1).chunk(2, dim=-1)
-        return hidden + F.linear(F.silu(gate) * up, self.fc2)
+        return self._out(hidden, context, self.proj, n2.weight, n2.eps, self.fc1, self.fc2)
 
 
-def decode_layer(layer, lean: bool = True) -> LayerFn:
+def decode_layer(layer, lean: bool = True, compile: Optional[str] = None) -> LayerFn:
     """The fastest exact way to run `layer` over a token batch: `LeanLayer` where it applies
-    (and `lean`), the layer's own modules otherwise."""
-    if lean and lean_unsupported(layer) is None:
-        return LeanLayer(layer)
+    (and `lean`), the layer's own modules otherwise. compile: see `LeanLayer` (needs lean)."""
+    reason = lean_unsupported(layer) if lean else "lean=False"
+    if reason is None:
+        return LeanLayer(layer, compile)
+    if compile:
+        raise ConfigError(f"compiled decoding runs the lean decode layers, which cannot run this model ({reason}): "
+                          "decode it without compile")
     return functools.partial(layer_forward, layer)
