@@ -77,6 +77,37 @@ def test_generate_cli(checkpoint, tmp_path, capsys):
     assert json.loads(inline.read_text())["token_ids"] == records[0]["token_ids"]
 
 
+BAD_PROMPTS = {  # file name, bytes, extra arguments, what the one line says
+    "missing": ("absent.txt", None, [], "not found: check the path"),
+    "binary": ("blob.txt", b"\x80\x81\xfe\xff", [], "is not a UTF-8 text file"),
+    "jsonl-not-json": ("p.jsonl", b'{"prompt": "a"}\n{oops\n', [], 'line 2 is not a JSON object with a string "prompt"'),
+    "jsonl-no-key": ("p.jsonl", b'{"text": "a"}\n', [], 'line 1 is not a JSON object with a string "prompt"'),
+    "ids-not-integers": ("ids.txt", b"5 six 7\n", ["--token-ids"], "is not whitespace-separated token ids"),
+    "ids-beyond-vocab": ("ids.txt", b"5 320\n", ["--token-ids"], "token id 320 outside the model's vocabulary [0, 320)"),
+    "ids-negative": ("ids.txt", b"-1 4\n", ["--token-ids"], "token id -1 outside"),
+    "empty-prompt": (None, None, ["--prompt", ""], "prompt 1 has no tokens"),
+    "output-is-a-folder": ("ok.txt", b"def\n", ["--output", "."], "is a directory: give a file path"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_PROMPTS))
+def test_generate_bad_prompts_are_one_line(checkpoint, tmp_path, capsys, case):
+    """Before: tracebacks (JSON errors, KeyError, int(), IndexError in the embedding) or a hang."""
+    root, step, _, _ = checkpoint
+    name, data, extra, phrase = BAD_PROMPTS[case]
+    argv = ["--checkpoint", str(step), *extra]
+    if name is not None:
+        if data is not None:
+            (tmp_path / name).write_bytes(data)
+        argv += ["--prompts", str(tmp_path / name)]
+    if "--output" in extra:
+        argv[argv.index(".")] = str(tmp_path)
+    capsys.readouterr()
+    assert generate.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and phrase in err, err
+
+
 def test_show_depth_writes_html_and_png(checkpoint, tmp_path, capsys):
     from PIL import Image
 

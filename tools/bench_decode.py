@@ -56,37 +56,38 @@ class Result:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--kv-heads", type=int, default=2)
-    parser.add_argument("--ffn", type=int, default=352)
-    parser.add_argument("--vocab", type=int, default=4096)
-    parser.add_argument("--effective-layers", type=int, default=14, help="L; (L-2) must divide by every Nr")
-    parser.add_argument("--recursions", type=int, nargs="+", default=[2, 3, 4])
+    from mor_megatron.cli import ToolParser, non_negative_int, positive_float, positive_int, seed
+
+    parser = ToolParser(prog="mor-bench-decode", description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden", type=positive_int, default=128)
+    parser.add_argument("--heads", type=positive_int, default=4)
+    parser.add_argument("--kv-heads", type=positive_int, default=2)
+    parser.add_argument("--ffn", type=positive_int, default=352)
+    parser.add_argument("--vocab", type=positive_int, default=4096)
+    parser.add_argument("--effective-layers", type=positive_int, default=14, help="L; (L-2) must divide by every Nr")
+    parser.add_argument("--recursions", type=positive_int, nargs="+", default=[2, 3, 4])
     parser.add_argument("--router", default="expert_choice", choices=("expert_choice", "token_choice"))
     parser.add_argument("--kv-mode", default="recursion_wise", choices=("recursion_wise", "share_first"))
     parser.add_argument("--routing", default="capacity", choices=("capacity", "router"))
     parser.add_argument("--kv-slots", default="capacity", choices=("capacity", "full"),
                         help="MoR recursion caches sized by capacity (static saving) or full length")
-    parser.add_argument("--capacity-margin", type=float, default=1.0)
-    parser.add_argument("--batch", type=int, default=32, help="fixed batch (sequences in flight; the paper: 32)")
-    parser.add_argument("--requests", type=int, default=0, help="requests at the fixed batch (default 2 x batch)")
-    parser.add_argument("--memory-budget-mib", type=float, default=64.0, help="weights + KV caches")
-    parser.add_argument("--max-batch-cap", type=int, default=128, help="upper bound on the budget batch")
-    parser.add_argument("--prompt-len", type=int, default=16)
-    parser.add_argument("--gen-len", type=int, default=32)
+    parser.add_argument("--capacity-margin", type=positive_float, default=1.0)
+    parser.add_argument("--batch", type=positive_int, default=32, help="fixed batch (sequences in flight; the paper: 32)")
+    parser.add_argument("--requests", type=non_negative_int, default=0, help="requests at the fixed batch (default 2 x batch)")
+    parser.add_argument("--memory-budget-mib", type=positive_float, default=64.0, help="weights + KV caches")
+    parser.add_argument("--max-batch-cap", type=positive_int, default=128, help="upper bound on the budget batch")
+    parser.add_argument("--prompt-len", type=positive_int, default=16)
+    parser.add_argument("--gen-len", type=positive_int, default=32)
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--repeats", type=int, default=5,
+    parser.add_argument("--repeats", type=positive_int, default=5,
                         help="timed runs of every model, round-robin; the median is reported")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                         help="also time the fixed batch with the decode layers under torch.compile "
                              "(default backend inductor; its warm-up compiles, untimed)")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks and library warnings")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed, default=0)
     return parser
 
 

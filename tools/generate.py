@@ -21,15 +21,56 @@ from typing import Optional
 
 
 def read_prompts(path: str) -> list[str]:
-    """Prompts from a text file (one per line, blank lines skipped) or JSON lines."""
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    if path.endswith(".jsonl"):
-        return [json.loads(line)["prompt"] for line in lines if line.strip()]
-    return [line.replace("\\n", "\n") for line in lines if line.strip()]
+    """Prompts from a text file (one per line, blank lines skipped) or JSON lines (each an object
+    with a string "prompt"); a file that is missing, binary or malformed is one `UserError` line."""
+    from mor_megatron.errors import UserError
+
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise UserError(f"--prompts {path} not found: check the path") from None
+    except UnicodeDecodeError:
+        raise UserError(f"--prompts {path} is not a UTF-8 text file: give one prompt per line") from None
+    except OSError as err:
+        raise UserError(f"--prompts {path} cannot be read ({err.strerror})") from None
+    if not path.endswith(".jsonl"):
+        return [line.replace("\\n", "\n") for line in lines if line.strip()]
+    prompts = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise UserError(f'--prompts {path} line {number} is not a JSON object with a string "prompt": fix that line')
+        prompts.append(record["prompt"])
+    return prompts
+
+
+def parse_token_ids(lines: list[str], vocab_size: int) -> list[list[int]]:
+    """`--token-ids` prompt lines: whitespace-separated integers in [0, vocab_size)."""
+    from mor_megatron.errors import UserError
+
+    prompts = []
+    for number, line in enumerate(lines, 1):
+        try:
+            ids = [int(token) for token in line.split()]
+        except ValueError:
+            raise UserError(f"prompt {number} ('{line[:40]}') is not whitespace-separated token ids (--token-ids)") from None
+        bad = [i for i in ids if not 0 <= i < vocab_size]
+        if bad:
+            raise UserError(f"prompt {number} has token id {bad[0]} outside the model's vocabulary [0, {vocab_size})")
+        prompts.append(ids)
+    return prompts
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from mor_megatron.cli import ToolParser, non_negative_int, positive_float, positive_int, ranged, seed
+    from mor_megatron.ranges import Range
+
+    parser = ToolParser(prog="mor-generate", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="a step_N checkpoint or the folder holding them")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompts", help="text file, one prompt per line (or .jsonl)")
@@ -38,19 +79,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--token-ids", action="store_true", help="prompt lines are token ids; print ids")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--greedy", action="store_true", help="argmax decoding (default)")
-    mode.add_argument("--temperature", type=float, help="sample at this temperature")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature)")
-    parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: all)")
-    parser.add_argument("--max-tokens", type=int, default=64, help="new tokens per prompt")
+    mode.add_argument("--temperature", type=positive_float, help="sample at this temperature")
+    parser.add_argument("--top-p", type=ranged(Range(0, 1, low_open=True)), default=1.0,
+                        help="nucleus sampling mass (with --temperature)")
+    parser.add_argument("--top-k", type=non_negative_int, default=0, help="keep the k most likely tokens (0: all)")
+    parser.add_argument("--max-tokens", type=positive_int, default=64, help="new tokens per prompt")
     parser.add_argument("--stop", action="append", default=[], help="stop text (repeatable)")
     parser.add_argument("--ignore-eos", action="store_true", help="do not stop at the tokenizer's EOS")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (request i uses seed + i)")
-    parser.add_argument("--max-batch", type=int, default=8, help="sequences decoded at once")
-    parser.add_argument("--max-seq", type=int, help="cache length per sequence (default: the model's)")
+    parser.add_argument("--seed", type=seed, default=0, help="sampling seed (request i uses seed + i)")
+    parser.add_argument("--max-batch", type=positive_int, default=8, help="sequences decoded at once")
+    parser.add_argument("--max-seq", type=positive_int, help="cache length per sequence (default: the model's)")
     parser.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                         help="run the decode layers under torch.compile (default backend: inductor)")
     parser.add_argument("--output", help="also write JSON lines here")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks and library warnings")
     return parser
 
 
@@ -66,7 +107,16 @@ def _run(args) -> int:
     from mor_megatron.inference.engine import Engine
     from mor_megatron.inference.loading import LoadError, load_model, tokenizer_name
     from mor_megatron.inference.sampling import SamplingParams
+    from mor_megatron.paths import writable_dir
 
+    # the prompts and the output place first: seconds, before a model is loaded
+    lines = read_prompts(args.prompts) if args.prompts else [p.replace("\\n", "\n") for p in args.prompt]
+    if not lines:
+        raise LoadError(f"{args.prompts} holds no prompt")
+    if args.output:
+        writable_dir(Path(args.output).resolve().parent, "--output's folder")
+        if Path(args.output).is_dir():
+            raise LoadError(f"--output {args.output} is a directory: give a file path for the JSON lines")
     model, directory, meta = load_model(args.checkpoint)
     config = model.config
     tokenizer = None
@@ -75,13 +125,13 @@ def _run(args) -> int:
         if name is None:
             raise LoadError("no tokenizer: pass --tokenizer DIR (the run has no data.tokenizer) or use --token-ids")
         tokenizer = load_tokenizer(name)
-    lines = read_prompts(args.prompts) if args.prompts else [p.replace("\\n", "\n") for p in args.prompt]
-    if not lines:
-        raise LoadError(f"{args.prompts} holds no prompt")
     if args.token_ids:
-        prompts = [[int(t) for t in line.split()] for line in lines]
+        prompts = parse_token_ids(lines, config.vocab_size)
     else:
         prompts = tokenizer.encode_batch(lines)
+    empty = [number for number, prompt in enumerate(prompts, 1) if not prompt]
+    if empty:
+        raise LoadError(f"prompt {empty[0]} has no tokens: give each prompt some text (or ids)")
     stop_ids = () if args.ignore_eos or tokenizer is None else (tokenizer.eos_id,)
     if args.stop and tokenizer is None:
         raise LoadError("--stop TEXT needs a tokenizer (drop --token-ids)")

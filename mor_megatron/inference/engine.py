@@ -180,6 +180,9 @@ class Engine:
         compile: Union[bool, str] = False,
     ) -> None:
         config = model.config
+        if max_batch < 1 or (max_seq is not None and max_seq < 1):
+            # a batch of no rows would never admit a request: `run` would loop for ever
+            raise ValueError(f"max_batch={max_batch}, max_seq={max_seq}: both must be at least 1")
         device = torch.device(device or next(model.parameters()).device)
         self.track_memory = track_memory
         self.device, self.max_batch = device, max_batch
