@@ -320,7 +320,7 @@ PREPROCESS_ROWS = {
                                        "pass exactly one of --tokenizer"),
     "preprocess-validation-fraction": (lambda t, tok: ["--input", _jsonl(t / "docs.jsonl", [{"text": "a"}]),
                                                        "--tokenizer", tok, "--validation-fraction", "1.5"],
-                                       "--validation-fraction 1.5 is outside [0, 1)"),
+                                       "argument --validation-fraction: 1.5 is out of range: use a finite number in [0, 1)"),
 }
 
 

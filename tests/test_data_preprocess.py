@@ -97,6 +97,63 @@ def test_output_identical_for_any_worker_count_and_chunking(corpus, tmp_path):
         assert Path(f"{prefix}_{name}").read_bytes() == expected, name
 
 
+def test_shards_equal_megatron_builder_over_direct_tokenization(corpus, tmp_path, capsys):
+    """Our writer and batched encoder against independent parts: ids from `tokenizers` itself
+    (plain `encode_batch`), split by `validation_flags`, empty documents skipped, written by
+    megatron-core's own `IndexedDatasetBuilder`: the same bytes, .bin and .idx."""
+    from tokenizers import Tokenizer
+
+    from mor_megatron.data.preprocess import validation_flags
+    from mor_megatron.data.shards import _indexed_dataset_module
+
+    docs = corpus["docs"][:30]
+    docs = docs[:4] + ["", ""] + docs[4:17] + [""] + docs[17:]
+    src = write_jsonl(tmp_path / "e.jsonl", docs)
+    prefix = tmp_path / "ours"
+    rc = run_cli("--input", str(src), "--output-prefix", str(prefix), "--tokenizer", corpus["tok"],
+                 "--validation-fraction", "0.2", "--seed", "3", "--workers", "2", "--chunk-size", "7",
+                 cache=tmp_path / "cache")
+    assert rc == 0
+    backend = Tokenizer.from_file(str(Path(corpus["tok"]) / "tokenizer.json"))
+    eos = backend.token_to_id("<|endoftext|>")
+    ids = [e.ids for e in backend.encode_batch(docs, add_special_tokens=False)]
+    mod = _indexed_dataset_module()
+    builders = {s: mod.IndexedDatasetBuilder(str(tmp_path / f"ref_{s}.bin"), dtype=np.uint16)
+                for s in ("train", "valid")}
+    for tokens, held_out in zip(ids, validation_flags(3, 0.2)):
+        if tokens:
+            split = "valid" if held_out else "train"
+            builders[split].add_document(np.array(tokens + [eos]), [len(tokens) + 1])
+    for split, builder in builders.items():
+        builder.finalize(str(tmp_path / f"ref_{split}.idx"))
+        assert builder.sequence_lengths, split  # both splits hold documents: no last-document move
+        for ext in ("bin", "idx"):
+            ours, ref = Path(f"{prefix}_{split}.{ext}"), tmp_path / f"ref_{split}.{ext}"
+            assert ours.read_bytes() == ref.read_bytes(), ext
+    assert "(skipped empty: 3)" in capsys.readouterr().out
+
+
+def test_plain_tokenizer_folder_loads_without_transformers_and_encodes_the_same(corpus, tmp_path):
+    import shutil
+
+    from mor_megatron.data.tokenizer import TextTokenizer, _auto_tokenizer
+
+    plain = TextTokenizer.from_pretrained(corpus["tok"])
+    assert plain._hf is None and plain.backend is not None  # loaded by `tokenizers` alone
+    hf = TextTokenizer.from_hf(_auto_tokenizer(corpus["tok"]), corpus["tok"])
+    assert (plain.eos_id, plain.vocab_size) == (hf.eos_id, hf.vocab_size)
+    texts = corpus["docs"] + ["", "café <|endoftext|> 日本"]
+    assert plain.encode_batch(texts) == hf.hf(texts, add_special_tokens=False)["input_ids"]
+    flat, lengths = plain.encode_arrays(texts)
+    assert flat.tolist() == [t for x in hf.encode_batch(texts) for t in x] and lengths[-2] == 0
+    # a config with keys transformers acts on is loaded by transformers
+    other = tmp_path / "tok"
+    shutil.copytree(corpus["tok"], other)
+    config = json.loads((other / "tokenizer_config.json").read_text())
+    (other / "tokenizer_config.json").write_text(json.dumps({**config, "add_prefix_space": True}))
+    assert TextTokenizer.from_pretrained(str(other))._hf is not None
+
+
 def test_split_is_deterministic_by_seed():
     from mor_megatron.data.preprocess import validation_flags
 

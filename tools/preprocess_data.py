@@ -16,15 +16,13 @@ import sys
 from typing import Optional, Sequence
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line instead of usage + error
-        self.exit(2, f"error: {message}; fix: see {self.prog} --help\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command-line flags."""
-    p = _Parser(prog="preprocess_data.py", description=__doc__.split("\n\n")[0],
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from mor_megatron.cli import ToolParser, non_negative_int, positive_int, ranged, seed
+    from mor_megatron.ranges import Range
+
+    p = ToolParser(prog="preprocess_data.py", description=__doc__.split("\n\n")[0],
+                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--input", nargs="+", required=True,
                    help="files, globs or directories; a hub dataset name; or 'stdlib'")
     p.add_argument("--output-prefix", required=True, help="writes PREFIX_train.* and PREFIX_valid.*")
@@ -35,22 +33,22 @@ def build_parser() -> argparse.ArgumentParser:
     tok = p.add_argument_group("tokenizer (pick one)")
     tok.add_argument("--tokenizer", help="AutoTokenizer folder or hub name")
     tok.add_argument("--train-tokenizer", action="store_true", help="train a byte-level BPE on the input")
-    tok.add_argument("--vocab-size", type=int, help="vocab size for --train-tokenizer")
+    tok.add_argument("--vocab-size", type=positive_int, help="vocab size for --train-tokenizer")
     tok.add_argument("--tokenizer-output", help="where to save the trained tokenizer [OUTPUT_DIR/tokenizer]")
-    p.add_argument("--validation-fraction", type=float, default=0.01, help="documents held out for validation")
-    p.add_argument("--seed", type=int, default=1234, help="seed of the train/validation split")
-    p.add_argument("--workers", type=int, default=1, help="tokenizer processes (output is identical for any count)")
-    p.add_argument("--chunk-size", type=int, default=256, help="documents per tokenizer task")
+    p.add_argument("--validation-fraction", type=ranged(Range(0, 1, high_open=True)), default=0.01, help="documents held out for validation")
+    p.add_argument("--seed", type=seed, default=1234, help="seed of the train/validation split")
+    p.add_argument("--workers", type=positive_int, default=1, help="tokenizer threads (output is identical for any count)")
+    p.add_argument("--chunk-size", type=positive_int, default=256,
+                   help="most documents per tokenizer batch (a batch also ends at ~1 MB of text)")
     p.add_argument("--streaming", action="store_true", help="stream the input instead of caching it as Arrow")
-    p.add_argument("--max-documents", type=int, help="stop after N documents")
-    p.add_argument("--max-bytes", type=int, help="stop once N bytes of text were read")
+    p.add_argument("--max-documents", type=positive_int, help="stop after N documents")
+    p.add_argument("--max-bytes", type=positive_int, help="stop once N bytes of text were read")
     p.add_argument("--cache-dir", help="datasets cache directory")
     p.add_argument("--hub-config", help="hub dataset configuration name")
     p.add_argument("--split", default="train", help="hub dataset split")
     bar = p.add_mutually_exclusive_group()
     bar.add_argument("--progress", action="store_true", help="progress bar even when stderr is not a terminal")
     bar.add_argument("--no-progress", action="store_true", help="no progress bar [default: bar on terminals only]")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
 
@@ -64,6 +62,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             PreprocessConfig,
             check_config,
             check_output,
+            return_large_buffers_to_os,
             run_preprocess,
         )
         from mor_megatron.data.sources import resolve_inputs
@@ -81,6 +80,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         check_config(cfg)
         spec = resolve_inputs(cfg.inputs, cfg.input_format)
         check_output(cfg.output_prefix)
+        if argv is None:  # a command-line run: this process only preprocesses (flat peak memory)
+            return_large_buffers_to_os()
         summary = run_preprocess(cfg, spec)
         try:
             print("\n".join(summary.lines()), flush=True)

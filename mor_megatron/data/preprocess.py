@@ -1,20 +1,23 @@
 """Preprocessing pipeline: documents -> (trained or loaded) tokenizer -> train/valid shards.
 
-Documents are tokenized in fixed-size chunks, in order, by `workers` processes (a bounded window
-of chunks in flight, so streaming input is never read ahead unboundedly); the output is therefore
-identical for any worker count. Document i goes to validation when the i-th draw of
-`numpy.random.default_rng(seed)` is below `validation_fraction` (held out by document,
-independent of chunking). If that leaves a split empty while the other has >= 2 documents, the
-last document moves over, so a small corpus still gets a validation shard.
+Documents are tokenized in batches (--chunk-size documents or ~1 MB of text), in order, by the Rust
+tokenizer's own `encode_batch` on `workers` threads, and stream to the shards as numpy arrays (a
+bounded window of batches in flight, so input is never read ahead unboundedly and memory stays
+flat in the corpus size); the output is therefore identical for any worker count or batching.
+Document i goes to validation when the i-th draw of `numpy.random.default_rng(seed)` is below
+`validation_fraction` (held out by document, independent of batching). If that leaves a split
+empty while the other has >= 2 documents, the last document moves over, so a small corpus still
+gets a validation shard.
 """
 
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import tempfile
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Optional
 
@@ -24,6 +27,8 @@ from mor_megatron.data.errors import DataError
 from mor_megatron.data.sources import InputSpec, iter_texts, resolve_inputs
 
 _FLAG_BLOCK = 4096
+_BATCH_CHARS = 1 << 20  # a tokenizer task: ~1 MB of text (or --chunk-size documents), bounded memory
+_IN_FLIGHT = 3  # batches submitted and not yet written
 
 
 @dataclass
@@ -129,59 +134,126 @@ def validation_flags(seed: int, fraction: float) -> Iterator[bool]:
         yield from (rng.random(_FLAG_BLOCK) < fraction).tolist()
 
 
-def _chunks(items: Iterable, size: int) -> Iterator[list]:
-    chunk = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
+def _batches(documents: Iterable[tuple[str, bool]], size: int) -> Iterator[tuple[list[str], list[bool]]]:
+    """(texts, held-out flags) of up to `size` documents or about `_BATCH_CHARS` characters."""
+    texts: list[str] = []
+    flags: list[bool] = []
+    chars = 0
+    for text, flag in documents:
+        texts.append(text)
+        flags.append(flag)
+        chars += len(text)
+        if len(texts) == size or chars >= _BATCH_CHARS:
+            yield texts, flags
+            texts, flags, chars = [], [], 0
+    if texts:
+        yield texts, flags
 
 
-_WORKER_TOKENIZER = None
-
-
-def _init_worker(tokenizer_ref: str) -> None:
-    global _WORKER_TOKENIZER
-    from mor_megatron.data.tokenizer import TextTokenizer
-
-    _WORKER_TOKENIZER = TextTokenizer.from_pretrained(tokenizer_ref)
-
-
-def _encode(texts: list[str], tokenizer=None) -> tuple[np.ndarray, np.ndarray]:
-    ids = (tokenizer or _WORKER_TOKENIZER).encode_batch(texts)
-    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-    flat = np.fromiter((t for x in ids for t in x), dtype=np.int64, count=int(lengths.sum()))
-    return flat, lengths
-
-
-def _encoded_chunks(
-    chunks: Iterator[list[tuple[str, bool]]], tokenizer: Any, tokenizer_ref: str, workers: int
+def _encoded_batches(
+    batches: Iterator[tuple[list[str], list[bool]]], tokenizer: Any, workers: int
 ) -> Iterator[tuple[list[bool], np.ndarray, np.ndarray]]:
-    """(held-out flags, flat ids, lengths) per chunk of (text, flag), in input order.
+    """(held-out flags, flat ids, lengths) per batch, in input order.
 
-    `workers` > 1 tokenizes in a process pool with at most 2 * workers chunks in flight.
+    The Rust tokenizer encodes each batch on its `workers` threads (see `_tokenizer_threads`).
+    With workers > 1, two batches are encoded at once so that one batch's tail (its longest
+    documents) overlaps the next one's start; at most `_IN_FLIGHT` batches wait (bounded memory).
     """
-    if workers == 1:
-        for chunk in chunks:
-            yield ([f for _, f in chunk], *_encode([t for t, _ in chunk], tokenizer))
-        return
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # workers: no Rust thread pools
-    # forkserver, not fork: a caller with threads (torch, gloo, a tokenizer's pool) can hold a lock
-    # at fork time and leave a forked worker waiting on it for ever (seen in the test suite)
-    ctx = multiprocessing.get_context("forkserver" if os.name == "posix" else "spawn")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer_ref,)) as pool:
+    with ThreadPoolExecutor(1 if workers == 1 else 2) as pool:
         window: deque = deque()
-        for chunk in chunks:
-            window.append(([f for _, f in chunk], pool.apply_async(_encode, ([t for t, _ in chunk],))))
-            if len(window) >= 2 * workers:
+        for texts, flags in batches:
+            window.append((flags, pool.submit(tokenizer.encode_arrays, texts)))
+            if len(window) >= _IN_FLIGHT:
                 flags, result = window.popleft()
-                yield (flags, *result.get())
+                yield (flags, *result.result())
         while window:
             flags, result = window.popleft()
-            yield (flags, *result.get())
+            yield (flags, *result.result())
+
+
+@contextmanager
+def _tokenizer_threads(workers: int) -> Iterator[None]:
+    """The Rust tokenizer's thread count for this run, restored after. RAYON_NUM_THREADS counts
+    only where the tokenizers pool has not started yet in this process (a fresh CLI run)."""
+    saved = {k: os.environ.get(k) for k in ("RAYON_NUM_THREADS", "TOKENIZERS_PARALLELISM")}
+    os.environ["RAYON_NUM_THREADS"] = str(workers)
+    os.environ["TOKENIZERS_PARALLELISM"] = "true" if workers > 1 else "false"
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+class _SplitWriter:
+    """Routes encoded documents to the train / valid shards, in input order, skipping empty ones.
+
+    The last non-empty document is held back: `finish` may move it to the other split so that a
+    small corpus still gets a validation shard.
+    """
+
+    def __init__(self, writers: dict[str, Any]) -> None:
+        self.writers = writers
+        self.skipped = 0
+        self._pending: Optional[tuple[np.ndarray, bool]] = None
+
+    def add(self, flags: list[bool], flat: np.ndarray, lengths: np.ndarray) -> None:
+        nonempty = lengths > 0
+        self.skipped += int(lengths.size - np.count_nonzero(nonempty))
+        kept = np.flatnonzero(nonempty)
+        if kept.size == 0:
+            return
+        self._flush_pending()
+        last = int(kept[-1])
+        start = int(lengths[:last].sum())
+        held_out = np.asarray(flags, dtype=bool)
+        body = nonempty.copy()
+        body[last] = False
+        for split, in_split in (("train", body & ~held_out), ("valid", body & held_out)):
+            if in_split.any():
+                self.writers[split].add_documents(flat[np.repeat(in_split, lengths)], lengths[in_split])
+        self._pending = (flat[start:start + int(lengths[last])], bool(held_out[last]))
+
+    def _flush_pending(self) -> None:
+        if self._pending is not None:
+            tokens, held_out = self._pending
+            self.writers["valid" if held_out else "train"].add(tokens)
+            self._pending = None
+
+    def finish(self, validation_fraction: float) -> None:
+        if self._pending is None:
+            return
+        tokens, held_out = self._pending
+        train_docs, valid_docs = self.writers["train"].documents, self.writers["valid"].documents
+        if validation_fraction > 0 and valid_docs == 0 and train_docs >= 1:
+            held_out = True
+        elif train_docs == 0:
+            held_out = False
+        self._pending = (tokens, held_out)
+        self._flush_pending()
+
+
+_M_MMAP_THRESHOLD = -3  # glibc malloc.h
+_MMAP_THRESHOLD_BYTES = 1 << 20
+
+
+def return_large_buffers_to_os() -> None:
+    """Process-wide, glibc only (elsewhere a no-op): buffers of >= 1 MiB always come from mmap and
+    go back to the OS when freed. By default glibc raises that threshold after the first such free,
+    so later big short-lived buffers (a long document's encoding, made on several threads) stay in
+    per-thread arenas and the peak grows with the number of long documents, not with the longest.
+    For a process that only preprocesses (the CLI); torch in the same process would pay syscalls."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
+    except (OSError, AttributeError):
+        pass
 
 
 def _progress(cfg: PreprocessConfig, total: Optional[int]):
@@ -197,6 +269,11 @@ def run_preprocess(cfg: PreprocessConfig, spec: Optional[InputSpec] = None) -> P
     Without `spec`, checks `cfg` and the output directory and resolves `cfg.inputs` first.
     Raises `DataError` for bad input.
     """
+    with _tokenizer_threads(cfg.workers):
+        return _run(cfg, spec)
+
+
+def _run(cfg: PreprocessConfig, spec: Optional[InputSpec]) -> PreprocessSummary:
     from mor_megatron.data.shards import ShardWriter
     from mor_megatron.data.tokenizer import TextTokenizer
 
@@ -228,29 +305,14 @@ def run_preprocess(cfg: PreprocessConfig, spec: Optional[InputSpec] = None) -> P
     total = None if cfg.streaming or spec.kind == "stdlib" else _known_total(spec, cfg, load_kwargs)
     writers = {s: ShardWriter(f"{cfg.output_prefix}_{s}", tokenizer.vocab_size, tokenizer.eos_id)
                for s in ("train", "valid")}
-    skipped = 0
     try:
-        pending = None
-        chunks = _chunks(documents(), cfg.chunk_size)
+        splits = _SplitWriter(writers)
+        batches = _batches(documents(), cfg.chunk_size)
         with _progress(cfg, total) as bar:
-            for flags, flat, lengths in _encoded_chunks(chunks, tokenizer, tokenizer_ref, cfg.workers):
-                starts = np.concatenate([[0], np.cumsum(lengths)])
-                for j, held_out in enumerate(flags):
-                    if lengths[j] == 0:
-                        skipped += 1
-                        continue
-                    if pending is not None:
-                        writers["valid" if pending[1] else "train"].add(pending[0])
-                    pending = (flat[starts[j]:starts[j + 1]], held_out)
+            for flags, flat, lengths in _encoded_batches(batches, tokenizer, cfg.workers):
+                splits.add(flags, flat, lengths)
                 bar.update(len(flags))
-        if pending is not None:
-            held_out = pending[1]
-            train_docs, valid_docs = writers["train"].documents, writers["valid"].documents
-            if cfg.validation_fraction > 0 and valid_docs == 0 and train_docs >= 1:
-                held_out = True
-            elif train_docs == 0:
-                held_out = False
-            writers["valid" if held_out else "train"].add(pending[0])
+        splits.finish(cfg.validation_fraction)
         if writers["train"].documents == 0:
             raise DataError(
                 "input has no documents (every text is empty); fix: check --text-key and the input"
@@ -270,7 +332,7 @@ def run_preprocess(cfg: PreprocessConfig, spec: Optional[InputSpec] = None) -> P
     summary = PreprocessSummary(
         documents={s: w.documents for s, w in writers.items()},
         tokens={s: w.tokens for s, w in writers.items()},
-        skipped_empty=skipped,
+        skipped_empty=splits.skipped,
         files=files,
         tokenizer=tokenizer_ref,
         vocab_size=tokenizer.vocab_size,

@@ -228,10 +228,8 @@ def _raw_texts(spec: InputSpec, text_key: str, **load_kwargs) -> Iterator[str]:
             "pass --text-key COLUMN"
         )
     try:
-        for batch in ds.select_columns([text_key]).iter(batch_size=1000):
-            if text_key not in batch:
-                raise DataError(f"input has no column '{text_key}'; fix: pass --text-key COLUMN")
-            for value in batch[text_key]:
+        for batch in _column_batches(ds, text_key):
+            for value in batch:
                 if value is None:
                     value = ""
                 if not isinstance(value, str):
@@ -248,3 +246,35 @@ def _raw_texts(spec: InputSpec, text_key: str, **load_kwargs) -> Iterator[str]:
         raise DataError(
             f"could not read input ({_one_line(exc)}); fix: check the input files/dataset are valid"
         ) from exc
+
+
+def _column_batches(ds, key: str) -> Iterator[list]:
+    """The values of column `key`, a batch at a time.
+
+    A cached (non-streaming) dataset is read from its Arrow files with plain reads: iterating the
+    dataset itself goes through its memory map, which keeps every page read resident, so the
+    reader's peak memory would grow with the corpus.
+    """
+    files = [f["filename"] for f in getattr(ds, "cache_files", None) or []]
+    if files and ds.num_rows == sum(_arrow_rows(f) for f in files):
+        import pyarrow as pa
+
+        for name in files:
+            with pa.OSFile(name) as f:
+                for batch in pa.ipc.open_stream(f):
+                    if key not in batch.schema.names:
+                        raise DataError(f"input has no column '{key}'; fix: pass --text-key COLUMN")
+                    yield batch.column(key).to_pylist()
+        return
+    for batch in ds.select_columns([key]).iter(batch_size=1000):
+        if key not in batch:
+            raise DataError(f"input has no column '{key}'; fix: pass --text-key COLUMN")
+        yield batch[key]
+
+
+def _arrow_rows(path: str) -> int:
+    """Rows of an Arrow stream file, from its batch headers (through a memory map: no data read)."""
+    import pyarrow as pa
+
+    with pa.memory_map(path) as f:
+        return sum(batch.num_rows for batch in pa.ipc.open_stream(f))
