@@ -121,8 +121,9 @@ def pretrain(run: RunConfig, log=print) -> dict:
     for this run alone while it lives (`paths.RunLock`)."""
     if os.environ.get("RANK", "0") != "0":
         return _pretrain(run, log)
+    lock = RunLock(run.logging.dir)  # checks logging.dir first
     writable_dir(run.checkpoint_dir, "training.save_dir" if run.training.save_dir else "logging.dir")
-    with RunLock(run.logging.dir):
+    with lock:
         return _pretrain(run, log)
 
 
