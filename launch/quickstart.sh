@@ -79,8 +79,9 @@ else
     WORKERS=$(nproc 2>/dev/null || echo 1); [ "$WORKERS" -le 4 ] || WORKERS=4
     step "Tokenizing the Python standard library into ${DATA_PREFIX}_{train,valid} (vocab $VOCAB_SIZE, $WORKERS workers)"
     mkdir -p "$(dirname "$DATA_PREFIX")"
+    # --overwrite: whatever an interrupted earlier quickstart left under data/ is replaced, once whole
     "$PY" tools/preprocess_data.py --input stdlib --output-prefix "$DATA_PREFIX" \
-        --train-tokenizer --vocab-size "$VOCAB_SIZE" --workers "$WORKERS"
+        --train-tokenizer --vocab-size "$VOCAB_SIZE" --workers "$WORKERS" --overwrite
 fi
 
 # 4. Train: one process on this machine through the same launcher as multi-node runs; a free

@@ -72,6 +72,13 @@ def _written(dst: Path, *docs: list[int]) -> str:
     return str(dst)
 
 
+def _stale_record(tmp: Path, doc: list[int]) -> str:
+    """A shard `BASE_train` whose BASE_meta.json (vocabulary 512) was written for another corpus."""
+    prefix = _written(tmp / "stale_train", doc)
+    (tmp / "stale_meta.json").write_text(json.dumps({"vocab_size": 512, "tokens": 12345}))
+    return prefix
+
+
 def _truncated(c: dict, tmp: Path) -> str:
     prefix = _copy(c["train"], tmp / "cut")
     with open(prefix + ".bin", "r+b") as f:
@@ -154,6 +161,13 @@ PRETRAIN_ROWS = {
                              "fewer than micro_batch_size x dp_size = 2"),
     "data-ids-exceed-vocab": (lambda e, t: (None, ["model.vocab_size=256", "data.tokenizer=null"]),
                               "was tokenized with a vocabulary of 512 ids"),
+    # no _meta.json beside it (and one that describes another corpus): the ids themselves are read
+    "data-ids-exceed-vocab-no-record": (lambda e, t: (None, ["data.tokenizer=null",
+                                        f"data.train={_written(t / 'norecord', [5, 600, 7] * 200)}"]),
+                                        "holds token id 600, beyond model.vocab_size 512"),
+    "data-ids-exceed-vocab-stale-record": (lambda e, t: (None, ["data.tokenizer=null",
+                                           f"data.train={_stale_record(t, [5, 700, 7] * 200)}"]),
+                                           "holds token id 700, beyond model.vocab_size 512"),
     "data-tokenizer-missing": (lambda e, t: (None, [f"data.tokenizer={t / 'no_tokenizer'}"]), "cannot load tokenizer"),
     "data-blend-not-pairs": (lambda e, t: (None, [f"data.train=0.7 {e['corpus']['train']} 0.3"]),
                              "is not weight/prefix pairs"),
@@ -343,15 +357,41 @@ def test_preprocess_bad_input(row, existing, tmp_path, previous_output, capfd):
     args = PREPROCESS_ROWS[row][0](tmp_path, existing["corpus"]["tokenizer"])
     before = tree_digest(previous_output)
     capfd.readouterr()
+    # --overwrite: each row's own failure, after the clobber check, must still leave the old output whole
     try:
         rc = main([*args, "--output-prefix", str(previous_output / "prev"), "--cache-dir", str(tmp_path / "cache"),
-                   "--no-progress"])
+                   "--no-progress", "--overwrite"])
     except SystemExit as exited:  # an argument outside its range: refused by the parser (cli.ToolParser)
         rc = exited.code
     out, err = capfd.readouterr()
     one_error_line(rc, out, err, PREPROCESS_ROWS[row][1])
     assert "fix:" in err or "--help)" in err
     assert tree_digest(previous_output) == before
+
+
+def test_preprocess_never_clobbers_without_overwrite(existing, tmp_path, previous_output, capfd):
+    """A rerun into a prefix that holds shards, or a tokenizer trained into a folder that holds
+    one (shards made with the old one would silently stop matching it), is refused before any
+    work; with --overwrite the new run replaces them, and a validation shard the new run does not
+    write (here: none held out) goes instead of staying as a stale one from the old corpus."""
+    from mor_megatron.tools.preprocess_data import main
+
+    docs = _jsonl(tmp_path / "docs.jsonl", [{"text": f"document {i} " * 20} for i in range(30)])
+    prefix, tokenizer = previous_output / "prev", existing["corpus"]["tokenizer"]
+    before = tree_digest(previous_output)
+    capfd.readouterr()
+    assert main(["--input", docs, "--tokenizer", tokenizer, "--output-prefix", str(prefix), "--no-progress"]) == 2
+    one_error_line(2, *capfd.readouterr(), "already has shards (prev_train.bin, prev_train.idx, prev_valid.bin")
+    trained = tmp_path / "tok"
+    shutil.copytree(tokenizer, trained)
+    assert main(["--input", docs, "--train-tokenizer", "--vocab-size", "300", "--tokenizer-output", str(trained),
+                 "--output-prefix", str(tmp_path / "new"), "--no-progress"]) == 2
+    one_error_line(2, *capfd.readouterr(), "already holds a tokenizer")
+    assert tree_digest(previous_output) == before and not list(tmp_path.glob("new_*"))
+    assert main(["--input", docs, "--tokenizer", tokenizer, "--output-prefix", str(prefix), "--no-progress",
+                 "--validation-fraction", "0", "--overwrite"]) == 0
+    assert not (previous_output / "prev_valid.bin").exists() and not (previous_output / "prev_valid.idx").exists()
+    assert json.loads((previous_output / "prev_meta.json").read_text())["documents"]["train"] == 30
 
 
 def test_preprocess_debug_raises_the_error(existing, tmp_path, previous_output):

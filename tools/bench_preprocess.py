@@ -90,7 +90,8 @@ def run_tool(args: list[str], env: dict) -> tuple[float, float, int, dict]:
     """(wall seconds, CPU seconds, peak RSS KiB of the tool process, its meta.json)."""
     prefix = args[args.index("--output-prefix") + 1]
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, str(TOOL), *args, "--no-progress"], env=env,
+    # every round rewrites the same prefix on purpose
+    proc = subprocess.Popen([sys.executable, str(TOOL), *args, "--no-progress", "--overwrite"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage, not all children's
     seconds = time.perf_counter() - start

@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=positive_int, default=1, help="tokenizer threads (output is identical for any count)")
     p.add_argument("--chunk-size", type=positive_int, default=256,
                    help="most documents per tokenizer batch (a batch also ends at ~1 MB of text)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the shards (and, with --train-tokenizer, the tokenizer) a previous run left")
     p.add_argument("--streaming", action="store_true", help="stream the input instead of caching it as Arrow")
     p.add_argument("--max-documents", type=positive_int, help="stop after N documents")
     p.add_argument("--max-bytes", type=positive_int, help="stop once N bytes of text were read")
@@ -61,6 +63,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from mor_megatron.data.preprocess import (
             PreprocessConfig,
             check_config,
+            check_not_clobbering,
             check_output,
             return_large_buffers_to_os,
             run_preprocess,
@@ -76,10 +79,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             max_documents=args.max_documents, max_bytes=args.max_bytes, cache_dir=args.cache_dir,
             text_sample_by=args.text_sample_by, hub_config=args.hub_config, split=args.split,
             progress=True if args.progress else False if args.no_progress else None,
+            overwrite=args.overwrite,
         )
         check_config(cfg)
         spec = resolve_inputs(cfg.inputs, cfg.input_format)
         check_output(cfg.output_prefix)
+        check_not_clobbering(cfg)
         if argv is None:  # a command-line run: this process only preprocesses (flat peak memory)
             return_large_buffers_to_os()
         summary = run_preprocess(cfg, spec)

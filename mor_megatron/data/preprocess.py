@@ -25,6 +25,7 @@ import numpy as np
 
 from mor_megatron.data.errors import DataError
 from mor_megatron.data.sources import InputSpec, iter_texts, resolve_inputs
+from mor_megatron.paths import replaced_output
 
 _FLAG_BLOCK = 4096
 _BATCH_CHARS = 1 << 20  # a tokenizer task: ~1 MB of text (or --chunk-size documents), bounded memory
@@ -55,6 +56,7 @@ class PreprocessConfig:
     hub_config: Optional[str] = None
     split: str = "train"
     progress: Optional[bool] = None  # None: show when stderr is a terminal
+    overwrite: bool = False  # replace shards (and a trained tokenizer) a previous run left there
 
 
 @dataclass
@@ -104,6 +106,35 @@ def check_config(cfg: PreprocessConfig) -> None:
     if cfg.text_sample_by not in ("document", "paragraph", "line"):
         raise DataError(
             f"--text-sample-by '{cfg.text_sample_by}' is unknown; fix: use document, paragraph or line"
+        )
+
+
+def output_files(prefix: str) -> list[str]:
+    """Every file a run writes under `prefix` (shards of both splits and the record)."""
+    return [f"{prefix}_{split}{ext}" for split in ("train", "valid") for ext in (".bin", ".idx")] + [f"{prefix}_meta.json"]
+
+
+def tokenizer_dir(cfg: PreprocessConfig) -> str:
+    """Where `--train-tokenizer` saves the tokenizer."""
+    return cfg.tokenizer_output or os.path.join(os.path.dirname(os.path.abspath(cfg.output_prefix)), "tokenizer")
+
+
+def check_not_clobbering(cfg: PreprocessConfig) -> None:
+    """Refuse, before any work, to write over a previous run's shards or a trained tokenizer
+    (shards written with it would silently stop matching it) unless `cfg.overwrite`."""
+    if cfg.overwrite:
+        return
+    existing = [path for path in output_files(cfg.output_prefix) if os.path.exists(path)]
+    if existing:
+        raise DataError(
+            f"--output-prefix {cfg.output_prefix} already has shards ({', '.join(os.path.basename(p) for p in existing)}); "
+            "fix: choose another --output-prefix, or pass --overwrite to replace them"
+        )
+    tok_dir = tokenizer_dir(cfg)
+    if cfg.train_tokenizer and os.path.isdir(tok_dir) and os.listdir(tok_dir):
+        raise DataError(
+            f"tokenizer folder {tok_dir} already holds a tokenizer (shards made with it would no longer match "
+            "it); fix: set --tokenizer-output elsewhere, or pass --overwrite to replace it"
         )
 
 
@@ -274,13 +305,13 @@ def run_preprocess(cfg: PreprocessConfig, spec: Optional[InputSpec] = None) -> P
 
 
 def _run(cfg: PreprocessConfig, spec: Optional[InputSpec]) -> PreprocessSummary:
-    from mor_megatron.data.shards import ShardWriter
     from mor_megatron.data.tokenizer import TextTokenizer
 
     if spec is None:
         check_config(cfg)
         spec = resolve_inputs(cfg.inputs, cfg.input_format)
         check_output(cfg.output_prefix)
+        check_not_clobbering(cfg)
 
     load_kwargs = dict(streaming=cfg.streaming, cache_dir=cfg.cache_dir,
                        text_sample_by=cfg.text_sample_by, hub_config=cfg.hub_config, split=cfg.split)
@@ -292,15 +323,23 @@ def _run(cfg: PreprocessConfig, spec: Optional[InputSpec]) -> PreprocessSummary:
     if next(documents(), None) is None:
         raise DataError("input has no documents; fix: point --input at data with text")
 
-    if cfg.train_tokenizer:
-        out_dir = os.path.dirname(os.path.abspath(cfg.output_prefix))
-        tok_dir = cfg.tokenizer_output or os.path.join(out_dir, "tokenizer")
+    if not cfg.train_tokenizer:
+        return _write_shards(cfg, documents, spec, load_kwargs, TextTokenizer.from_pretrained(cfg.tokenizer),
+                             cfg.tokenizer)
+    # trained into a new folder that replaces the old one only once the shards made with it exist
+    tok_dir = tokenizer_dir(cfg)
+    with replaced_output(tok_dir, "--tokenizer-output", overwrite=cfg.overwrite) as partial:
         texts = (t for t, held_out in documents() if t and not held_out)
-        tokenizer = TextTokenizer.train(texts, int(cfg.vocab_size), tok_dir)
-        tokenizer_ref = tok_dir
-    else:
-        tokenizer = TextTokenizer.from_pretrained(cfg.tokenizer)
-        tokenizer_ref = cfg.tokenizer
+        tokenizer = TextTokenizer.train(texts, int(cfg.vocab_size), str(partial))
+        return _write_shards(cfg, documents, spec, load_kwargs, tokenizer, tok_dir)
+
+
+def _write_shards(cfg: PreprocessConfig, documents, spec: InputSpec, load_kwargs: dict, tokenizer,
+                  tokenizer_ref: str) -> PreprocessSummary:
+    """Encode the documents with `tokenizer` into the train/valid shards and the record; with
+    `cfg.overwrite`, a previous run's files this run does not write (a stale validation shard)
+    go once the new ones are in place."""
+    from mor_megatron.data.shards import ShardWriter
 
     total = None if cfg.streaming or spec.kind == "stdlib" else _known_total(spec, cfg, load_kwargs)
     writers = {s: ShardWriter(f"{cfg.output_prefix}_{s}", tokenizer.vocab_size, tokenizer.eos_id)
@@ -341,6 +380,9 @@ def _run(cfg: PreprocessConfig, spec: Optional[InputSpec]) -> PreprocessSummary:
         notes=notes,
     )
     files.append(write_meta(cfg, summary))
+    for stale in set(output_files(cfg.output_prefix)) - set(files):
+        if os.path.exists(stale):
+            os.remove(stale)
     return summary
 
 

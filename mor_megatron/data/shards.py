@@ -157,21 +157,57 @@ def shard_meta_path(prefix: str) -> str | None:
     return None
 
 
-def check_shard_vocab(prefix: str, vocab_size: int) -> None:
-    """Raise `DataError` when the shard's preprocessing record names a larger vocabulary than the
-    model's (its token ids would index past the embedding). Cheap: reads `BASE_meta.json` only;
-    shards without a readable record are not checked."""
+# token ids read per chunk when a shard is scanned for its largest id (bounded memory)
+SCAN_CHUNK_TOKENS = 1 << 24
+
+
+def max_token_id(prefix: str) -> int:
+    """The largest token id in the shard `PREFIX.bin`, read in chunks through a memory map."""
+    dataset = open_shard(prefix)
+    tokens = np.memmap(_indexed_dataset_module().get_bin_path(prefix), dtype=dataset.index.dtype, mode="r")
+    return max(int(tokens[i : i + SCAN_CHUNK_TOKENS].max()) for i in range(0, len(tokens), SCAN_CHUNK_TOKENS))
+
+
+def _token_count(prefix: str) -> int:
+    """Tokens in `PREFIX.bin` (its size over the index's token width)."""
+    return os.path.getsize(_indexed_dataset_module().get_bin_path(prefix)) // open_shard(prefix).index.dtype_size
+
+
+def _recorded_vocab(prefix: str) -> int | None:
+    """The vocabulary size `BASE_meta.json` records, if that record describes this very shard
+    (the token count it records for the shard's split equals the shard's); None otherwise (no
+    record, or one left by an earlier corpus under the same prefix)."""
     meta = shard_meta_path(prefix)
     try:
         with open(meta or "", encoding="utf-8") as f:
-            shard_vocab = int(json.load(f)["vocab_size"])
-    except (OSError, ValueError, KeyError, TypeError):
+            record = json.load(f)
+        vocab = int(record["vocab_size"])
+        split = prefix.rsplit("_", 1)[1]  # "train" or "valid": a record exists for those only
+        recorded = int(record["tokens"][split])
+        return vocab if recorded == _token_count(prefix) else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, DataError):
+        return None
+
+
+def check_shard_vocab(prefix: str, vocab_size: int) -> None:
+    """Raise `DataError` when a token id of the shard is >= `vocab_size` (it would index past
+    the embedding). With a preprocessing record that matches the shards (`_recorded_vocab`) this
+    reads that record; otherwise (no record, or a stale one from an earlier corpus) it scans the
+    shard's tokens, once, before training."""
+    recorded = _recorded_vocab(prefix)
+    if recorded is not None:
+        if recorded > vocab_size:
+            raise DataError(
+                f"shard {prefix} was tokenized with a vocabulary of {recorded} ids ({shard_meta_path(prefix)}) but "
+                f"model.vocab_size is {vocab_size}; fix: set model.vocab_size >= {recorded} or "
+                "re-create the shard with the model's tokenizer"
+            )
         return
-    if shard_vocab > vocab_size:
+    top = max_token_id(prefix)
+    if top >= vocab_size:
         raise DataError(
-            f"shard {prefix} was tokenized with a vocabulary of {shard_vocab} ids ({meta}) but "
-            f"model.vocab_size is {vocab_size}; fix: set model.vocab_size >= {shard_vocab} or "
-            "re-create the shard with the model's tokenizer"
+            f"shard {prefix} holds token id {top}, beyond model.vocab_size {vocab_size}; fix: set "
+            f"model.vocab_size >= {top + 1} or re-create the shard with the model's tokenizer"
         )
 
 
