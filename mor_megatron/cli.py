@@ -58,6 +58,35 @@ non_negative_float = ranged(NON_NEGATIVE)
 seed = ranged(SEED)
 
 
+def device_name(text: str) -> str:
+    """An argparse type: a torch device string such as cpu, cuda or cuda:1 (or "auto")."""
+    if text == "auto":
+        return text
+    import torch  # only when the argument is given
+
+    try:
+        torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a device: use cpu, cuda or cuda:N") from None
+    return text
+
+
+device_name.bad_example = "gpu9"  # tests/test_cli_args.py tries each typed argument's example
+
+def dims(count: int) -> Callable[[str], tuple[int, ...]]:
+    """An argparse type: `count` positive integers joined by x, such as 2048x8x960."""
+
+    def parse(text: str) -> tuple[int, ...]:
+        parts = text.lower().split("x")
+        if len(parts) != count or not all(part.isdigit() and int(part) > 0 for part in parts):
+            raise argparse.ArgumentTypeError(f"'{text}' is not {count} positive integers joined by x")
+        return tuple(int(part) for part in parts)
+
+    parse.__name__ = f"{count} sizes joined by x"
+    parse.bad_example = "12x"
+    return parse
+
+
 def existing_file(text: str) -> str:
     """An argparse type: a path to an existing regular file."""
     path = Path(text)

@@ -83,6 +83,25 @@ def test_out_of_range_argument_is_one_line_exit_2(script: str, option: str, caps
         assert err.count("\n") == 1 and err.startswith(f"error: {parser.prog}: argument {option}"), err
 
 
+TYPED = [  # arguments of other checked types (devices, shapes), each with its type's bad example
+    (script, action.option_strings[0])
+    for script in COMMANDS
+    if hasattr(importlib.import_module(MODULES[script]), "build_parser")
+    for action in _parser(script)._actions
+    if hasattr(action.type, "bad_example") and action.option_strings
+]
+
+
+@pytest.mark.parametrize("script, option", TYPED, ids=[f"{s} {o}" for s, o in TYPED])
+def test_malformed_argument_is_one_line_exit_2(script: str, option: str, capsys) -> None:
+    """Before: `--device gpu9` or `--shapes 12x` ended in torch's or int()'s traceback."""
+    parser = _parser(script)
+    with pytest.raises(SystemExit) as exited:
+        parser.parse_args(_required(parser) + [option, parser._option_string_actions[option].type.bad_example])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.count("\n") == 1 and f"argument {option}" in err, err
+
+
 def test_generate_max_batch_zero_is_refused_before_loading(capsys) -> None:
     """`mor-generate --max-batch 0` looped for ever; now it stops at the argument."""
     from mor_megatron.tools import generate

@@ -56,7 +56,7 @@ class Result:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mor_megatron.cli import ToolParser, non_negative_int, positive_float, positive_int, seed
+    from mor_megatron.cli import ToolParser, device_name, non_negative_int, positive_float, positive_int, seed
 
     parser = ToolParser(prog="mor-bench-decode", description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=positive_int, default=128)
@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt-len", type=positive_int, default=16)
     parser.add_argument("--gen-len", type=positive_int, default=32)
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--device", type=device_name, default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--repeats", type=positive_int, default=5,
                         help="timed runs of every model, round-robin; the median is reported")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
@@ -264,7 +264,8 @@ def _run(args: argparse.Namespace) -> None:
     from mor_megatron.model import MoRGPTModel
     from mor_megatron.parallel.state import initialize_parallel
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    automatic = args.device in (None, "auto")
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if automatic else args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     configs = [("vanilla", make_config(args, None))] + [(f"MoR-{nr}", make_config(args, nr)) for nr in args.recursions]

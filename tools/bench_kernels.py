@@ -93,13 +93,13 @@ def _fwd_bytes(case: Case, dtype: torch.dtype) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mor_megatron.cli import ToolParser, positive_float, ranged
+    from mor_megatron.cli import ToolParser, device_name, dims, positive_float, ranged
     from mor_megatron.ranges import Range
 
     p = ToolParser(prog="mor-bench-kernels", description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--device", type=device_name, default="auto", help="auto | cpu | cuda")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES), help="SxBxD, e.g. 2048x8x960")
+    p.add_argument("--shapes", nargs="+", type=dims(3), default=[dims(3)(s) for s in DEFAULT_SHAPES], help="SxBxD, e.g. 2048x8x960")
     p.add_argument("--k-fracs", nargs="+", type=ranged(Range(0, 1, low_open=True)), default=list(DEFAULT_K_FRACS), help="k = int(S * frac)")
     p.add_argument("--min-run-time", type=positive_float, default=0.5, help="seconds per timing (blocked_autorange)")
     return p
@@ -121,8 +121,7 @@ def _run(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
 
     cases = []
-    for shape in args.shapes:
-        s, b, d = (int(v) for v in shape.lower().split("x"))
+    for s, b, d in args.shapes:
         for frac in args.k_fracs:
             cases.append(Case(s, b, d, max(1, min(s, int(s * frac)))))
 

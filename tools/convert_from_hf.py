@@ -40,10 +40,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from mor_megatron.errors import run_cli
-    from mor_megatron.hf.importer import import_hf
 
-    return run_cli(lambda: import_hf(args.hf, args.config, args.output, args.init, args.overrides, args.seed,
-                                     allow_pickle=args.allow_pickle, overwrite=args.overwrite), args.debug)
+    def convert() -> None:
+        from mor_megatron.hf.importer import import_hf  # inside run_cli: its import warnings hidden
+
+        import_hf(args.hf, args.config, args.output, args.init, args.overrides, args.seed,
+                  allow_pickle=args.allow_pickle, overwrite=args.overwrite)
+
+    return run_cli(convert, args.debug)
 
 
 def cli() -> int:

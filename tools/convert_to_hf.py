@@ -35,9 +35,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from mor_megatron.errors import run_cli
-    from mor_megatron.hf.export import export
 
     def convert() -> None:
+        from mor_megatron.hf.export import export  # inside run_cli: its import warnings hidden
+
         export(args.checkpoint, args.output, args.config, args.tokenizer, args.max_shard_size,
                overwrite=args.overwrite)
 
