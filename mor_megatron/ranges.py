@@ -106,7 +106,7 @@ RANGES: dict[str, dict[str, Range]] = {
         "global_batch_size": POSITIVE_INT,
         "train_steps": POSITIVE_INT,
         "seed": SEED,
-        "lr": Range(0, 1, low_open=True),  # AdamW: above 1 every step moves each weight by more than 1
+        "lr": FRACTION,  # AdamW: above 1 every step moves each weight by more than 1; 0 freezes them
         "min_lr_ratio": FRACTION,
         "warmup_steps": COUNT,
         "decay_fraction": FRACTION,
@@ -119,7 +119,7 @@ RANGES: dict[str, dict[str, Range]] = {
         "eval_interval": COUNT,
         "eval_batches": POSITIVE_INT,
         "save_interval": COUNT,
-        "keep_checkpoints": POSITIVE_INT,
+        "keep_checkpoints": COUNT,  # 0: keep every checkpoint
         "max_bad_steps": POSITIVE_INT,
         "exit_after_steps": POSITIVE_INT,
     },

@@ -116,7 +116,7 @@ PRETRAIN_ROWS = {
     "config-duplicate-key": (lambda e, t: (_yaml(t, "model:\n  hidden_size: 64\n  hidden_size: 96\n"), []),
                              "duplicate key 'hidden_size' at lines 2 and 3: keep one of them"),
     "config-out-of-range": (lambda e, t: (None, ["training.lr=1e400"]),
-                            "training.lr=inf is out of range: use a finite number in (0, 1]"),
+                            "training.lr=inf is out of range: use a finite number in [0, 1]"),
     "config-override-syntax": (lambda e, t: (None, ["training.train_steps"]), "not of the form section.key=value"),
     "config-wrong-type": (lambda e, t: (None, ["training.train_steps=many"]),
                           "training.train_steps has the wrong type: expected an integer"),

@@ -77,7 +77,7 @@ def test_bounds_pass_the_range_check(section: str, name: str) -> None:
 
 
 @pytest.mark.parametrize("override, message", [
-    ("training.lr=1e400", "training.lr=inf is out of range: use a finite number in (0, 1]"),
+    ("training.lr=1e400", "training.lr=inf is out of range: use a finite number in [0, 1]"),
     ("training.lr=1e39", "training.lr=1e+39 is out of range"),  # beyond fp32: torch's traceback before
     ("training.lr=.nan", "training.lr=nan is out of range"),
     ("training.min_lr_ratio=-5", "training.min_lr_ratio=-5.0 is out of range: use a finite number in [0, 1]"),
