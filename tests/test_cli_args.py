@@ -62,13 +62,19 @@ def test_parser_is_checked_and_has_debug(script: str) -> None:
     assert not bare, f"{script}: give {bare} a ranged type from mor_megatron.cli"
 
 
-RANGED = [  # a command without build_parser fails the test above, not the collection
-    (script, action.option_strings[0])
-    for script in COMMANDS
-    if hasattr(importlib.import_module(MODULES[script]), "build_parser")
-    for action in _parser(script)._actions
-    if hasattr(action.type, "range") and action.option_strings
-]
+def _options_typed_with(attribute: str) -> list[tuple[str, str]]:
+    """(command, option) for every option whose type carries `attribute` (a command without
+    build_parser fails the test above, not the collection)."""
+    return [
+        (script, action.option_strings[0])
+        for script in COMMANDS
+        if hasattr(importlib.import_module(MODULES[script]), "build_parser")
+        for action in _parser(script)._actions
+        if hasattr(action.type, attribute) and action.option_strings
+    ]
+
+
+RANGED = _options_typed_with("range")
 
 
 @pytest.mark.parametrize("script, option", RANGED, ids=[f"{s} {o}" for s, o in RANGED])
@@ -83,13 +89,7 @@ def test_out_of_range_argument_is_one_line_exit_2(script: str, option: str, caps
         assert err.count("\n") == 1 and err.startswith(f"error: {parser.prog}: argument {option}"), err
 
 
-TYPED = [  # arguments of other checked types (devices, shapes), each with its type's bad example
-    (script, action.option_strings[0])
-    for script in COMMANDS
-    if hasattr(importlib.import_module(MODULES[script]), "build_parser")
-    for action in _parser(script)._actions
-    if hasattr(action.type, "bad_example") and action.option_strings
-]
+TYPED = _options_typed_with("bad_example")  # other checked types (devices, shapes)
 
 
 @pytest.mark.parametrize("script, option", TYPED, ids=[f"{s} {o}" for s, o in TYPED])

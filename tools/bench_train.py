@@ -928,20 +928,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return run_cli(lambda: _benchmark(args), debug=args.debug)
 
 
-def compile_unavailable(loop: str) -> Optional[str]:
-    """Why compiled jobs of `loop` cannot run in this tree, or None."""
-    try:
-        from mor_megatron.parallel.compile import compile_layers  # noqa: F401
-    except ImportError as err:
-        return f"compiled {loop} loop unavailable: mor_megatron.parallel.compile: {err}"
-    if loop == "trainer":
-        from mor_megatron.training.config import TrainingConfig
-
-        if "compile" not in TrainingConfig.__dataclass_fields__:
-            return "compiled trainer unavailable: TrainingConfig has no training.compile setting"
-    return None
-
-
 def plan_jobs(entries: list[dict], variants: Sequence[tuple[str, bool]], common: dict,
               work: Optional[str], data_prefix: Optional[str]) -> list[tuple[str, dict]]:
     """(job name, worker spec) per megatron model and variant, variant by variant."""
@@ -995,18 +981,8 @@ def _benchmark(args: argparse.Namespace) -> int:
                   warmup=args.warmup, steps=args.steps, threads=args.threads, dtype=args.dtype,
                   seed=args.seed, lr=args.lr, trainer_overrides=trainer_overrides)
     compile_modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
-    variants, unavailable = [], []
-    for loop, compiled in VARIANTS:
-        if loop not in args.loop_list or compiled not in compile_modes:
-            continue
-        reason = compile_unavailable(loop) if compiled else None
-        if reason:  # reported, and the other jobs still run
-            unavailable.append(reason)
-            _progress(reason)
-        else:
-            variants.append((loop, compiled))
-    if not variants:
-        raise UserError(f"nothing to run: {'; '.join(unavailable)}; pass --compile off")
+    variants = [(loop, compiled) for loop, compiled in VARIANTS
+                if loop in args.loop_list and compiled in compile_modes]
 
     with tempfile.TemporaryDirectory(prefix="bench_train_") as work:
         data_prefix = None
@@ -1039,7 +1015,7 @@ def _benchmark(args: argparse.Namespace) -> int:
             return 1
 
     models: dict[str, dict] = {}
-    notes: list[str] = list(unavailable)
+    notes: list[str] = []
     for entry in entries:
         config = entry["config"]
         for loop, compiled in variants if entry["kind"] == "megatron" else [("model", False)]:
@@ -1094,7 +1070,6 @@ def _benchmark(args: argparse.Namespace) -> int:
             "transformers_with_shims": args.transformers_with_shims,
             "torch": torch.__version__,
         },
-        "compile_unavailable": unavailable,  # reasons, also among the notes
         "notes": notes,
         "variants": [list(v) for v in variants],
         "model_names": [e["name"] for e in entries],

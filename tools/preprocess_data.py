@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line flags."""
-    from mor_megatron.cli import ToolParser, non_negative_int, positive_int, ranged, seed
+    from mor_megatron.cli import ToolParser, positive_int, ranged, seed
     from mor_megatron.ranges import Range
 
     p = ToolParser(prog="preprocess_data.py", description=__doc__.split("\n\n")[0],
