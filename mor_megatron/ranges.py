@@ -118,6 +118,9 @@ RANGES: dict[str, dict[str, Range]] = {
         "zero_stage": Range(0, 3, integer=True),
         "eval_interval": COUNT,
         "eval_batches": POSITIVE_INT,
+        "eval_tasks_limit": POSITIVE_INT,
+        "eval_tasks_num_fewshot": COUNT,
+        "eval_tasks_batch_size": POSITIVE_INT,
         "save_interval": COUNT,
         "keep_checkpoints": COUNT,  # 0: keep every checkpoint
         "max_bad_steps": POSITIVE_INT,

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from mor_megatron.cli import ToolParser
-from range_cases import outside
+from range_cases import inside, outside
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
@@ -41,8 +41,9 @@ def _required(parser: argparse.ArgumentParser) -> list[str]:
     """Placeholder values for the required arguments, so a case fails on its own argument only."""
     argv = []
     for action in parser._actions:
-        if action.required and action.option_strings:
-            argv += [action.option_strings[0], "x"]
+        if action.required and action.option_strings:  # a ranged one gets a valid number
+            valid = getattr(action.type, "range", None)
+            argv += [action.option_strings[0], str(inside(valid)[0]) if valid else "x"]
     for group in parser._mutually_exclusive_groups:
         if group.required:
             first = group._group_actions[0]

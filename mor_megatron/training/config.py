@@ -69,6 +69,12 @@ class TrainingConfig:
     # evaluation, checkpoints, faults
     eval_interval: int = 0  # steps between validation passes; 0: only at the end
     eval_batches: int = 8
+    # lm-eval tasks scored at each evaluation (docs/DESIGN.md 8.2): task names,
+    # task YAML files or folders of them; empty: none. Needs data.tokenizer and lm-eval installed.
+    eval_tasks: list[str] = field(default_factory=list)
+    eval_tasks_limit: Optional[int] = 100  # examples per task (None: all), so training is not stalled
+    eval_tasks_num_fewshot: Optional[int] = None  # None: each task's own default
+    eval_tasks_batch_size: int = 8  # sequences per scoring pass (micro-batches of micro_batch_size)
     save_interval: int = 0  # steps between checkpoints; 0: only at the end
     save_dir: Optional[str] = None  # default: <logging.dir>/checkpoints
     keep_checkpoints: int = 3
@@ -120,6 +126,11 @@ def validate(run: RunConfig) -> None:
     when it is built: `MoRConfig`, `ParallelConfig`, `TrainingConfig`)."""
     t, p = run.training, run.parallel
     _check(bool(run.data.train), "data.train is empty: point it at a token shard prefix (see tools/preprocess_data.py)")
+    _check(
+        not t.eval_tasks or bool(run.data.tokenizer),
+        "training.eval_tasks needs data.tokenizer (lm-eval tasks are text): set it to the tokenizer "
+        "the shards were made with",
+    )
     if p.pipeline_model_parallel_size > 1:
         _check(
             t.zero_stage == 1,

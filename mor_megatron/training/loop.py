@@ -34,11 +34,11 @@ from mor_megatron.paths import RunLock, writable_dir
 from mor_megatron.checkpoint_files import checkpoint_dirs, find_latest
 from mor_megatron.weights import load_weights
 from mor_megatron.training.config import RunConfig, check_data, check_layout, run_config_dict
+from mor_megatron.training.eval_tasks import TaskEvaluation, check_eval_tasks, summary_line
 from mor_megatron.training.optimizer import build_engine
 from mor_megatron.model.precision import check_fp8_supported
-from mor_megatron.training.fp8 import refresh_fp8_weight_cache
 from mor_megatron.training.metrics import MetricsWriter, peak_tflops, router_metrics
-from mor_megatron.training.schedule import run_microbatches, train_step
+from mor_megatron.training.schedule import evaluation_mode, run_microbatches, train_step
 
 
 class TrainingError(UserError, RuntimeError):
@@ -77,12 +77,8 @@ def build_model(run: RunConfig) -> tuple[MoRGPTModel, MoRConfig, list]:
 
 def evaluate(engine, batches: ValidationBatches) -> float:
     """Mean validation LM loss over the held-out batches (same on every rank)."""
-    model = engine.module
-    model.eval()
-    if model.config.fp8:  # the FP8 weight cache still holds the weights before the last update
-        refresh_fp8_weight_cache(model)
-    outputs = run_microbatches(engine, batches, forward_only=True)
-    model.train()
+    with evaluation_mode(engine.module):
+        outputs = run_microbatches(engine, batches, forward_only=True)
     return outputs.mean_loss()
 
 
@@ -133,6 +129,7 @@ def _pretrain(run: RunConfig, log) -> dict:
     dp = check_layout(run, dist.get_world_size())
     say = log if _is_logger() else (lambda *a, **k: None)
     check_data(run)  # tokenizer and every shard, in seconds, before a model is built or a file written
+    check_eval_tasks(t.eval_tasks)  # lm-eval installed, every task found
 
     model, config, stages = build_model(run)
     say(describe_stages(config, stages))
@@ -167,6 +164,7 @@ def _pretrain(run: RunConfig, log) -> dict:
         if run.data.valid
         else None
     )
+    tasks = TaskEvaluation(engine, t, run.data.tokenizer, quiet=not _is_logger()) if t.eval_tasks else None
     writer = MetricsWriter(run.logging.dir, run.logging.tensorboard, enabled=_is_logger())
     flops_per_token = training_flops_per_token(config)
     peak = peak_tflops(run.logging.peak_tflops)
@@ -218,10 +216,16 @@ def _pretrain(run: RunConfig, log) -> dict:
                 metrics["train/mfu"] = tflops / peak
             last = state.step == t.train_steps
             leaving = state.step >= stop_at
-            if valid is not None and ((t.eval_interval and state.step % t.eval_interval == 0) or last):
+            due = bool(t.eval_interval and state.step % t.eval_interval == 0) or last
+            if valid is not None and due:
                 metrics["valid/loss"] = evaluate(engine, valid)
                 metrics["valid/perplexity"] = math.exp(min(metrics["valid/loss"], 50.0))
-            if state.step % run.logging.log_interval == 0 or last:
+            if tasks is not None and due:
+                scores = tasks()
+                metrics.update(scores)
+                say(summary_line(state.step, scores))
+            evaluated = due and (valid is not None or tasks is not None)
+            if state.step % run.logging.log_interval == 0 or last or evaluated:  # evaluations are always kept
                 writer.write(state.step, metrics)
             if progress is not None:
                 progress.update(1)

@@ -14,7 +14,7 @@ import contextlib
 import itertools
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Collection, Iterator, Optional
+from typing import Any, Callable, Collection, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -48,13 +48,27 @@ class StepResult:
 class MicrobatchOutputs:
     """What running a list of micro-batches leaves on this rank."""
 
-    losses: list[Tensor] = field(default_factory=list)  # LM loss of each; empty on stages before the last
+    # LM loss (or what `reduce` kept) of each; empty on stages before the last
+    losses: list[Tensor] = field(default_factory=list)
     router: list[RouterOutput] = field(default_factory=list)  # this stage's, one per micro-batch
 
     def mean_loss(self) -> float:
         """Mean LM loss over the micro-batches and the data-parallel ranks, the same on every rank."""
         loss = torch.stack(self.losses).mean() if self.losses else torch.zeros((), device=compute_device())
         return float(dp_mean(broadcast_from_last_stage(loss)))
+
+
+@contextlib.contextmanager
+def evaluation_mode(model):
+    """A forward-only pass's model state: eval mode (no dropout) and, with FP8, the weight cache
+    requantized from the current weights (it still holds those before the last update)."""
+    model.eval()
+    if model.config.fp8:
+        refresh_fp8_weight_cache(model)
+    try:
+        yield model
+    finally:
+        model.train()
 
 
 def lm_loss(per_token: Tensor, loss_mask: Tensor) -> Tensor:
@@ -103,9 +117,21 @@ def _first_bad_microbatch(losses: list[Tensor], count: int) -> Optional[tuple[in
     return None if code >= none else divmod(code, count)
 
 
-def run_microbatches(engine, batches: Collection[dict], *, forward_only: bool) -> MicrobatchOutputs:
+def run_microbatches(
+    engine,
+    batches: Collection[dict],
+    *,
+    forward_only: bool,
+    forward: Callable[[Any, dict], tuple[Tensor, Any]] = forward_batch,
+    reduce: Callable[[Tensor, Any], Tensor] = lm_loss,
+) -> MicrobatchOutputs:
     """Run `batches` (host micro-batches) forward, and backward unless `forward_only`, through
     this rank's stage of `engine.module`.
+
+    `forward(module, batch)` gives (stage output, context) and, on the last stage,
+    `reduce(output, context)` the tensor kept per micro-batch in `outputs.losses`: by default the
+    LM loss (`forward_batch`, `lm_loss`); a forward-only pass may keep other per-token results
+    (training.eval_tasks keeps log-probs, `training/eval_tasks.py`).
 
     Training leaves the gradients accumulated for the update, which is the caller's: at PP = 1
     DeepSpeed has counted every micro-batch but the last, whose `engine.step()` updates.
@@ -114,12 +140,12 @@ def run_microbatches(engine, batches: Collection[dict], *, forward_only: bool) -
     outputs = MicrobatchOutputs()
 
     def forward_step(iterator: Iterator[dict], module):
-        output, loss_mask = forward_batch(module, next(iterator))
+        output, context = forward(module, next(iterator))
         if model.router_output is not None:
             outputs.router.append(model.router_output)
 
-        def loss_func(per_token: Tensor):
-            loss = lm_loss(per_token, loss_mask)
+        def loss_func(last_stage_output: Tensor):
+            loss = reduce(last_stage_output, context)
             outputs.losses.append(loss.detach().clone())  # the pipeline schedule divides `loss` in place
             return loss, {}
 
