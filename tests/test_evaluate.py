@@ -156,3 +156,32 @@ def test_bad_inputs_are_one_line(setup, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("error: ") and expected in err, (argv, err)
     assert (tmp_path / "taken.json").read_text() == "{}"
+
+
+def test_scores_equal_lm_eval_hf_model_on_the_export(setup, tmp_path):
+    """An independent scorer: the same checkpoint exported to Hugging Face (`hf.export`, remote
+    code) and evaluated by lm-eval's own `hf` model (its tokenisation, batching and truncation)
+    gives every choice the log-likelihood `MoRLM` gives it (1e-4)."""
+    import yaml
+    from lm_eval.evaluator import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from mor_megatron.hf.export import export
+
+    root, step, model, tokenizer, tasks = setup
+    run_yaml = tmp_path / "run.yaml"
+    run_yaml.write_text(yaml.safe_dump({"model": json.loads((step / "meta.json").read_text())["config"]["model"],
+                                        "data": {"tokenizer": str(root / "tokenizer")}}))
+    out = export(str(step / "universal"), str(tmp_path / "hf"), config=str(run_yaml), log=lambda message: None)
+    hf = HFLM(pretrained=str(out), trust_remote_code=True, device="cpu", dtype="float32", batch_size=4)
+    theirs = simple_evaluate(model=hf, tasks=["tiny_mc"], task_manager=TaskManager(include_path=str(tasks)),
+                             log_samples=True)["samples"]["tiny_mc"]
+    ours = evaluate_tasks(MoRLM(ModelScorer(model, max_rows=4), tokenizer, batch_size=4), [str(tasks)],
+                          log_samples=True)["samples"]["tiny_mc"]
+    scores = {}
+    for name, samples in (("ours", ours), ("theirs", theirs)):
+        scores[name] = {(s["doc_id"], i): r[0][0] for s in samples for i, r in enumerate(s["resps"])}
+    assert scores["ours"].keys() == scores["theirs"].keys() and len(scores["ours"]) == 3 * len(DOCS)
+    for key, value in scores["ours"].items():
+        assert value == pytest.approx(scores["theirs"][key], abs=1e-4), key
