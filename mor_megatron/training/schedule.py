@@ -122,15 +122,15 @@ def run_microbatches(
     batches: Collection[dict],
     *,
     forward_only: bool,
-    forward: Callable[[Any, dict], tuple[Tensor, Any]] = forward_batch,
-    reduce: Callable[[Tensor, Any], Tensor] = lm_loss,
+    forward: Optional[Callable[[Any, dict], tuple[Tensor, Any]]] = None,
+    reduce: Optional[Callable[[Tensor, Any], Tensor]] = None,
 ) -> MicrobatchOutputs:
     """Run `batches` (host micro-batches) forward, and backward unless `forward_only`, through
     this rank's stage of `engine.module`.
 
     `forward(module, batch)` gives (stage output, context) and, on the last stage,
-    `reduce(output, context)` the tensor kept per micro-batch in `outputs.losses`: by default the
-    LM loss (`forward_batch`, `lm_loss`); a forward-only pass may keep other per-token results
+    `reduce(output, context)` the tensor kept per micro-batch in `outputs.losses`: by default (None)
+    the LM loss (`forward_batch`, `lm_loss`); a forward-only pass may keep other per-token results
     (training.eval_tasks keeps log-probs, `training/eval_tasks.py`).
 
     Training leaves the gradients accumulated for the update, which is the caller's: at PP = 1
@@ -138,6 +138,10 @@ def run_microbatches(
     """
     model = engine.module
     outputs = MicrobatchOutputs()
+    # the defaults are looked up here, at the call, not bound at definition: the fault tests
+    # replace `schedule.lm_loss` to poison every loss (tests/test_faults.py, tests/fakegpu/probe.py)
+    forward = forward or forward_batch
+    reduce = reduce or lm_loss
 
     def forward_step(iterator: Iterator[dict], module):
         output, context = forward(module, next(iterator))
