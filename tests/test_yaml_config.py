@@ -62,7 +62,7 @@ def test_config_loads_and_starts_with_comment(path: Path) -> None:
     assert path.read_text().startswith("#")
     config = load_model_config(path)
     assert isinstance(config, MoRConfig)
-    if path.stem != "tiny":
+    if path.stem not in ("tiny", "isoflop_tiny"):  # the CPU shapes; the others are the paper's
         assert (config.vocab_size, config.seq_length, config.tie_embeddings) == (49152, 2048, True)
         assert config.normalization == "RMSNorm" and config.gated_linear_unit
         assert config.head_dim == 64
