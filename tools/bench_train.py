@@ -869,7 +869,8 @@ def render(report: dict[str, Any]) -> str:
         lines.append("")
     c = report["comparisons"]
     rows = [[m["mor"], f"{m['effective_layers']}", m["vanilla"], f"{m['flops_ratio']:.3f}",
-             f"{100 * m.get('padding_overhead', 0.0):+.1f}%", f"{m['step_time_ratio']:.3f}", f"{m['overhead']:.3f}", f"{m['min_overhead']:.3f}",
+             f"{100 * m.get('padding_overhead', 0.0):+.1f}%", f"{m['step_time_ratio']:.3f}",
+             f"{m['overhead']:.3f}", f"{m['min_overhead']:.3f}",
              f"{m['paired_overhead']:.3f}" if m["paired_overhead"] is not None else "-",
              _maybe(m.get("cpu_overhead")),
              f"{m['memory_ratio']:.2f}" if m["memory_ratio"] is not None else "-",

@@ -15,8 +15,8 @@ FP8 alignment. FP8 GEMMs need token counts divisible by 16 (32 for MXFP8; megatr
 `fp8_utils.get_fp8_align_size`). `pad_active_tokens` pads a recursion step's gathered tokens at
 the tail before the block runs; the caller slices the block output back to the real count.
 Pads never become keys of real tokens: in dense/padded (sbhd) layouts they sit after every real
-token in index order (and get positions past the last real one), so causal masking hides them from every
-real query; in packed/thd layouts they form one extra tail sequence in `cu_seqlens`, and with
+token in index order (and get positions past the last real one), so causal masking hides them
+from every real query; in packed/thd layouts they form one extra tail sequence in `cu_seqlens`, and with
 KV sharing the read path drops them before scattering and gives them zero outputs. As queries,
 pads see real keys, but their outputs are sliced off, so they get no gradient. The TE attention
 (`te_attention.py`) pads its own full-length sequence dimension the same way (`pad_rows`).

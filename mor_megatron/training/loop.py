@@ -202,7 +202,8 @@ def _pretrain(run: RunConfig, log) -> dict:
 
             router = router_metrics(result.router)
             # FLOPs as run: the shared block's rows per step, pads included (docs/DESIGN.md 4.1)
-            fractions = as_run_fractions(router, config.num_recursions, t.micro_batch_size * config.seq_length)
+            slots = t.micro_batch_size * config.seq_length
+            fractions = as_run_fractions(router, config.num_recursions, slots)
             flops_per_token = training_flops_per_token(config, fractions)
             tflops = flops_per_token * tokens_per_step / elapsed / dist.get_world_size() / 1e12
             metrics = {
