@@ -12,8 +12,13 @@ hd head dim, V vocab, S = `seq_length`.
 Forward FLOPs per token, the paper's forward-only accounting (2 x weights + causal attention):
 - matmuls: 2 x the matmul weights of each unrolled layer, weighted by the fraction of tokens that
   run it. Unique (prefix/suffix) layers see all tokens; the shared block at recursion step r sees
-  f_r = k_r / S with k_r = `capacity_tokens(S)[r]` (token-choice: perfect balance assumed, so the
-  same capacities). Without a router every unrolled layer sees all tokens.
+  f_r = k_r / S with k_r = `capacity_tokens(S)[r]`. Without a router every unrolled layer sees all
+  tokens. Token-choice, analytic: balanced routing assumed, every sequence sending k_r tokens
+  through step r, so the same capacities and no padding (the padded layout's m = k_r,
+  docs/DESIGN.md 4.1; compile's bucket rounding is not counted). As run: `fractions` gives f_r
+  measured, the rows the block ran on over B x S, pads included (`router/r{r}/run_tokens`, which
+  the trainer's FLOPs and MFU use); a step's attention then counts f_r x S tokens per sequence
+  (exact for the padded layout, the per-sequence mean for the packed one).
 - LM head: 2*D*V.
 - attention: a layer where n query tokens attend causally among themselves costs
   QK^T + AV = 2 * 2*H*hd * n(n+1)/2 FLOPs per sequence, divided by S per token. Unique layers use
@@ -36,11 +41,17 @@ and FFN; no sharing, L unique layers) and the MoR / vanilla ratios.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Optional, Sequence
 
 from mor_megatron.config import MoRConfig
 
 KV_BYTES_PER_VALUE = 2  # bf16
+# what the FLOPs assume of the routing (module docstring); the trainer counts the rows as run
+FLOPS_ROUTING = {
+    "none": "every layer runs every token",
+    "expert_choice": "top-k: k_r tokens of every sequence at step r",
+    "token_choice": "balanced: k_r tokens of every sequence at step r, hence no padding",
+}
 FIGURES = (
     "effective_layers",
     "unique_layers",
@@ -121,51 +132,66 @@ def _self_causal(config: MoRConfig, n: int) -> float:
     return causal_attention_flops(config, n, (n + 1) / 2)
 
 
-def _block_attention_per_sequence(config: MoRConfig) -> float:
+def _block_fractions(config: MoRConfig, fractions: Optional[Sequence[float]]) -> list[float]:
+    """Per recursion step, the fraction of token slots the shared block runs: as run, when
+    given (routed models only), else the analytic `step_fractions`."""
+    if fractions is None or config.router == "none":
+        return step_fractions(config)
+    if len(fractions) != config.num_recursions:
+        raise ValueError(f"{len(fractions)} step fractions for {config.num_recursions} recursion steps")
+    return [float(f) for f in fractions]
+
+
+def _block_attention_per_sequence(config: MoRConfig, fractions: Optional[Sequence[float]] = None) -> float:
     seq = config.seq_length
     ks = config.capacity_tokens(seq) if config.router != "none" else [seq] * config.num_recursions
+    if fractions is not None and config.router != "none":
+        ks = [f * seq for f in _block_fractions(config, fractions)]
     if config.kv_mode == "share_first" and config.router != "none":
         later = sum(causal_attention_flops(config, k, (seq + 1) / 2) for k in ks[1:])
         return _self_causal(config, ks[0]) + later
     return sum(_self_causal(config, k) for k in ks)
 
 
-def _router_flops(config: MoRConfig) -> float:
+def _router_flops(config: MoRConfig, fractions: Optional[Sequence[float]] = None) -> float:
     d = config.hidden_size
     if config.router == "token_choice":
         return 2 * d * config.num_recursions
     if config.router != "expert_choice":
         return 0.0
-    candidates = [1.0] + step_fractions(config)[:-1]
+    candidates = [1.0] + _block_fractions(config, fractions)[:-1]
     return 2 * d * sum(candidates) * (2 if config.aux_router else 1)
 
 
-def forward_flops_breakdown(config: MoRConfig) -> dict[str, float]:
-    """Forward FLOPs per token by kind: matmuls, attention, lm_head, routers (module docstring)."""
+def forward_flops_breakdown(
+    config: MoRConfig, fractions: Optional[Sequence[float]] = None
+) -> dict[str, float]:
+    """Forward FLOPs per token by kind: matmuls, attention, lm_head, routers (module docstring);
+    `fractions`: the shared block's as-run fraction of token slots per recursion step."""
     plan, seq = config.recursion_plan, config.seq_length
     if config.router == "none":
         layer_tokens = float(len(plan.unrolled))
         attention = len(plan.unrolled) * _self_causal(config, seq)
     else:
         unique = len(plan.prefix) + len(plan.suffix)
-        layer_tokens = unique + len(plan.block) * sum(step_fractions(config))
+        layer_tokens = unique + len(plan.block) * sum(_block_fractions(config, fractions))
         attention = unique * _self_causal(config, seq)
-        attention += len(plan.block) * _block_attention_per_sequence(config)
+        attention += len(plan.block) * _block_attention_per_sequence(config, fractions)
     return {
         "matmuls": 2.0 * layer_matmul_params(config) * layer_tokens,
         "attention": attention / seq,
         "lm_head": 2.0 * config.hidden_size * config.vocab_size,
-        "routers": _router_flops(config),
+        "routers": _router_flops(config, fractions),
     }
 
 
-def forward_flops_per_token(config: MoRConfig) -> float:
-    return sum(forward_flops_breakdown(config).values())
+def forward_flops_per_token(config: MoRConfig, fractions: Optional[Sequence[float]] = None) -> float:
+    return sum(forward_flops_breakdown(config, fractions).values())
 
 
-def training_flops_per_token(config: MoRConfig) -> float:
-    """Forward + backward, the backward costing twice the forward."""
-    return 3.0 * forward_flops_per_token(config)
+def training_flops_per_token(config: MoRConfig, fractions: Optional[Sequence[float]] = None) -> float:
+    """Forward + backward, the backward costing twice the forward (`fractions`: as run)."""
+    return 3.0 * forward_flops_per_token(config, fractions)
 
 
 # -- KV cache --------------------------------------------------------------------------------------
@@ -245,6 +271,7 @@ def model_report(config: MoRConfig) -> dict[str, Any]:
         "capacity_tokens": (
             config.capacity_tokens(config.seq_length) if config.router != "none" else None
         ),
+        "flops_routing": FLOPS_ROUTING[config.router],
         **mor,
         "forward_flops_breakdown": forward_flops_breakdown(config),
         "kv_cache_breakdown": kv_cache_breakdown(config),

@@ -41,7 +41,7 @@ def report(tmp_path_factory):
     proc = subprocess.run(
         [sys.executable, "tools/bench_train.py", "--config", str(config), "--batch-size", "2",
          "--seq-length", "16", "--steps", "2", "--warmup", "0", "--threads", "1",
-         "--recursions", "4", "--probe-size", "128", "--loops", "model,trainer", "--compile", "off",
+         "--recursions", "4", "--token-choice", "4", "--probe-size", "128", "--loops", "model,trainer", "--compile", "off",
          "--json", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
@@ -53,11 +53,18 @@ def report(tmp_path_factory):
 def test_models_and_keys(report):
     models = report["models"]
     # L=4, Nr=4: (4-2) % 4 != 0, so L' = 2 + 4*1 = 6, compared with a vanilla of that depth
-    megatron = {"vanilla L=4", "mor nr=4", "vanilla L=6"}
+    megatron = {"vanilla L=4", "mor nr=4", "mor tc nr=4", "vanilla L=6"}
     assert set(models) == megatron | {f"{name} [trainer]" for name in megatron} | {"transformers L=4"}
-    for name in ("mor nr=4", "mor nr=4 [trainer]"):
+    for name in ("mor nr=4", "mor nr=4 [trainer]", "mor tc nr=4", "mor tc nr=4 [trainer]"):
         assert models[name]["effective_layers"] == 6
         assert models[name]["unique_layers"] == 3  # 1 + 1 shared + 1
+        # as run (pads included) >= as routed; expert-choice top-k runs no pads
+        routing = models[name]["routing"]
+        assert len(routing["run_tokens"]) == 2 and all(len(step) == 4 for step in routing["run_tokens"])
+        assert models[name]["training_flops_per_token"] >= models[name]["routed_flops_per_token"]
+        assert models[name]["padding_overhead"] >= 0
+        if "tc" not in name:
+            assert routing["run_tokens"] == routing["selected_tokens"] and models[name]["padding_overhead"] == 0
     # the trainer ran mor-pretrain's own model: the same parameters, its own logged losses
     for name in megatron:
         trainer = models[f"{name} [trainer]"]
@@ -89,15 +96,17 @@ def test_ratios_come_from_measurements(report):
             record["achieved_tflops"] / report["probe"]["tflops"]
         )
     rows = {row["mor"]: row for row in comparisons["mor_vs_vanilla"]}
-    assert set(rows) == {"mor nr=4", "mor nr=4 [trainer]"}
-    assert rows["mor nr=4"]["vanilla"] == "vanilla L=6"
+    assert set(rows) == {"mor nr=4", "mor nr=4 [trainer]", "mor tc nr=4", "mor tc nr=4 [trainer]"}
+    assert rows["mor nr=4"]["vanilla"] == rows["mor tc nr=4"]["vanilla"] == "vanilla L=6"
     assert rows["mor nr=4 [trainer]"]["vanilla"] == "vanilla L=6 [trainer]"
+    assert rows["mor tc nr=4"]["target"] == 1.05 and rows["mor nr=4"]["target"] == 1.03
     for name, row in rows.items():
         mor, vanilla = models[name], models[row["vanilla"]]
         assert row["step_time_ratio"] == pytest.approx(mor["step_time_s"] / vanilla["step_time_s"])
-        assert row["flops_ratio"] == pytest.approx(
-            mor["training_flops_per_token"] / vanilla["training_flops_per_token"]
+        assert row["flops_ratio"] == pytest.approx(  # as routed
+            mor["routed_flops_per_token"] / vanilla["training_flops_per_token"]
         )
+        assert row["padding_overhead"] == mor["padding_overhead"]
         assert 0 < row["flops_ratio"] < 1
         assert row["overhead"] == pytest.approx(row["step_time_ratio"] / row["flops_ratio"])
         assert row["verdict"] == ("PASS" if row["paired_overhead"] <= row["target"] else "MISS")
@@ -121,7 +130,8 @@ def test_ratios_come_from_measurements(report):
     samples = sorted(2 * size**3 / t / 1e12 for t in probe["step_times_s"])
     assert probe["tflops"] == pytest.approx((samples[0] + samples[1]) / 2)
     overhead = {row["trainer"]: row for row in comparisons["trainer_overhead"]}
-    assert set(overhead) == {"vanilla L=4 [trainer]", "mor nr=4 [trainer]", "vanilla L=6 [trainer]"}
+    assert set(overhead) == {"vanilla L=4 [trainer]", "mor nr=4 [trainer]", "mor tc nr=4 [trainer]",
+                             "vanilla L=6 [trainer]"}
     for name, row in overhead.items():
         trainer, model = models[name], models[row["model_only"]]
         assert row["step_time_ratio"] == pytest.approx(trainer["step_time_s"] / model["step_time_s"])
@@ -167,3 +177,25 @@ def test_variants_pair_within_their_own_loop_and_compile_setting():
     speedup = {(row["model"], row["loop"]): row for row in out["compile_speedup"]}
     assert speedup[("vanilla L=6", "model")]["tokens_per_s_ratio"] == pytest.approx(2.0)
     assert speedup[("vanilla L=6", "trainer")]["paired_ratio"] == pytest.approx(1.02 / 0.6)
+
+
+def test_token_choice_flops_as_routed_and_as_run():
+    """A token-choice job's FLOPs per token from the token counts its steps recorded: as run
+    (pads included: what the achieved FLOP/s count), as routed (what the MoR/vanilla FLOPs ratio
+    uses), and the padding overhead between them; without statistics, the analytic figure."""
+    from model_helpers import tiny_config
+    from mor_megatron.report import training_flops_per_token
+    from mor_megatron.tools.bench_train import routing_flops
+
+    config = tiny_config(router="token_choice")  # S = 24, Nr = 3; micro-batch of 2: 48 slots
+    routing = {"run_tokens": [[48, 36, 24], [48, 40, 20]], "selected_tokens": [[48, 30, 14], [48, 34, 16]]}
+    out = routing_flops(config, routing, 48)
+    assert out["run_fractions"] == pytest.approx([1.0, 38 / 48, 22 / 48])
+    assert out["routed_fractions"] == pytest.approx([1.0, 32 / 48, 15 / 48])
+    assert out["training_flops_per_token"] == pytest.approx(training_flops_per_token(config, out["run_fractions"]))
+    assert out["routed_flops_per_token"] == pytest.approx(training_flops_per_token(config, out["routed_fractions"]))
+    assert out["padding_overhead"] == pytest.approx(
+        out["training_flops_per_token"] / out["routed_flops_per_token"] - 1) and out["padding_overhead"] > 0
+    analytic = routing_flops(config, None, 48)
+    assert analytic["padding_overhead"] == 0
+    assert analytic["training_flops_per_token"] == analytic["routed_flops_per_token"] == training_flops_per_token(config)

@@ -134,6 +134,37 @@ def test_token_choice_flops_assume_balance() -> None:
     assert tc_parts["routers"] == 2 * 64 * 3
 
 
+def test_flops_as_run_count_the_padding() -> None:
+    """Given the shared block's as-run fractions (rows over B x S, pads included), the FLOPs
+    count them: the analytic fractions give the analytic figure, more rows more matmul and
+    attention FLOPs; the trainer reads the fractions off its router statistics."""
+    from mor_megatron.report import step_fractions
+    from mor_megatron.training.metrics import as_run_fractions
+
+    for kv_mode in ("recursion_wise", "share_first"):
+        tc = shape(effective_layers=8, num_recursions=3, router="token_choice", kv_mode=kv_mode)
+        analytic = step_fractions(tc)
+        assert training_flops_per_token(tc, analytic) == pytest.approx(training_flops_per_token(tc))
+        run = [1.0, 0.75, 0.5]  # e.g. padded rows of an unbalanced batch
+        parts, base = forward_flops_breakdown(tc, run), forward_flops_breakdown(tc)
+        block, unique, seq = len(tc.recursion_plan.block), 2, tc.seq_length
+        assert parts["matmuls"] - base["matmuls"] == pytest.approx(
+            2 * layer_matmul_params(tc) * block * (sum(run) - sum(analytic)))
+        heads_dim = tc.num_attention_heads * tc.head_dim
+        pairs = [n * (n + 1) / 2 for n in (seq * f for f in run)]
+        if kv_mode == "share_first":  # later steps: f x S queries over (S + 1) / 2 keys on average
+            pairs[1:] = [f * seq * (seq + 1) / 2 for f in run[1:]]
+        expected = 4 * heads_dim * (unique * seq * (seq + 1) / 2 + block * sum(pairs)) / seq
+        assert parts["attention"] == pytest.approx(expected)
+        assert parts["lm_head"] == base["lm_head"] and parts["routers"] == base["routers"]
+    with pytest.raises(ValueError, match="3 recursion steps"):
+        forward_flops_breakdown(tc, [1.0])
+    assert model_report(tc)["flops_routing"].startswith("balanced")
+    router = {"router/r1/run_tokens": 240.0, "router/r2/run_tokens": 180.0, "router/r3/run_tokens": 120.0}
+    assert as_run_fractions(router, 3, 240) == [1.0, 0.75, 0.5]
+    assert as_run_fractions({"router/r1/run_tokens": 240.0}, 3, 240) is None
+
+
 def test_mor_saves_flops_vs_vanilla() -> None:
     ratios = [model_report(config_360m(f"mor_360m_nr{nr}"))["ratio_to_vanilla"] for nr in (2, 3, 4)]
     flops = [r["forward_flops_per_token"] for r in ratios]

@@ -32,7 +32,8 @@ def test_loss_goes_down_and_artifacts_appear(corpus, tmp_path, nproc):
     rows = metrics(run_dir)
     assert "valid/loss" in rows[5] and "valid/perplexity" in rows[-1]
     for key in ("train/lr", "train/grad_norm", "train/tokens_per_s", "train/tflops_per_device",
-                "router/r2/selected_tokens", "router/r3/sampling_accuracy", "router/loss_bce"):
+                "router/r2/selected_tokens", "router/r2/run_tokens", "router/r3/sampling_accuracy",
+                "router/loss_bce"):
         assert key in rows[-1], key
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_00000006", "step_00000012"]
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))

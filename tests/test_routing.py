@@ -145,19 +145,20 @@ def _linear_params(config):
 
 
 @pytest.mark.parametrize("router", ["expert_choice", "token_choice"])
-def test_shared_block_matmul_flops_scale_with_active_tokens(router):
+def test_shared_block_matmul_flops_follow_the_rows_run(router):
     config = tiny_config(router=router, seq_length=48)
     model = build(config)
     tokens, positions = batch(config, batch_size=2)
     with FlopCounterMode(display=False) as counter:
         logits(model, tokens, positions)
     active = sum(int(s.sum()) for s in model.router_output.selections)
+    run = sum(int(n) for n in model.router_output.run_tokens)  # pads included
     if router == "expert_choice":
-        assert active == 2 * sum(config.capacity_tokens(48))
+        assert active == run == 2 * sum(config.capacity_tokens(48))
+    assert active <= run < config.num_recursions * 2 * 48
     for index in config.recursion_plan.block:
         flops = counter.get_flop_counts()[f"MoRGPTModel.decoder.layers.{index}"]
-        assert sum(flops.values()) == 2 * _linear_params(config) * active
-    assert active < config.num_recursions * 2 * 48
+        assert sum(flops.values()) == 2 * _linear_params(config) * run
 
 
 def test_attention_queries_are_the_active_tokens_only():

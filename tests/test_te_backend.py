@@ -142,8 +142,10 @@ class ReferenceDotProductAttention(torch.nn.Module):
 
 
 def _swap_in_te_attention(model, monkeypatch) -> None:
-    """Replace every layer's core attention by TEActiveTokenAttention over the torch stand-in."""
+    """Replace every layer's core attention by TEActiveTokenAttention over the torch stand-in,
+    with the te decoder's packed (thd) layout for variable steps."""
     monkeypatch.setattr(te_attention, "_build_te_attention", lambda *a, **k: ReferenceDotProductAttention())
+    model.decoder.varlen_layout = "packed"
     for layer in model.decoder.layers:
         layer.self_attention.core_attention = TEActiveTokenAttention(
             model.config, layer.layer_number, AttnMaskType.causal

@@ -7,7 +7,7 @@ Usage::
 
     python tools/bench_train.py [--config configs/tiny.yaml] [--seq-length S] [--batch-size B]
         [--steps N] [--warmup W] [--threads T] [--dtype float32|bfloat16] [--recursions 2,3,4]
-        [--loops model,trainer] [--compile off|on|both] [--sequential] [--no-transformers]
+        [--token-choice 3] [--loops model,trainer] [--compile off|on|both] [--sequential] [--no-transformers]
         [--json PATH] [model.key=value ...]
 
 Models:
@@ -17,6 +17,9 @@ Models:
 - `mor nr=N`: expert-choice routing, middle-cycle sharing, default capacities (N-r+1)/N, at the
   paper's depth rule: L' = L if (L-2) % N == 0, else L' = 2 + N * ceil((L-2)/N). Each MoR model is
   compared with the vanilla model of its own L' (which is run too when L' != L).
+- `mor tc nr=N` (`--token-choice`, Nr = 3 by default): the same with token-choice routing (its
+  default softmax router, alpha 1), whose steps run a variable token count per sequence in the
+  padded layout (docs/DESIGN.md 4.1).
 - `transformers L=..`: `transformers.LlamaForCausalLM` of the base vanilla shape, random init,
   built locally from a `LlamaConfig` (sdpa attention, tied embeddings, `use_cache=False`);
   model-only, eager.
@@ -41,8 +44,8 @@ Python process (`job_name`: `mor nr=2`, `mor nr=2 [trainer]`, `mor nr=2 [compile
 
 Defaults: configs/tiny.yaml widened to hidden 256, FFN 704, sequence 256 (`DEFAULT_SHAPE`, unless
 another --config is given; model.* overrides win), batch 4, all cores as torch threads, 8 timed
-steps after 2 warm-up, Nr = 2, 3, 4, both loops, eager and compiled: 21 jobs (about 5 minutes on
-2 idle cores, most of it imports and cold compiles).
+steps after 2 warm-up, expert-choice Nr = 2, 3, 4 and token-choice Nr = 3, both loops, eager and
+compiled: 25 jobs (about 6 minutes on 2 idle cores, most of it imports and cold compiles).
 
 Timing: warm-up steps are not timed; on CUDA every step is bracketed by
 `torch.cuda.synchronize()`. By default all jobs are built and warmed up first (`--setup-parallel`
@@ -54,13 +57,18 @@ memory at a time).
 Figures, all from this run's measurements (nothing stored):
 - step time: median over the timed steps (the fastest step and the spread (max - min) / median
   beside it); tokens/s = batch x seq / median step time.
-- MoR/vanilla, per loop and compile setting: FLOPs ratio from
-  `mor_megatron.report.training_flops_per_token` (the paper's accounting) of the MoR config over
-  that of the vanilla model of the same L'; step-time ratio: measured MoR median / vanilla median;
-  time/FLOPs = step-time ratio / FLOPs ratio, also from the fastest steps and from the median of
-  the per-cycle MoR/vanilla ratios (paired: both steps of a pair ran within seconds, so slow
-  phases of a shared machine cancel out). Target: paired time/FLOPs <= 1.03 (routing, gather and
-  scatter under 3%).
+- MoR/vanilla, per loop and compile setting: FLOPs ratio as routed, from
+  `mor_megatron.report.training_flops_per_token` (the paper's accounting) at the tokens the
+  routers sent through each recursion step in this job's timed steps (`router/r{r}/selected_tokens`;
+  expert-choice: exactly its capacities), over that of the vanilla model of the same L'; padding:
+  the FLOPs of the rows the block ran (`router/r{r}/run_tokens`, pads included, what the
+  achieved FLOP/s count) over those as routed, minus 1 (token-choice's per-sequence padding; 0 for
+  expert-choice top-k); step-time ratio: measured MoR median / vanilla median;
+  time/FLOPs = step-time ratio / FLOPs ratio (padding counts as overhead), also from the fastest
+  steps and from the median of the per-cycle MoR/vanilla ratios (paired: both steps of a pair ran
+  within seconds, so slow phases of a shared machine cancel out). Target: paired time/FLOPs <=
+  1.03 for expert-choice (routing, gather and scatter under 3%), <= 1.05 for token-choice
+  (padding included).
 - trainer / model-only step time per model and compile setting (paired, as above; target <= 1.03:
   the trainer's engine, data, statistics and logging cost under 3% of the model's own step).
 - compiled / eager tokens/s per model and loop.
@@ -110,6 +118,7 @@ if str(REPO) not in sys.path:  # `python tools/bench_train.py` from anywhere
 TAG = "@bench"
 DTYPE_NAMES = ("float32", "bfloat16")
 OVERHEAD_TARGET = 1.03  # MoR/vanilla step time over FLOPs, median of the paired per-cycle ratios
+TOKEN_CHOICE_TARGET = 1.05  # the same for token-choice, over its as-routed FLOPs (padding included)
 TRAINER_TARGET = 1.03  # trainer step / model-only step, median of the paired per-cycle ratios
 TRANSFORMERS_TARGET = 0.9
 MFU_TARGET = 0.7
@@ -274,6 +283,7 @@ class _Session:
             self._build(spec, device, dtype)
         for _ in range(spec["warmup"]):
             self.step()
+        self.routing: dict[str, list] = {"run_tokens": [], "selected_tokens": []}  # timed steps
 
     def _build(self, spec: dict, device, dtype) -> None:
         torch = self.torch
@@ -325,12 +335,25 @@ class _Session:
         if self.cuda:
             self.torch.cuda.synchronize()
         elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+        self._record_routing()
         return elapsed, (float(loss) if loss is not None else None), cpu
+
+    def _record_routing(self) -> None:
+        """This step's tokens per recursion step, as routed and as run (pads included), read
+        after the timing (each `float` of a CUDA tensor synchronises)."""
+        decoder = getattr(self.model, "decoder", None) if self.spec["kind"] == "megatron" else None
+        out = getattr(decoder, "router_output", None)
+        if out is None or not hasattr(self, "routing"):
+            return
+        for key in self.routing:
+            self.routing[key].append([float(value) for value in getattr(out, key)])
 
     def finish(self) -> dict[str, Any]:
         out = dict(self.info, torch_threads=self.torch.get_num_threads())
         if self.spec["kind"] == "probe":
             return out
+        if getattr(self, "routing", None) and self.routing["run_tokens"]:
+            out["routing"] = self.routing
         if self.cuda:
             out.update(peak_memory_bytes=int(self.torch.cuda.max_memory_allocated()),
                        memory_method="torch.cuda.max_memory_allocated")
@@ -547,8 +570,10 @@ def _with(config, **changes):
     return dataclasses.replace(config, num_layers=0, **changes)
 
 
-def plan_models(base, recursions: Sequence[int], dtype_name: str) -> list[dict[str, Any]]:
-    """Model entries: vanilla at L, MoR at each Nr (depth rule), vanilla at each new L'."""
+def plan_models(base, recursions: Sequence[int], dtype_name: str,
+                token_choice: Sequence[int] = ()) -> list[dict[str, Any]]:
+    """Model entries: vanilla at L, MoR at each Nr (depth rule; expert-choice at `recursions`,
+    token-choice at `token_choice`), vanilla at each new L'."""
     import torch
 
     from mor_megatron.report import vanilla_config
@@ -573,20 +598,23 @@ def plan_models(base, recursions: Sequence[int], dtype_name: str) -> list[dict[s
 
     vanilla_at(L)
     mors = []
-    for nr in recursions:
+    routed = [("expert_choice", nr) for nr in recursions] + [("token_choice", nr) for nr in token_choice]
+    for router, nr in routed:
         depth = paper_depth(L, nr)
+        keep = keep_router and router == "expert_choice"
         config = _with(
             base,
             effective_layers=depth,
             num_recursions=nr,
             sharing="middle_cycle",
-            router="expert_choice",
+            router=router,
             capacities=None,
-            router_activation=base.router_activation if keep_router else None,
-            router_alpha=base.router_alpha if keep_router else None,
+            router_activation=base.router_activation if keep else None,  # None: the router's default
+            router_alpha=base.router_alpha if keep else None,
         )
-        mors.append({"name": f"mor nr={nr}", "kind": "megatron", "role": "mor", "config": config,
-                     "effective_layers": depth, "num_recursions": nr})
+        name = f"mor nr={nr}" if router == "expert_choice" else f"mor tc nr={nr}"
+        mors.append({"name": name, "kind": "megatron", "role": "mor", "config": config,
+                     "effective_layers": depth, "num_recursions": nr, "router": router})
     for entry in mors:
         entries.append(entry)
         entry["vanilla"] = vanilla_at(entry["effective_layers"])
@@ -610,6 +638,30 @@ def llama_shape(config) -> dict[str, Any]:
 
 
 # -- arithmetic on measurements ----------------------------------------------------------------------
+
+
+def routing_flops(config, routing: Optional[dict], slots: int) -> dict[str, Any]:
+    """Training FLOPs per token of a MoR job as run (the rows its shared block ran, pads
+    included: `training_flops_per_token`) and as routed (`routed_flops_per_token`), from the
+    per-step token counts its timed steps recorded (`routing`, each over the micro-batch's
+    `slots` = B x S), and the padding overhead between them. Without routing statistics (vanilla,
+    transformers): the analytic figure for both."""
+    from mor_megatron.report import training_flops_per_token
+
+    analytic = training_flops_per_token(config)
+    if not routing or not routing.get("run_tokens"):
+        return {"training_flops_per_token": analytic, "routed_flops_per_token": analytic,
+                "padding_overhead": 0.0}
+
+    def fractions(key: str) -> list[float]:
+        steps = routing[key]
+        return [sum(step[r] for step in steps) / len(steps) / slots for r in range(len(steps[0]))]
+
+    run, routed = fractions("run_tokens"), fractions("selected_tokens")
+    as_run, as_routed = training_flops_per_token(config, run), training_flops_per_token(config, routed)
+    return {"training_flops_per_token": as_run, "routed_flops_per_token": as_routed,
+            "padding_overhead": as_run / as_routed - 1.0, "run_fractions": run,
+            "routed_fractions": routed, "analytic_flops_per_token": analytic}
 
 
 def _verdict(ok: bool) -> str:
@@ -655,7 +707,10 @@ def summarize(models: dict[str, dict], entries: list[dict], probe: dict,
                 continue
             vanilla_name = job_name(entry["vanilla"], loop, compiled)
             mor, vanilla = models[mor_name], models[vanilla_name]
-            flops_ratio = mor["training_flops_per_token"] / vanilla["training_flops_per_token"]
+            # as routed: the padding a layout adds counts as overhead, like routing and scatters
+            routed_flops = mor.get("routed_flops_per_token", mor["training_flops_per_token"])
+            flops_ratio = routed_flops / vanilla["training_flops_per_token"]
+            target = TOKEN_CHOICE_TARGET if entry.get("router") == "token_choice" else OVERHEAD_TARGET
             time_ratio = mor["step_time_s"] / vanilla["step_time_s"]
             overhead = time_ratio / flops_ratio
             paired = _paired(mor, vanilla) / flops_ratio if interleaved else None
@@ -666,8 +721,11 @@ def summarize(models: dict[str, dict], entries: list[dict], probe: dict,
                 "loop": loop,
                 "compiled": compiled,
                 "num_recursions": entry["num_recursions"],
+                "router": entry.get("router", "expert_choice"),
                 "effective_layers": entry["effective_layers"],
                 "flops_ratio": flops_ratio,
+                "run_flops_ratio": mor["training_flops_per_token"] / vanilla["training_flops_per_token"],
+                "padding_overhead": mor.get("padding_overhead", 0.0),
                 "step_time_ratio": time_ratio,
                 "overhead": overhead,
                 # the same from the fastest step of each: less sensitive to a noisy neighbour
@@ -677,9 +735,9 @@ def summarize(models: dict[str, dict], entries: list[dict], probe: dict,
                 "cpu_overhead": _cpu_ratio(mor, vanilla) / flops_ratio if _cpu_ratio(mor, vanilla) else None,
                 "memory_ratio": (mor["peak_memory_bytes"] / vanilla["peak_memory_bytes"]
                                  if vanilla["peak_memory_bytes"] else None),
-                "target": OVERHEAD_TARGET,
+                "target": target,
                 # the paired figure where there is one: medians of a shared machine drift apart
-                "verdict": _verdict((paired if paired is not None else overhead) <= OVERHEAD_TARGET),
+                "verdict": _verdict((paired if paired is not None else overhead) <= target),
             })
 
     trainer_overhead = []
@@ -811,12 +869,13 @@ def render(report: dict[str, Any]) -> str:
         lines.append("")
     c = report["comparisons"]
     rows = [[m["mor"], f"{m['effective_layers']}", m["vanilla"], f"{m['flops_ratio']:.3f}",
-             f"{m['step_time_ratio']:.3f}", f"{m['overhead']:.3f}", f"{m['min_overhead']:.3f}",
+             f"{100 * m.get('padding_overhead', 0.0):+.1f}%", f"{m['step_time_ratio']:.3f}",
+             f"{m['overhead']:.3f}", f"{m['min_overhead']:.3f}",
              f"{m['paired_overhead']:.3f}" if m["paired_overhead"] is not None else "-",
              _maybe(m.get("cpu_overhead")),
              f"{m['memory_ratio']:.2f}" if m["memory_ratio"] is not None else "-",
              f"<= {m['target']:.2f}", m["verdict"]] for m in c["mor_vs_vanilla"]]
-    lines.append(_table(["MoR vs vanilla", "L'", "vs", "FLOPs ratio", "time ratio",
+    lines.append(_table(["MoR vs vanilla", "L'", "vs", "FLOPs ratio", "padding", "time ratio",
                          "time/FLOPs", "(min-based)", "(paired)", "(CPU time)", "mem ratio", "target", ""],
                         rows))
     if c["trainer_overhead"]:
@@ -841,7 +900,9 @@ def render(report: dict[str, Any]) -> str:
              f"{m['fraction']:.3f}", f">= {m['target']:.2f}", m["verdict"]]
             for m in c["model_flops_utilization"]]
     lines.append(_table(["model FLOP/s vs probe", "GFLOP/s", "probe", "fraction", "target", ""], rows))
-    lines += ["", "verdicts: MoR vs vanilla and trainer vs model-only from the paired per-cycle ratios "
+    lines += ["", "FLOPs ratio: as routed (tokens the routers sent through each step); padding: the rows run "
+              "(pads included, what MFLOP/tok counts) over those, in FLOPs; time/FLOPs counts padding as overhead",
+              "verdicts: MoR vs vanilla and trainer vs model-only from the paired per-cycle ratios "
               "(medians when --sequential), the rest from the medians; spread = (max - min) / median step; "
               "CPU time: the process's, a check on a shared machine with --threads 1; targets are informational (PASS/MISS never changes the exit status)"]
     return "\n".join(lines)
@@ -878,7 +939,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=positive_int, default=cores,
                         help=f"CPU torch threads per model (default: all cores, {cores})")
     parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
-    parser.add_argument("--recursions", default="2,3,4", help="MoR Nr values, comma-separated")
+    parser.add_argument("--recursions", default="2,3,4", help="expert-choice MoR Nr values, comma-separated")
+    parser.add_argument("--token-choice", default="3",
+                        help="token-choice MoR Nr values, comma-separated ('' for none)")
     parser.add_argument("--loops", default="model,trainer",
                         help="what a step is: 'model' (the model-only loop: forward, loss, backward, "
                         "torch AdamW on a fixed batch), 'trainer' (mor-pretrain's loop: DeepSpeed, "
@@ -951,7 +1014,6 @@ def _benchmark(args: argparse.Namespace) -> int:
     import torch
 
     from mor_megatron.errors import UserError
-    from mor_megatron.report import training_flops_per_token
     from mor_megatron.yaml_config import load_model_config
 
     overrides = list(args.overrides)
@@ -966,9 +1028,16 @@ def _benchmark(args: argparse.Namespace) -> int:
         recursions = []
     if not recursions or min(recursions) < 2:
         raise UserError(f"--recursions {args.recursions}: give comma-separated Nr values of at least 2")
+    try:
+        token_choice = [int(x) for x in args.token_choice.split(",") if x.strip()]
+    except ValueError:
+        token_choice = [0]
+    if token_choice and min(token_choice) < 2:
+        raise UserError(f"--token-choice {args.token_choice}: give comma-separated Nr values of at least 2, "
+                        "or '' for none")
     base = load_model_config(args.config, overrides)
     try:
-        entries = plan_models(base, recursions, args.dtype)
+        entries = plan_models(base, recursions, args.dtype, token_choice)
     except ValueError as err:
         raise UserError(str(err)) from err
 
@@ -1029,9 +1098,10 @@ def _benchmark(args: argparse.Namespace) -> int:
                 "effective_layers": entry["effective_layers"],
                 "unique_layers": config.num_layers if entry["kind"] == "megatron" else config.effective_layers,
                 "num_recursions": entry.get("num_recursions", 1),
-                "training_flops_per_token": training_flops_per_token(config),
+                "router": config.router if entry["kind"] == "megatron" else "none",
                 **measured[name],
             }
+            models[name].update(routing_flops(config, measured[name].get("routing"), tokens_per_step))
             if compiled and not models[name].get("compiled_layers"):
                 notes.append(f"{name}: no layer was compiled (training.compile / compile_layers did "
                              "nothing): its figures are eager ones")
@@ -1059,6 +1129,7 @@ def _benchmark(args: argparse.Namespace) -> int:
             "warmup": args.warmup,
             "sequential": args.sequential,
             "recursions": recursions,
+            "token_choice": token_choice,
             "loops": args.loop_list,
             "compile": args.compile,
             "effective_layers": base.effective_layers,

@@ -140,11 +140,32 @@ class TrainerSession:
         return sorted({str(p.dtype).removeprefix("torch.") for p in self.model.parameters()})
 
 
-def losses(run_dir: str, first: int, last: int) -> list[float]:
-    """The trainer's own logged losses of steps first..last (metrics.jsonl)."""
+def _metric_rows(run_dir: str, first: int, last: int) -> list[dict]:
+    """The trainer's own metrics.jsonl rows of steps first..last."""
     path = Path(run_dir) / "metrics.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-    return [row["train/loss"] for row in rows if first <= row["step"] <= last]
+    return [row for row in rows if first <= row["step"] <= last]
+
+
+def losses(run_dir: str, first: int, last: int) -> list[float]:
+    """The trainer's own logged losses of steps first..last (metrics.jsonl)."""
+    return [row["train/loss"] for row in _metric_rows(run_dir, first, last)]
+
+
+def routing(run_dir: str, first: int, last: int) -> Optional[dict[str, list]]:
+    """Per step first..last, the tokens of each recursion step as routed and as run (pads
+    included; `router/r{r}/selected_tokens`, `router/r{r}/run_tokens`, one micro-batch per step
+    here), as the model-only worker records them; None for a model without a router."""
+    rows = _metric_rows(run_dir, first, last)
+    out: dict[str, list] = {"run_tokens": [], "selected_tokens": []}
+    for row in rows:
+        for key in out:
+            values, r = [], 1
+            while f"router/r{r}/{key}" in row:
+                values.append(row[f"router/r{r}/{key}"])
+                r += 1
+            out[key].append(values)
+    return out if rows and all(out["run_tokens"]) else None
 
 
 def trainer_worker(say: Callable[..., None], memory_factory: Callable[[], Any]) -> int:
@@ -181,6 +202,9 @@ def trainer_worker(say: Callable[..., None], memory_factory: Callable[[], Any]) 
         "compiled_layers": session.compiled_layers(),
         "losses": losses(run_dir, spec["warmup"] + 1, spec["warmup"] + spec["steps"]),
     }
+    routed = routing(run_dir, spec["warmup"] + 1, spec["warmup"] + spec["steps"])
+    if routed is not None:
+        out["routing"] = routed
     if memory is None:
         out.update(peak_memory_bytes=int(torch.cuda.max_memory_allocated()),
                    memory_method="torch.cuda.max_memory_allocated")

@@ -6,8 +6,13 @@ gathered) and hands them here together with its `attention_mask` argument. MoR l
 
 - dense  `[k, B]`: every sequence keeps the same number of tokens (expert-choice top-k). Tokens
   are in original order, so causal-by-index is causal-by-position: plain causal attention.
-- packed `[t, 1]`: a variable number of tokens per sequence (token-choice, threshold routing),
-  sequences one after another; attention is causal within each sequence only.
+- padded `[m, B]`: a variable number of tokens per sequence (token-choice, threshold routing),
+  each sequence's active tokens in order, then pads with positions past every real one: the
+  same plain causal attention per sequence, and no real query sees a pad (docs/DESIGN.md 4.1).
+  Costs B x m^2, not (B x m)^2, and needs no mask (SDPA's fused kernels).
+- packed `[t, 1]`: a variable number of tokens per sequence, sequences one after another (the te
+  backend's thd layout); here attention is causal within each sequence by a `[t, t]` mask, the
+  te backend's fallback only.
 
 With recursive KV sharing (`kv_role`), step 1 stores its keys/values and later steps attend from
 their active queries to those stored keys, masked by original position.
@@ -31,7 +36,8 @@ from megatron.core.transformer.module import MegatronModule
 class ActiveTokens:
     """Layout of the tokens a shared layer sees at one recursion step.
 
-    positions: original positions, `[k, B]` (dense) or `[t]` (packed).
+    positions: original positions, `[k, B]` (dense), `[m, B]` (padded: pads past S) or `[t]`
+               (packed).
     seq_ids:   packed only, `[t]`, which sequence of the micro-batch each token belongs to.
     kv_store:  one dict per forward, shared by its recursion steps, for recursive KV sharing;
                a layer sees its own sub-dict (`for_layer`).
@@ -97,8 +103,8 @@ class ActiveTokenAttention(MegatronModule):
         active = attention_mask if isinstance(attention_mask, ActiveTokens) else None
         mask = None
         if active is not None:
-            # dense positions are [s, B]: batch first so the mask comes out [B, sq, sk]
-            q_pos = active.positions.t() if active.layout == "dense" else active.positions
+            # dense / padded positions are [s, B]: batch first so the mask comes out [B, sq, sk]
+            q_pos = active.positions if active.layout == "packed" else active.positions.t()
             k_pos, k_seq = q_pos, active.seq_ids
             if active.kv_role == "write":
                 active.kv_store[self] = (key, value, k_pos, k_seq)
@@ -111,7 +117,7 @@ class ActiveTokenAttention(MegatronModule):
                 # make NaNs in its (sliced-off) row and their backward: it sees all keys instead.
                 # Tested on the mask, not on the pad count, which a compiled layer would guard on
                 mask = mask | ~mask.any(-1, keepdim=True)
-                if active.layout == "dense":
+                if active.layout != "packed":  # [B, 1, sq, sk]: at most B x S^2 elements
                     mask = mask.unsqueeze(1)
         sq, b, heads, head_dim = query.shape
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, hn]

@@ -7,7 +7,8 @@ gradients over all uses.
 
 With a router, each recursion step gathers its active tokens from the `[S, B, D]` residual stream,
 runs the shared block on them only (so its matmuls and attention see k_r tokens, not S) and
-scatters the result back:
+scatters the result back (`model/token_set.py`; a variable count per sequence is padded per
+sequence on the local backend, packed on TE: docs/DESIGN.md 4.1):
   expert-choice: H <- H + g * f(H) at the selected tokens (f includes the block's residuals);
   token-choice:  tokens run ungated while their depth lasts, then H = H_1 + g * F_depth(H_1).
 """
@@ -92,13 +93,25 @@ class MoRDecoder(TransformerBlock):
         self.router_output: Optional[RouterOutput] = None
         # pipeline replicas of the shared block, by global index (`parallel.setup.parallelize`)
         self.replica_layers: frozenset[str] = frozenset()
-        # packed steps padded to a multiple of ceil(S * B / token_buckets) (0: not padded), so a
-        # compiled layer sees a bounded set of token counts (`parallel/compile.py`)
+        # layout of a step with a variable token count per sequence (docs/DESIGN.md 4.1): padded
+        # per sequence for SDPA, packed (thd, cu_seqlens) for Transformer Engine
+        self.varlen_layout = "packed" if backend == "te" else "padded"
+        # variable steps padded to one of `token_buckets` sizes (0: not padded), so a compiled
+        # layer sees a bounded set of token counts (`parallel/compile.py`)
         self.token_buckets = 0
 
     def set_token_buckets(self, buckets: int) -> None:
-        """Pad packed steps' token counts up to one of `buckets` sizes (0: no padding)."""
+        """Pad variable steps' token counts up to one of `buckets` sizes (0: no padding)."""
         self.token_buckets = int(buckets)
+
+    def _varlen_tokens(self, mask: Tensor) -> TokenSet:
+        """The `[S, B]` mask's tokens in this decoder's variable layout. Padded sets bucket
+        their row count m to a multiple of ceil(S / token_buckets); packed sets get their
+        buckets in `_pad_multiple`."""
+        if self.varlen_layout == "packed":
+            return TokenSet.packed(mask)
+        multiple = -(-mask.shape[0] // self.token_buckets) if self.token_buckets else 1
+        return TokenSet.padded(mask, multiple)
 
     def _build_layers(self) -> None:
         offset = get_transformer_layer_offset(
@@ -159,6 +172,18 @@ class MoRDecoder(TransformerBlock):
             return align
         bucket = -(-hidden.shape[0] * hidden.shape[1] // self.token_buckets)
         return -(-bucket // align) * align
+
+    def _rows_run(self, tokens: TokenSet, hidden: Tensor) -> Tensor:
+        """Token rows the block runs on for `tokens`, pads included (a 0-dim tensor, as the
+        other router statistics, on the stream's device)."""
+        if tokens.count == 0:
+            rows = 0
+        else:
+            multiple = self._pad_multiple(tokens, hidden)
+            width = 1 if tokens.layout == "packed" else tokens.index.shape[1]
+            rows = -(-tokens.index.shape[0] // multiple) * multiple * width
+        # a fill on the device, not a host-to-device copy (which would sync on CUDA)
+        return torch.full((), float(rows), dtype=torch.float32, device=hidden.device)
 
     def _run_layers(
         self, layers, hidden: Tensor, rotary: Optional[Tensor], mask=None, multiple: int = 1
@@ -224,9 +249,10 @@ class MoRDecoder(TransformerBlock):
         tokens = (
             TokenSet.dense(decision.index)
             if decision.index is not None
-            else TokenSet.packed(decision.selected)
+            else self._varlen_tokens(decision.selected)
         )
         block_out = self._run_block_on(tokens, hidden, rotary, kv_store, r)
+        out.run_tokens.append(self._rows_run(tokens, hidden))
         gate = tokens.gather_values(router.gate(logits))
         hidden = tokens.gated_scatter_add(hidden, gate, block_out, config.scatter_kernel)
 
@@ -258,9 +284,10 @@ class MoRDecoder(TransformerBlock):
         active = token_choice_runs(state.depth, r)
         if self.config.token_choice_capacity_factor is not None and r > 0:
             active, state.depth = self._apply_capacity(r, active, state, out)
-        tokens = TokenSet.packed(active)
+        tokens = self._varlen_tokens(active)
         running = tokens.scatter(state.hidden, self._run_block_on(tokens, state.hidden, rotary, kv_store, r))
         out.selected_tokens.append(active.sum())
+        out.run_tokens.append(self._rows_run(tokens, state.hidden))
         if record:
             out.selections.append(active)
         if r == self.config.num_recursions - 1:

@@ -14,9 +14,9 @@ Without TE that function silently returns a null context, so `fp8_context` check
 FP8 alignment. FP8 GEMMs need token counts divisible by 16 (32 for MXFP8; megatron
 `fp8_utils.get_fp8_align_size`). `pad_active_tokens` pads a recursion step's gathered tokens at
 the tail before the block runs; the caller slices the block output back to the real count.
-Pads never become keys of real tokens: in dense/sbhd layouts they sit after every real token in
-index order (and get positions past the last real one), so causal masking hides them from every
-real query; in packed/thd layouts they form one extra tail sequence in `cu_seqlens`, and with
+Pads never become keys of real tokens: in dense/padded (sbhd) layouts they sit after every real
+token in index order (and get positions past the last real one), so causal masking hides them
+from every real query; in packed/thd layouts they form one extra tail sequence in `cu_seqlens`, and with
 KV sharing the read path drops them before scattering and gives them zero outputs. As queries,
 pads see real keys, but their outputs are sliced off, so they get no gradient. The TE attention
 (`te_attention.py`) pads its own full-length sequence dimension the same way (`pad_rows`).
@@ -178,15 +178,15 @@ def pad_rows(x: Tensor, extra: int, dim: int = 0) -> Tensor:
 def pad_active_tokens(
     hidden: Tensor, rotary: Optional[Tensor], active: ActiveTokens, multiple: int
 ) -> tuple[Tensor, Optional[Tensor], PaddedActiveTokens]:
-    """Pad a step's gathered tokens (`[k, B, D]` dense, `[t, 1, D]` packed) at the tail to a
-    multiple of `multiple`. Pads are zero rows (zero RoPE angle, zero amax contribution), with
-    positions after the last real one (dense) or one extra tail sequence (packed)."""
+    """Pad a step's gathered tokens (`[k, B, D]` dense or padded, `[t, 1, D]` packed) at the tail
+    to a multiple of `multiple`. Pads are zero rows (zero RoPE angle, zero amax contribution), with
+    positions after the last real one (dense, padded) or one extra tail sequence (packed)."""
     extra = (-hidden.shape[0]) % multiple
     positions, seq_ids = active.positions, active.seq_ids
     if extra:
         hidden, rotary = pad_rows(hidden, extra), None if rotary is None else pad_rows(rotary, extra)
         steps = torch.arange(1, extra + 1, device=positions.device, dtype=positions.dtype)
-        if active.layout == "dense":  # [k, B]: per sequence, past its last real position
+        if active.layout != "packed":  # [k, B]: per sequence, past its last real position
             positions = torch.cat([positions, positions[-1:] + steps.unsqueeze(1)])
         else:  # [t]: a sequence of its own after the last real one
             positions = torch.cat([positions, steps - 1])

@@ -44,6 +44,8 @@ class RouterOutput:
     first_step: int = 0  # global index of the first recursion step this stage ran
     losses: dict[str, Tensor] = field(default_factory=dict)
     selected_tokens: list[Tensor] = field(default_factory=list)
+    # rows the shared block ran on, pads included (docs/DESIGN.md 4.1): what the FLOPs follow
+    run_tokens: list[Tensor] = field(default_factory=list)
     sampling_accuracy: list[Tensor] = field(default_factory=list)
     dead_token_ratio: list[Tensor] = field(default_factory=list)
     drop_rate: list[Tensor] = field(default_factory=list)  # token-choice capacity drops
@@ -58,6 +60,7 @@ class RouterOutput:
         named["router/aux_loss"] = self.aux_loss
         per_step = {
             "selected_tokens": self.selected_tokens,
+            "run_tokens": self.run_tokens,
             "sampling_accuracy": self.sampling_accuracy,
             "dead_token_ratio": self.dead_token_ratio,
             "drop_rate": self.drop_rate,

@@ -14,7 +14,10 @@ Layouts (TE's FP8 attention runs through cuDNN only, sbhd/bshd only, with no arb
   position. FP8-capable (cuDNN, delayed-scaling attention recipe, head dim 128 for training).
 - packed `[t, 1]` (token-choice, threshold routing): thd with `cu_seqlens` from `seq_ids`
   (sequences contiguous, tokens in order, see token_set.TokenSet.packed) and "padding_causal".
-  TE has no FP8 thd attention, so under an FP8 attention recipe this call runs in BF16.
+  TE has no FP8 thd attention, so under an FP8 attention recipe this call runs in BF16. A te
+  decoder builds its variable steps packed (`MoRDecoder.varlen_layout`): thd is already varlen
+  per sequence and runs no pads through the layers. The local backend's per-sequence padded
+  layout (docs/DESIGN.md 4.1), should it reach this module, runs the local SDPA forward.
 - recursive KV sharing, "read" role (queries: this step's active tokens; keys/values: step 1's).
   Chosen: scatter the active queries into a zero query tensor of full length, run plain causal
   attention against step 1's full-length keys and gather the active rows back. Why: it is exact
@@ -102,6 +105,8 @@ class TEActiveTokenAttention(ActiveTokenAttention):
         active = attention_mask if isinstance(attention_mask, ActiveTokens) else None
         if active is None:
             return self._causal_sbhd(query, key, value)
+        if active.layout == "padded":  # the local backend's layout: a te decoder builds packed sets
+            return super().forward(query, key, value, active)
         pad = getattr(active, "pad", 0)
         if active.kv_role == "read":
             return self._read(query, active, pad)

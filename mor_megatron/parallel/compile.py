@@ -7,9 +7,10 @@ layer modules as inputs, so the identical layers of a model (and a shared layer 
 recursion) reuse one graph per input signature:
 - dense steps (expert-choice top-k) have a static k_r per step: one graph per distinct k_r and
   per KV role of the step;
-- packed steps (token-choice) vary per batch: the decoder pads their token count to a bucket
-  multiple (`MoRDecoder.set_token_buckets`, the FP8 alignment pads of `model/precision.py`), so
-  the graphs are bounded by the bucket count per role.
+- variable steps (token-choice) vary per batch: the decoder pads their token count to a bucket
+  multiple (`MoRDecoder.set_token_buckets`: the padded layout's row count m to a multiple of
+  ceil(S / buckets), the packed layout's t by the FP8 alignment pads of `model/precision.py`;
+  docs/DESIGN.md 4.1), so the graphs are bounded by the bucket count per role.
 Shapes are compiled static (`dynamic=False`): no symbolic-shape recompiles, and CUDA graphs
 stay possible. Evaluation (no grad) adds one graph per shape; activation recompute adds none.
 
@@ -34,8 +35,9 @@ from mor_megatron.parallel.cpu_shims import shim_m_suspended
 
 __all__ = ["TOKEN_BUCKETS", "compile_layers", "compile_enabled"]
 
-# packed (token-choice) steps: token counts padded up to ceil(S * B / TOKEN_BUCKETS) multiples,
-# so each role compiles at most TOKEN_BUCKETS graphs
+# variable (token-choice) steps: rows per sequence padded up to ceil(S / TOKEN_BUCKETS) multiples
+# (packed: tokens to ceil(S * B / TOKEN_BUCKETS) multiples), so each role compiles at most
+# TOKEN_BUCKETS graphs
 TOKEN_BUCKETS = 8
 # graphs one layer forward may hold (dynamo's default, 8, falls back to eager beyond it):
 # (buckets or distinct k_r, plus the full sequence) x KV roles x train / eval
@@ -110,7 +112,7 @@ def compile_layers(model: nn.Module, config, backend: str = "inductor") -> int:
         torch._dynamo.config.recompile_limit = _RECOMPILE_LIMIT
     compiled = 0
     for decoder in _decoders(model):
-        # packed steps in training: token-choice's (expert-choice's top-k steps are dense)
+        # variable steps in training: token-choice's (expert-choice's top-k steps are dense)
         decoder.set_token_buckets(TOKEN_BUCKETS if config.router == "token_choice" else 0)
         for layer in decoder.layers.values():
             if getattr(layer, "_mor_compiled", False):

@@ -37,7 +37,7 @@ from mor_megatron.training.config import RunConfig, check_data, check_layout, ru
 from mor_megatron.training.eval_tasks import TaskEvaluation, check_eval_tasks, summary_line
 from mor_megatron.training.optimizer import build_engine
 from mor_megatron.model.precision import check_fp8_supported
-from mor_megatron.training.metrics import MetricsWriter, peak_tflops, router_metrics
+from mor_megatron.training.metrics import MetricsWriter, as_run_fractions, peak_tflops, router_metrics
 from mor_megatron.training.schedule import evaluation_mode, run_microbatches, train_step
 
 
@@ -166,7 +166,6 @@ def _pretrain(run: RunConfig, log) -> dict:
     )
     tasks = TaskEvaluation(engine, t, run.data.tokenizer, quiet=not _is_logger()) if t.eval_tasks else None
     writer = MetricsWriter(run.logging.dir, run.logging.tensorboard, enabled=_is_logger())
-    flops_per_token = training_flops_per_token(config)
     peak = peak_tflops(run.logging.peak_tflops)
     tokens_per_step = t.global_batch_size * config.seq_length
     progress = _progress_bar(run, state.step) if _is_logger() else None
@@ -201,6 +200,11 @@ def _pretrain(run: RunConfig, log) -> dict:
                         f"{culprit}; lower training.lr or check that data, then resume from the last checkpoint"
                     )
 
+            router = router_metrics(result.router)
+            # FLOPs as run: the shared block's rows per step, pads included (docs/DESIGN.md 4.1)
+            slots = t.micro_batch_size * config.seq_length
+            fractions = as_run_fractions(router, config.num_recursions, slots)
+            flops_per_token = training_flops_per_token(config, fractions)
             tflops = flops_per_token * tokens_per_step / elapsed / dist.get_world_size() / 1e12
             metrics = {
                 "train/loss": result.loss,
@@ -210,7 +214,7 @@ def _pretrain(run: RunConfig, log) -> dict:
                 "train/tflops_per_device": tflops,
                 "train/step_time_s": elapsed,
                 "train/skipped_steps": float(engine.skipped_steps),
-                **router_metrics(result.router),
+                **router,
             }
             if peak:
                 metrics["train/mfu"] = tflops / peak

@@ -33,6 +33,16 @@ def router_metrics(outputs: list[RouterOutput]) -> dict[str, float]:
     return local
 
 
+def as_run_fractions(router: dict[str, float], num_recursions: int, slots: int) -> Optional[list[float]]:
+    """Per recursion step, the rows the shared block ran on (`router/r{r}/run_tokens`, pads
+    included, mean per micro-batch) over the micro-batch's `slots` (B x S): what
+    `report.training_flops_per_token` counts as run. None without the statistics (no router)."""
+    keys = [f"router/r{r}/run_tokens" for r in range(1, num_recursions + 1)]
+    if not all(key in router for key in keys):
+        return None
+    return [router[key] / slots for key in keys]
+
+
 def _reduce_over_data_parallel(values: dict[str, float]) -> dict[str, float]:
     if parallel_state.get_data_parallel_world_size() == 1 or not values:
         return values
