@@ -67,7 +67,9 @@ def test_dry_run_passes_every_step_and_reports_agree(tmp_path):
     assert steps["b"]["figures"]["bit_exact"] and steps["b"]["figures"]["loss_resumed"]
     assert {name: r["status"] for name, r in steps["c"]["figures"]["layouts"].items()} == {"dp2": "passed", "tp2": "passed"}
     assert steps["d"]["figures"]["all_equal"] and len(steps["d"]["figures"]["prompts"]) == len(gpu_check.PROMPTS)
-    assert {"vanilla L=8", "mor nr=2"} <= set(steps["e"]["figures"]["models"])
+    assert {"vanilla L=8", "mor nr=2", "mor tc nr=2"} <= set(steps["e"]["figures"]["models"])
+    token_choice = steps["e"]["figures"]["ratios"]["MoR-TC-2 / vanilla L=8 tokens/s"]
+    assert token_choice["time_over_flops"] > 0 and token_choice["padding_overhead"] >= 0
     decode = steps["f"]["figures"]
     assert {"vanilla", "MoR-2", "MoR-3"} <= set(decode["L8"]["max_batch"]) and "MoR-4" in decode["L10"]["max_batch"]
     assert decode["L10"]["vs_transformers"]["equal_greedy_tokens_pct"] == 100.0

@@ -358,6 +358,8 @@ def bench_train_figures(report: dict, peak: Optional[float]) -> tuple[dict[str, 
             "ratio": speedup, "target": target, "met": None if target is None else speedup >= target,
             "flops_ratio": comparison["flops_ratio"], "memory_ratio": comparison["memory_ratio"],
             "padding_overhead": comparison.get("padding_overhead", 0.0),
+            # step-time ratio over the as-routed FLOPs ratio (bench_train's targets: 1.03, token-choice 1.05)
+            "time_over_flops": comparison["overhead"], "time_over_flops_target": comparison.get("target"),
         }
         if target is not None and speedup < target:
             findings.append(f"training MoR-{nr}: {speedup:.2f}x vanilla tokens/s, target >= {target:.2f}x")
@@ -394,20 +396,20 @@ def run_bench_train(ctx: Context, options: list[str], name: str) -> Outcome:
 
 
 # the CPU dry run's toy shape for steps e and h
-# (token-choice left out of steps e and h: their limits are sized for the expert-choice jobs)
 DRY_BENCH_TRAIN = ["--config", "configs/tiny.yaml", "--seq-length", "16", "--batch-size", "1", "--steps", "1",
-                   "--threads", "1", "--recursions", "2", "--token-choice", "", "--probe-size", "64",
-                   "--no-transformers",
+                   "--threads", "1", "--recursions", "2", "--probe-size", "64", "--no-transformers",
                    "model.hidden_size=32", "model.ffn_hidden_size=64", "model.vocab_size=128"]
 
 
 def step_bench_train(ctx: Context) -> Outcome:
+    """Eager expert-choice MoR-2/3 and token-choice MoR-3 (issue #18: per-sequence attention, its
+    padding overhead and as-routed FLOPs ratio) against vanilla."""
     if ctx.dry:
-        options = DRY_BENCH_TRAIN + ["--warmup", "0", "--loops", "model", "--compile", "off"]
+        options = DRY_BENCH_TRAIN + ["--token-choice", "2", "--warmup", "0", "--loops", "model", "--compile", "off"]
     else:
         options = ["--config", "configs/vanilla_360m.yaml", "--seq-length", "2048", "--batch-size", "8",
-                   "--dtype", "bfloat16", "--recursions", "2,3", "--token-choice", "", "--steps", "10", "--warmup", "3",
-                   "--loops", "model", "--compile", "off"]
+                   "--dtype", "bfloat16", "--recursions", "2,3", "--token-choice", "3", "--steps", "10",
+                   "--warmup", "3", "--loops", "model", "--compile", "off"]
     return run_bench_train(ctx, options, "e_bench_train")
 
 
@@ -418,12 +420,13 @@ def step_bench_train_compiled(ctx: Context) -> Outcome:
     """bench_train.py --compile on at the shapes of configs/mor_360m_nr{2,3,4}.yaml (MoR-4 at
     L=34 with the vanilla model of that depth), both loops, bf16; every model in memory at once,
     hence batch 2. A few timed steps after the compiling warm-up."""
-    options = ["--loops", "model,trainer", "--compile", "on", "--warmup", "2"]
+    # token-choice is timed eagerly in step e; here only the expert-choice jobs, to fit the limit
+    options = ["--loops", "model,trainer", "--compile", "on", "--warmup", "2", "--token-choice", ""]
     if ctx.dry:
         options = DRY_BENCH_TRAIN + options
     else:
         options += ["--config", "configs/vanilla_360m.yaml", "--seq-length", "2048", "--batch-size", "2",
-                    "--dtype", "bfloat16", "--recursions", "2,3,4", "--token-choice", "", "--steps", "3",
+                    "--dtype", "bfloat16", "--recursions", "2,3,4", "--steps", "3",
                     "--no-transformers"]
     outcome = run_bench_train(ctx, options, "h_bench_train_compiled")
     compiled = {name: record.get("compiled_layers") for name, record in
