@@ -18,12 +18,15 @@ Options (each falls back to the environment variable shown, then to the default)
                                                      (limited by CUDA_VISIBLE_DEVICES), or 1 on CPU]
   --node-rank R         NODE_RANK                    this node's rank, 0..N-1 [0]; rank 0 hosts the rendezvous
   --master-addr A       MASTER_ADDR                  rendezvous address = address of node rank 0
-                                                     [1 node: 127.0.0.1; N nodes on rank 0: this node's own
-                                                     address (first of `hostname -I`, else `hostname --ip-address`)]
+                                                     [1 node: 127.0.0.1; N nodes on rank 0: this node's address]
+  --iface NAME          MOR_IFACE                    network interface whose address (IPv4, else global IPv6,
+                                                     `ip -o addr show dev NAME`) is this node's address [the
+                                                     first name in GLOO_SOCKET_IFNAME, else NCCL_SOCKET_IFNAME]
   --master-port P       MASTER_PORT                  rendezvous port [29500]
   --rdzv-id ID          RDZV_ID                      job id shared by all nodes [$SLURM_JOB_ID, else mor]
   --local-addr A        LOCAL_ADDR                   address this node advertises to the others
-                                                     [127.0.0.1 when the rendezvous is on loopback, else torch's choice]
+                                                     [127.0.0.1 when the rendezvous is on loopback, else this
+                                                     node's address]
   --max-restarts K      MAX_RESTARTS                 torchrun worker-group restarts [0]
   --dry-run             DRY_RUN=1                    print the command instead of running it
   -h, --help                                         this text
@@ -37,6 +40,13 @@ Other environment:
                                   [cuda:LOCAL_RANK and nccl on GPUs, cpu and gloo otherwise]
   On GPU nodes these default when unset: TORCH_NCCL_ASYNC_ERROR_HANDLING=1, NCCL_IB_TIMEOUT=22,
   NCCL_IB_RETRY_CNT=7, NCCL_DEBUG=WARN, CUDA_DEVICE_MAX_CONNECTIONS=1.
+
+This node's address: that of --iface when an interface is named, else this node's own address
+(first of `hostname -I`, else `hostname --ip-address`); never 0.0.0.0/::. Name the interface when
+that first address is not on the network the nodes share (a container bridge, a management LAN).
+With several nodes and GLOO_SOCKET_IFNAME unset, GLOO_SOCKET_IFNAME is exported as the interface
+that holds the advertised address: gloo would otherwise bind to what the host name resolves to
+(often loopback), and torch would advertise that name, which other hosts cannot reach.
 
 Security: the rendezvous endpoint is never 0.0.0.0/::; it is the address you name or this node's
 own address. torch's TCP store still listens on the port on all interfaces of node rank 0 (a torch
@@ -56,6 +66,7 @@ MASTER_ADDR_V="${MASTER_ADDR:-}"
 MASTER_PORT_V="${MASTER_PORT:-29500}"
 RDZV_ID_V="${RDZV_ID:-${SLURM_JOB_ID:-mor}}"
 LOCAL_ADDR_V="${LOCAL_ADDR:-}"
+IFACE_V="${MOR_IFACE:-}"
 MAX_RESTARTS_V="${MAX_RESTARTS:-0}"
 DRY="${DRY_RUN:-0}"
 ENTRY="${MOR_ENTRY:-mor_megatron.pretrain}"
@@ -73,7 +84,7 @@ while [ $# -gt 0 ]; do
         -h|--help) usage; exit 0 ;;
         --dry-run) [ "$has_eq" = 0 ] || die "--dry-run takes no value"; DRY=1; shift ;;
         --) shift; break ;;
-        --nnodes|--nproc-per-node|--node-rank|--master-addr|--master-port|--rdzv-id|--local-addr|--max-restarts)
+        --nnodes|--nproc-per-node|--node-rank|--master-addr|--master-port|--rdzv-id|--local-addr|--iface|--max-restarts)
             take "$@"; shift "$shift_n"
             case "$opt" in
                 --nnodes) NNODES_V="$val" ;;
@@ -83,6 +94,7 @@ while [ $# -gt 0 ]; do
                 --master-port) MASTER_PORT_V="$val" ;;
                 --rdzv-id) RDZV_ID_V="$val" ;;
                 --local-addr) LOCAL_ADDR_V="$val" ;;
+                --iface) IFACE_V="$val" ;;
                 --max-restarts) MAX_RESTARTS_V="$val" ;;
             esac ;;
         *) die "unknown option '$1' (launcher options first, then -- and the trainer's arguments; see -h)" ;;
@@ -127,22 +139,69 @@ own_addr() {
     echo "$a"
 }
 
-# The rendezvous address: named, or (1 node) loopback, or (N nodes, rank 0) this node's own
-# address. Never a wildcard: nodes must reach one concrete host, and binding intent stays explicit.
+# An interface's address: its first IPv4 one, else its first global IPv6 one (link-local ones
+# need a scope id that other hosts cannot use).
+iface_addr() {
+    local a
+    a=$(ip -o -4 addr show dev "$1" 2>/dev/null | awk '{split($4, p, "/"); print p[1]; exit}') || true
+    [ -n "$a" ] || a=$(ip -o -6 addr show dev "$1" scope global 2>/dev/null | awk '{split($4, p, "/"); print p[1]; exit}') || true
+    echo "$a"
+}
+
+# The interface that holds an address, if any (gloo binds to an interface, not an address).
+iface_of() {
+    ip -o addr show 2>/dev/null | awk -v a="$1" '{split($4, p, "/"); if (p[1] == a) { print $2; exit }}' || true
+}
+
+# An address the nodes are to reach: one concrete host, never a wildcard.
+check_addr() {  # $1 = what it is, $2 = the address
+    case "$2" in
+        0.0.0.0|::|"[::]"|"*"|"[::0]"|0) die "$1 '$2' is a wildcard; name a concrete address of this cluster's network (e.g. the node's cluster IP, or --iface)" ;;
+    esac
+    [[ "$2" =~ ^[][A-Za-z0-9_.:%-]+$ ]] || die "$1 '$2' is not a host name or IP address"
+}
+
+# The named interface: --iface / MOR_IFACE, else the first name gloo or NCCL were told to use
+# (NCCL's `=name` is exact, `^names` excludes and names none, a plain name may be a prefix).
+IFACE_FROM="--iface/MOR_IFACE"
+if [ -z "$IFACE_V" ]; then
+    for var in GLOO_SOCKET_IFNAME NCCL_SOCKET_IFNAME; do
+        name="${!var:-}"; name="${name%%,*}"; exact=0
+        [[ "$name" == =* ]] && { name="${name#=}"; exact=1; }
+        [[ -z "$name" || "$name" == ^* ]] && continue
+        if [ "$var" = NCCL_SOCKET_IFNAME ] && [ "$exact" = 0 ] && command -v ip >/dev/null 2>&1 \
+                && ! ip link show dev "$name" >/dev/null 2>&1; then
+            name=$(ip -o link show 2>/dev/null | awk -F': ' -v p="$name" 'index($2, p) == 1 { sub(/@.*/, "", $2); print $2; exit }') || true
+            name="${name:-${!var%%,*}}"
+        fi
+        IFACE_V="$name"; IFACE_FROM="$var"; break
+    done
+fi
+NODE_ADDR=""  # this node's address: the named interface's, else its own (looked up when needed)
+if [ -n "$IFACE_V" ]; then
+    command -v ip >/dev/null 2>&1 || die "$IFACE_FROM names interface '$IFACE_V' but the ip command (iproute2) is missing; install it, or pass --local-addr and --master-addr instead"
+    if ! ip link show dev "$IFACE_V" >/dev/null 2>&1; then
+        known=$(ip -o link show 2>/dev/null | awk -F': ' '{ sub(/@.*/, "", $2); printf "%s%s", sep, $2; sep = ", " }') || true
+        die "network interface '$IFACE_V' (from $IFACE_FROM) does not exist on this node; name one of: ${known:-none found} (ip -o link)"
+    fi
+    NODE_ADDR=$(iface_addr "$IFACE_V")
+    [ -n "$NODE_ADDR" ] || die "network interface '$IFACE_V' (from $IFACE_FROM) has no IPv4 or global IPv6 address; name an interface that has one (ip -o addr), or pass --local-addr and --master-addr"
+fi
+node_addr() { [ -n "$NODE_ADDR" ] && echo "$NODE_ADDR" || own_addr; }
+
+# The rendezvous address: named, or (1 node) loopback, or (N nodes, rank 0) this node's address.
+# Never a wildcard: nodes must reach one concrete host, and binding intent stays explicit.
 if [ -z "$MASTER_ADDR_V" ]; then
     if [ "$NNODES_V" -eq 1 ]; then
         MASTER_ADDR_V=127.0.0.1
     elif [ "$NODE_RANK_V" -eq 0 ]; then
-        MASTER_ADDR_V=$(own_addr)
-        [ -n "$MASTER_ADDR_V" ] || die "cannot determine this node's address for the rendezvous; pass --master-addr (or MASTER_ADDR)"
+        MASTER_ADDR_V=$(node_addr)
+        [ -n "$MASTER_ADDR_V" ] || die "cannot determine this node's address for the rendezvous; pass --iface, or --master-addr (or MASTER_ADDR)"
     else
         die "--master-addr (or MASTER_ADDR) is required on node rank $NODE_RANK_V of $NNODES_V: the address of node rank 0"
     fi
 fi
-case "$MASTER_ADDR_V" in
-    0.0.0.0|::|"[::]"|"*"|"[::0]"|0) die "master address '$MASTER_ADDR_V' is a wildcard; name the address of node rank 0 (e.g. its cluster IP)" ;;
-esac
-[[ "$MASTER_ADDR_V" =~ ^[][A-Za-z0-9_.:%-]+$ ]] || die "master address '$MASTER_ADDR_V' is not a host name or IP address"
+check_addr "master address" "$MASTER_ADDR_V"
 
 # IPv6 literals need brackets in HOST:PORT.
 if [[ "$MASTER_ADDR_V" == *:* && "$MASTER_ADDR_V" != \[* ]]; then
@@ -151,10 +210,26 @@ else
     ENDPOINT="$MASTER_ADDR_V:$MASTER_PORT_V"
 fi
 
-# On loopback every node is this machine: advertise loopback too, so a host name that does not
-# resolve cannot break the workers' own store.
+# The address this node advertises. On loopback every node is this machine: loopback too, so a
+# host name that does not resolve cannot break the workers' own store. Otherwise this node's
+# address, not torch's choice (what the host name resolves to, often loopback on other hosts).
 if [ -z "$LOCAL_ADDR_V" ]; then
-    case "$MASTER_ADDR_V" in 127.*|localhost|::1|"[::1]") LOCAL_ADDR_V=127.0.0.1 ;; esac
+    case "$MASTER_ADDR_V" in
+        127.*|localhost|::1|"[::1]") LOCAL_ADDR_V=127.0.0.1 ;;
+        *) LOCAL_ADDR_V=$(node_addr) ;;
+    esac
+fi
+[ -z "$LOCAL_ADDR_V" ] || check_addr "local address" "$LOCAL_ADDR_V"
+
+# gloo binds to an interface, found from GLOO_SOCKET_IFNAME or else the host name (often
+# loopback): with several nodes, make it the one that holds the address this node advertises.
+GLOO_SET=0
+if [ "$NNODES_V" -gt 1 ] && [ -z "${GLOO_SOCKET_IFNAME:-}" ]; then
+    case "$LOCAL_ADDR_V" in
+        127.*|localhost|::1|"[::1]"|"") gloo_if="" ;;
+        *) gloo_if="$IFACE_V"; [ -n "$gloo_if" ] || gloo_if=$(iface_of "$LOCAL_ADDR_V") ;;
+    esac
+    if [ -n "$gloo_if" ]; then export GLOO_SOCKET_IFNAME="$gloo_if"; GLOO_SET=1; fi
 fi
 
 # No GPU: DeepSpeed must not probe for CUDA.
@@ -202,6 +277,7 @@ CMD+=(-m "$ENTRY" "$@")
 ENV_SHOWN=()
 [ -z "${DS_ACCELERATOR:-}" ] || ENV_SHOWN+=("DS_ACCELERATOR=$DS_ACCELERATOR")
 ENV_SHOWN+=("TORCH_ELASTIC_SHUTDOWN_TIMEOUT=$TORCH_ELASTIC_SHUTDOWN_TIMEOUT")
+[ "$GLOO_SET" = 0 ] || ENV_SHOWN+=("GLOO_SOCKET_IFNAME=$GLOO_SOCKET_IFNAME")
 if [ "$GPUS" -gt 0 ]; then
     for name in TORCH_NCCL_ASYNC_ERROR_HANDLING NCCL_IB_TIMEOUT NCCL_IB_RETRY_CNT NCCL_DEBUG CUDA_DEVICE_MAX_CONNECTIONS; do
         ENV_SHOWN+=("$name=${!name}")

@@ -22,7 +22,8 @@ QUICKSTART = ROOT / "launch" / "quickstart.sh"
 
 # Variables the scripts read: cleared so the caller's shell cannot steer a test.
 _LAUNCH_VARS = ("NNODES", "NPROC_PER_NODE", "GPUS_PER_NODE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT",
-                "RDZV_ID", "LOCAL_ADDR", "MAX_RESTARTS", "DRY_RUN", "MOR_ENTRY", "DS_ACCELERATOR",
+                "RDZV_ID", "LOCAL_ADDR", "MOR_IFACE", "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "MAX_RESTARTS",
+                "DRY_RUN", "MOR_ENTRY", "DS_ACCELERATOR",
                 "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "CUDA_VISIBLE_DEVICES", "CONFIG", "RUN_DIR", "MOR_REPO",
                 "RDZV_ADDR", "RDZV_PORT", "SRUN_EXTRA_ARGS", "AUTO_REQUEUE")
 
@@ -112,13 +113,13 @@ def test_torchrun_env_fallbacks_and_gpu_count(tmp_path: Path) -> None:
     assert _opts(_parse(out.stdout.strip())[1])["--nproc-per-node"] == "2"
     # Environment instead of flags; a flag beats the environment.
     out = _run(["bash", str(TORCHRUN_SH), "--dry-run", "--nproc-per-node=3", "--"],
-               _env(PATH=path, NNODES="2", NODE_RANK="1", MASTER_ADDR="10.1.2.3", MASTER_PORT="31000",
-                    GPUS_PER_NODE="8", RDZV_ID="job7"))
+               _env(PATH=_fake_net(fake, {"eth0": ["10.1.2.9/16"]}, own="10.1.2.9"), NNODES="2", NODE_RANK="1",
+                    MASTER_ADDR="10.1.2.3", MASTER_PORT="31000", GPUS_PER_NODE="8", RDZV_ID="job7"))
     assert out.returncode == 0, out.stderr
     opts = _opts(_parse(out.stdout.strip())[1])
     assert opts == {**opts, "--nnodes": "2", "--node-rank": "1", "--nproc-per-node": "3",
                     "--rdzv-endpoint": "10.1.2.3:31000", "--rdzv-id": "job7", "--rdzv-conf": "is_host=0"}
-    assert "--local-addr" not in opts
+    assert opts["--local-addr"] == "10.1.2.9"  # this node's own address, not torch's guess from its name
 
 
 def test_torchrun_two_nodes(tmp_path: Path) -> None:
@@ -143,6 +144,102 @@ def test_torchrun_two_nodes(tmp_path: Path) -> None:
     assert out.returncode == 0 and host not in ("0.0.0.0", "", "[::]"), out
     out = _dry(tmp_path, "--nnodes", "2", "--node-rank", "1", "--master-addr", "fd00::7")
     assert _opts(_parse(out.stdout.strip())[1])["--rdzv-endpoint"] == "[fd00::7]:29500"
+
+
+_FAKE_IP = r'''
+import json, os, sys
+here = os.path.dirname(os.path.abspath(__file__))
+ifaces = json.load(open(os.path.join(here, "ifaces.json")))  # name -> ["addr/len", ...]
+args = [a for a in sys.argv[1:] if a != "-o"]
+family = {"-4": ".", "-6": ":"}.get(args[0], "") if args and args[0] in ("-4", "-6") else ""
+args = args[1:] if family else args
+dev = args[args.index("dev") + 1] if "dev" in args else None
+if dev is not None and dev not in ifaces:
+    sys.exit(f'Device "{dev}" does not exist.')
+names = [dev] if dev else list(ifaces)
+for i, name in enumerate(names, 1):
+    shown = name + "@if9" if name.startswith("veth") else name
+    if args[0] == "link":
+        print(f"{i}: {shown}: <BROADCAST,UP> mtu 1500 state UP\\    link/ether 02:00:00:00:00:0{i}")
+        continue
+    for addr in ifaces[name]:
+        if family and family not in addr or ("global" in args and (addr.startswith("fe80") or addr == "::1/128")):
+            continue
+        kind = "inet6" if ":" in addr else "inet"
+        print(f"{i}: {name}    {kind} {addr} scope global {name}\\       valid_lft forever")
+'''
+
+
+def _fake_net(bin_dir: Path, ifaces: dict[str, list[str]], own: str = "") -> str:
+    """PATH with a fake `ip` (these interfaces and addresses) and `hostname` (-I prints `own`) first,
+    so the launcher's address lookups run without touching this machine's network."""
+    import json
+
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "ifaces.json").write_text(json.dumps(ifaces))
+    (bin_dir / "ip").write_text(f"#!{sys.executable}\n{_FAKE_IP}")
+    (bin_dir / "hostname").write_text(f"#!/bin/sh\necho {shlex.quote(own)}\n")
+    for name in ("ip", "hostname"):
+        (bin_dir / name).chmod(0o755)
+    return f"{bin_dir}{os.pathsep}{_no_gpu_path(bin_dir)}"
+
+
+NET = {"lo": ["127.0.0.1/8", "::1/128"], "eth7": ["10.9.0.7/24", "fd00::7/64"], "ib6": ["fe80::6/64", "fd00::6/64"],
+       "veth3": ["10.213.0.3/24"], "dummy0": ["fe80::1/64"]}
+
+
+def _net_dry(tmp_path: Path, *args: str, own: str = "192.0.2.50", **env: str) -> subprocess.CompletedProcess:
+    path = _fake_net(tmp_path / "net", NET, own)
+    return _run(["bash", str(TORCHRUN_SH), "--dry-run", "--nnodes", "2", *args], _env(PATH=path, **env))
+
+
+@pytest.mark.parametrize("args, env, endpoint, local, gloo", [
+    # named interface: its IPv4 address is the rendezvous (rank 0) and the advertised address; gloo binds there
+    (["--node-rank", "0", "--iface", "eth7"], {}, "10.9.0.7", "10.9.0.7", "eth7"),
+    (["--node-rank", "0", "--iface=veth3"], {}, "10.213.0.3", "10.213.0.3", "veth3"),
+    (["--node-rank", "1", "--master-addr", "10.9.0.1"], {"MOR_IFACE": "eth7"}, "10.9.0.1", "10.9.0.7", "eth7"),
+    # no IPv4: the global IPv6 address, never the link-local one
+    (["--node-rank", "0", "--iface", "ib6"], {}, "[fd00::6]", "fd00::6", "ib6"),
+    # the interface gloo or NCCL were told (first of a list; NCCL's =exact, prefix, ^exclusion); an exported
+    # GLOO_SOCKET_IFNAME is left as it is
+    (["--node-rank", "0"], {"GLOO_SOCKET_IFNAME": "veth3,eth7"}, "10.213.0.3", "10.213.0.3", None),
+    (["--node-rank", "0"], {"NCCL_SOCKET_IFNAME": "=eth7"}, "10.9.0.7", "10.9.0.7", "eth7"),
+    (["--node-rank", "0"], {"NCCL_SOCKET_IFNAME": "vet"}, "10.213.0.3", "10.213.0.3", "veth3"),
+    (["--node-rank", "0"], {"NCCL_SOCKET_IFNAME": "^docker,lo"}, "192.0.2.50", "192.0.2.50", None),
+    # no interface named: this node's own address; gloo gets the interface that holds it
+    (["--node-rank", "0"], {}, "192.0.2.50", "192.0.2.50", None),
+    (["--node-rank", "1", "--master-addr", "10.213.0.1"], {"OWN": "10.213.0.3"}, "10.213.0.1", "10.213.0.3", "veth3"),
+    # an explicit --local-addr wins over the interface
+    (["--node-rank", "1", "--master-addr", "10.9.0.1", "--local-addr", "10.9.0.99", "--iface", "eth7"], {},
+     "10.9.0.1", "10.9.0.99", "eth7"),
+])
+def test_torchrun_node_address(tmp_path: Path, args: list[str], env: dict[str, str], endpoint: str, local: str,
+                               gloo: str | None) -> None:
+    own = env.pop("OWN", "192.0.2.50")
+    out = _net_dry(tmp_path, *args, own=own, **env)
+    assert out.returncode == 0, out.stderr
+    shown, targs, _ = _parse(out.stdout.strip())
+    opts = _opts(targs)
+    assert opts["--rdzv-endpoint"] == f"{endpoint}:29500" and opts["--local-addr"] == local, opts
+    assert shown.get("GLOO_SOCKET_IFNAME") == gloo, shown
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["--iface", "eth9"], {}, "network interface 'eth9' (from --iface/MOR_IFACE) does not exist on this node; "
+                              "name one of: lo, eth7, ib6, veth3, dummy0 (ip -o link)"),
+    ([], {"MOR_IFACE": "eth9"}, "network interface 'eth9' (from --iface/MOR_IFACE) does not exist"),
+    ([], {"NCCL_SOCKET_IFNAME": "=eth"}, "network interface 'eth' (from NCCL_SOCKET_IFNAME) does not exist"),
+    ([], {"GLOO_SOCKET_IFNAME": "eth"}, "network interface 'eth' (from GLOO_SOCKET_IFNAME) does not exist"),
+    (["--iface", "dummy0"], {}, "network interface 'dummy0' (from --iface/MOR_IFACE) has no IPv4 or global IPv6 "
+                                "address; name an interface that has one"),
+    (["--master-addr", "10.9.0.1", "--local-addr", "0.0.0.0"], {}, "local address '0.0.0.0' is a wildcard"),
+    (["--master-addr", "10.9.0.1", "--local-addr", "::"], {}, "local address '::' is a wildcard"),
+])
+def test_torchrun_bad_interface(tmp_path: Path, args: list[str], env: dict[str, str], message: str) -> None:
+    out = _net_dry(tmp_path, "--node-rank", "1" if "--master-addr" in args else "0", *args, **env)
+    assert out.returncode == 2 and out.stdout == ""
+    err = out.stderr.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("torchrun.sh: error:") and message in err, err
 
 
 def test_torchrun_entry_override(tmp_path: Path) -> None:
