@@ -27,7 +27,9 @@ Options (each falls back to the environment variable shown, then to the default)
   --local-addr A        LOCAL_ADDR                   address this node advertises to the others
                                                      [127.0.0.1 when the rendezvous is on loopback, else this
                                                      node's address]
-  --max-restarts K      MAX_RESTARTS                 torchrun worker-group restarts [0]
+  --max-restarts K      MAX_RESTARTS                 in-job restarts: a failed worker (crash, SIGKILL) makes torchrun
+                                                     restart the node's worker group up to K times; the new workers
+                                                     resume from the newest complete checkpoint [0]
   --dry-run             DRY_RUN=1                    print the command instead of running it
   -h, --help                                         this text
 
@@ -36,6 +38,8 @@ Other environment:
   MOR_ENTRY     python module torchrun runs [mor_megatron.pretrain]
   DS_ACCELERATOR  set to cpu when no GPU is found (DeepSpeed otherwise looks for CUDA)
   TORCH_ELASTIC_SHUTDOWN_TIMEOUT  seconds workers get after SIGTERM (checkpoint) before SIGKILL [60]
+  TORCH_DISABLE_SHARE_RDZV_TCP_STORE  1: each (re)started worker group gets a fresh store, so a
+                                  --max-restarts restart cannot hang on the dead group's keys [1]
   MOR_DEVICE, MOR_DIST_BACKEND    compute device / process-group backend (mor_megatron/device.py)
                                   [cuda:LOCAL_RANK and nccl on GPUs, cpu and gloo otherwise]
   On GPU nodes these default when unset: TORCH_NCCL_ASYNC_ERROR_HANDLING=1, NCCL_IB_TIMEOUT=22,
@@ -246,6 +250,10 @@ if [ "$GPUS" -gt 0 ]; then
 fi
 # Workers get this long after SIGTERM (they write a checkpoint) before torchrun kills them.
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-60}"
+# A restarted worker group (--max-restarts) must not share the rendezvous TCPStore with the group
+# before it: its keys are not prefixed per attempt, so the new workers read the dead ones' gloo
+# addresses and hang in their first new_group (pytorch/pytorch#135712; tests/test_restarts.py).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
 
 # The interpreter: $PYTHON, the active venv, then python3 on PATH.
 if [ -n "${PYTHON:-}" ]; then
@@ -276,7 +284,7 @@ CMD+=(-m "$ENTRY" "$@")
 # The environment this script decides, shown with the command so it can be pasted as is.
 ENV_SHOWN=()
 [ -z "${DS_ACCELERATOR:-}" ] || ENV_SHOWN+=("DS_ACCELERATOR=$DS_ACCELERATOR")
-ENV_SHOWN+=("TORCH_ELASTIC_SHUTDOWN_TIMEOUT=$TORCH_ELASTIC_SHUTDOWN_TIMEOUT")
+ENV_SHOWN+=("TORCH_ELASTIC_SHUTDOWN_TIMEOUT=$TORCH_ELASTIC_SHUTDOWN_TIMEOUT" "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=$TORCH_DISABLE_SHARE_RDZV_TCP_STORE")
 [ "$GLOO_SET" = 0 ] || ENV_SHOWN+=("GLOO_SOCKET_IFNAME=$GLOO_SOCKET_IFNAME")
 if [ "$GPUS" -gt 0 ]; then
     for name in TORCH_NCCL_ASYNC_ERROR_HANDLING NCCL_IB_TIMEOUT NCCL_IB_RETRY_CNT NCCL_DEBUG CUDA_DEVICE_MAX_CONNECTIONS; do

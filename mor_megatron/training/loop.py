@@ -123,6 +123,14 @@ def pretrain(run: RunConfig, log=print) -> dict:
         return _pretrain(run, log)
 
 
+def _restart_note() -> str:
+    """Where torchrun restarted this worker group (`--max-restarts`): which restart it is."""
+    count = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if count in ("", "0"):
+        return ""
+    return f" (torchrun restart {count} of {os.environ.get('TORCHELASTIC_MAX_RESTARTS', '?')})"
+
+
 def _pretrain(run: RunConfig, log) -> dict:
     t = run.training
     initialize_parallel(run.parallel.tensor_model_parallel_size, run.parallel.pipeline_model_parallel_size, t.seed)
@@ -151,7 +159,7 @@ def _pretrain(run: RunConfig, log) -> dict:
     state = TrainState()
     if latest is not None:
         state = load_checkpoint(engine, model, latest, log=say)
-        say(f"resumed from {latest} at step {state.step}")
+        say(f"resumed from {latest} at step {state.step}{_restart_note()}")
 
     dp_rank = parallel_state.get_data_parallel_rank()
     data = PretrainingBatches(
