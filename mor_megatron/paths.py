@@ -42,6 +42,20 @@ def writable_dir(path: Union[str, Path], setting: str) -> Path:
     return path
 
 
+def output_file(path: Union[str, Path], what: str, setting: str = "--output",
+                overwrite: Optional[bool] = None) -> Path:
+    """`path` as a file to write `what` into, checked before any work: never a folder, in a
+    folder this process can write; an existing file is refused unless `overwrite` (None: a tool
+    that always replaces its output file)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{setting} {path} is a directory: give a file path for {what}")
+    if path.exists() and overwrite is False:
+        raise UserError(f"{setting} {path} already exists: choose a new file, or pass --overwrite to replace it")
+    writable_dir(path.resolve().parent, f"{setting}'s folder")
+    return path
+
+
 @contextmanager
 def replaced_output(path: Union[str, Path], setting: str = "--output", overwrite: bool = False) -> Iterator[Path]:
     """Check `path` first, then yield a new folder beside it to write the output into; when the

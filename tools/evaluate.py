@@ -48,21 +48,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     return run_cli(lambda: _run(args), args.debug)
 
 
-def _check_output(path: str, overwrite: bool) -> Path:
-    """The --output file, checked before any work: never a folder, an existing file only with
-    --overwrite, in a folder this process can write."""
-    from mor_megatron.errors import UserError
-    from mor_megatron.paths import writable_dir
-
-    output = Path(path)
-    if output.is_dir():
-        raise UserError(f"--output {path} is a directory: give a file path for the results JSON")
-    if output.exists() and not overwrite:
-        raise UserError(f"--output {path} already exists: choose a new file, or pass --overwrite to replace it")
-    writable_dir(output.resolve().parent, "--output's folder")
-    return output
-
-
 def _run(args) -> int:
     import logging
 
@@ -74,12 +59,13 @@ def _run(args) -> int:
     from mor_megatron.evaluation.harness import MoRLM, evaluate_tasks, resolve_tasks, results_table
     from mor_megatron.evaluation.scoring import ModelScorer
     from mor_megatron.inference.loading import load_model, read_checkpoint_meta, resolve_checkpoint, tokenizer_name
+    from mor_megatron.paths import output_file
 
     if not args.debug:
         logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its per-task INFO/WARNING notes
     # tasks, output place and tokenizer first: seconds, before a model is loaded
     resolve_tasks(args.tasks, args.include_path)
-    output = _check_output(args.output, args.overwrite) if args.output else None
+    output = output_file(args.output, "the results JSON", overwrite=args.overwrite) if args.output else None
     meta = read_checkpoint_meta(resolve_checkpoint(args.checkpoint))
     name = tokenizer_name(meta, args.tokenizer)
     if name is None:

@@ -107,16 +107,14 @@ def _run(args) -> int:
     from mor_megatron.inference.engine import Engine
     from mor_megatron.inference.loading import LoadError, load_model, tokenizer_name
     from mor_megatron.inference.sampling import SamplingParams
-    from mor_megatron.paths import writable_dir
+    from mor_megatron.paths import output_file
 
     # the prompts and the output place first: seconds, before a model is loaded
     lines = read_prompts(args.prompts) if args.prompts else [p.replace("\\n", "\n") for p in args.prompt]
     if not lines:
         raise LoadError(f"{args.prompts} holds no prompt")
     if args.output:
-        writable_dir(Path(args.output).resolve().parent, "--output's folder")
-        if Path(args.output).is_dir():
-            raise LoadError(f"--output {args.output} is a directory: give a file path for the JSON lines")
+        output_file(args.output, "the JSON lines")
     model, directory, meta = load_model(args.checkpoint)
     config = model.config
     tokenizer = None
