@@ -8,6 +8,7 @@ decoding and export read them (`weights.py` holds the weights' format).
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -104,7 +105,12 @@ def find_latest(save_dir: str, log: Callable[[str], None] = print) -> Optional[P
 
 def exit_with_parent(parent: int) -> None:
     """Initializer of checkpoint helper processes: exit as soon as `parent` is gone (here because
-    this module imports only the standard library, so a spawned helper starts fast)."""
+    this module imports only the standard library, so a spawned helper starts fast). SIGTERM and
+    SIGINT are ignored: torchrun and Slurm send them to the trainer's whole process group, and a
+    helper that died on them would fail the very checkpoint the trainer writes on SIGTERM."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(0.5)
