@@ -5,8 +5,9 @@ torchrun (`torch.distributed.run`) answers any failed worker with its own traceb
 table, so a worker's one-line `error: ...` (a bad config, data or checkpoint: exit code 2) drowns
 in 30 lines. Here the launch is the same `torch.distributed.run` (same options, same elastic agent),
 but a failure ends with one line: nothing more when the worker already said what was wrong (exit
-code 2), else which rank failed and how. Exit codes: the failed worker's (2 for user errors), 1
-when it died by a signal.
+code 2), else which rank failed and how; a SIGTERM to torchrun itself (preemption) ends in one
+line too. Exit codes: the failed worker's (2 for user errors), 1 when it died by a signal, 128 +
+the signal when torchrun was stopped by one.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def _describe(exitcode: int) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
@@ -42,6 +44,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: worker rank {rank} (pid {failure.pid}) {_describe(failure.exitcode)}; its output "
               "is above; relaunch the same command to resume from the last checkpoint", file=sys.stderr)
         return failure.exitcode if failure.exitcode > 0 else 1
+    except SignalException as stopped:
+        # SIGTERM from Slurm preemption or the user: torchrun passed it on to the workers, which
+        # save a checkpoint before they exit (see their output above)
+        name = signal.Signals(stopped.sigval).name
+        print(f"error: stopped by {name}; the trainers' last lines above say whether they saved; relaunch "
+              "the same command (or requeue the job) to resume from the newest complete checkpoint", file=sys.stderr)
+        return 128 + int(stopped.sigval)
     return 0
 
 

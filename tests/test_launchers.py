@@ -504,3 +504,40 @@ def test_ctrl_c_outside_training_is_one_line_exit_130(monkeypatch, capsys) -> No
     assert err.count("\n") == 1 and err.startswith("interrupted (Ctrl-C): stopped")
     with pytest.raises(KeyboardInterrupt):
         errors.run_cli(interrupted, debug=True)
+
+
+def test_torchrun_stopped_by_sigterm_ends_in_one_line(tmp_path: Path) -> None:
+    """A SIGTERM to torchrun (Slurm preemption signals the step): torchrun forwards it to the
+    workers and raises SignalException; `mor_megatron.torchrun` ends in one line, exit 128 + 15,
+    after the worker's own output (a trainer saves there)."""
+    worker = tmp_path / "worker.py"
+    ready = tmp_path / "ready"
+    worker.write_text(
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, lambda *a: (print('worker: got SIGTERM', flush=True), sys.exit(0)))\n"
+        f"open({str(ready)!r}, 'w').close()\n"
+        "time.sleep(120)\n"
+    )
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mor_megatron.torchrun", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+         "--rdzv-endpoint", f"127.0.0.1:{port}", str(worker)],
+        cwd=ROOT, env=dict(os.environ, TORCH_ELASTIC_SHUTDOWN_TIMEOUT="20"), text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(15)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + 15, (out, err)
+    assert "worker: got SIGTERM" in out
+    assert "Traceback" not in err and "SignalException" not in err, err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert errors == [errors[0]] and "stopped by SIGTERM" in errors[0] and "resume" in errors[0], err
