@@ -9,11 +9,12 @@ deletes its end of the pair, and with it the other end. Needs root and iproute2'
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Optional
+
+from system_packages import ensure_programs
 
 
 @dataclass(frozen=True)
@@ -31,8 +32,9 @@ def why_not() -> Optional[str]:
     """Why namespaces cannot be made here (one line), or None."""
     if os.geteuid() != 0:
         return "network namespaces need root"
-    if shutil.which("ip") is None:
-        return "no `ip` command (iproute2)"
+    missing = ensure_programs(["ip"], ["iproute2"])
+    if missing:
+        return missing
     name = f"mor-probe-{os.getpid()}"
     try:  # a container without CAP_SYS_ADMIN / CAP_NET_ADMIN fails here, not in the test
         for args in (["add", name], ["exec", name, "true"]):

@@ -38,46 +38,16 @@ from typing import Iterator, Optional
 
 import pytest
 
+from system_packages import ensure_programs, which
+
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")  # Debian's slurm-wlm minus its docs/extras
 PROGRAMS = ("sbatch", "scontrol", "sinfo", "slurmctld", "slurmd", "munged")
-APT_CACHE = Path("/tmp/mor-apt-cache")
 NODES = ("mor1", "mor2")
-_SBIN = "/usr/sbin:/sbin"
-
-
-def _which(program: str) -> Optional[str]:
-    path = f"{os.environ.get('PATH', '')}{os.pathsep}{_SBIN}"
-    return shutil.which(program, path=path)
-
-
-def _apt_install() -> subprocess.CompletedProcess:
-    APT_CACHE.joinpath("partial").mkdir(parents=True, exist_ok=True)
-    command = ["apt-get", "install", "-y", "-q", "--no-install-recommends",
-               "-o", f"Dir::Cache::archives={APT_CACHE}", "-o", "DPkg::Lock::Timeout=300", *PACKAGES]
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
 
 
 def ensure_slurm() -> Optional[str]:
     """Install the packages if a program is missing. Returns why the cluster cannot run, or None."""
-    missing = [p for p in PROGRAMS if _which(p) is None]
-    if not missing:
-        return None
-    why = f"Slurm programs missing ({', '.join(missing)})"
-    if os.geteuid() != 0:
-        return f"{why} and not root: cannot apt-get install {' '.join(PACKAGES)}"
-    if shutil.which("apt-get") is None:
-        return f"{why} and no apt-get: install {' '.join(PACKAGES)}"
-    done = _apt_install()
-    if done.returncode != 0:  # stale or missing package lists: refresh once
-        subprocess.run(["apt-get", "update", "-q"], capture_output=True, text=True, timeout=600)
-        done = _apt_install()
-    if done.returncode != 0:
-        pytest.fail(f"apt-get install {' '.join(PACKAGES)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
-    still = [p for p in PROGRAMS if _which(p) is None]
-    if still:
-        pytest.fail(f"installed {' '.join(PACKAGES)} but still missing: {', '.join(still)}")
-    return None
+    return ensure_programs(PROGRAMS, PACKAGES)
 
 
 def _free_ports(count: int) -> list[int]:
@@ -209,7 +179,7 @@ class SlurmCluster:
         key.write_bytes(os.urandom(1024))
         key.chmod(0o400)
         munge_socket = munge / "munge.socket"
-        self._start("munged", [_which("munged"), "--foreground", f"--socket={munge_socket}", f"--key-file={key}",
+        self._start("munged", [which("munged"), "--foreground", f"--socket={munge_socket}", f"--key-file={key}",
                                f"--pid-file={munge / 'munged.pid'}", f"--log-file={munge / 'munged.log'}",
                                f"--seed-file={munge / 'munged.seed'}", "--num-threads=2"],
                     munge / "stdout.log")
@@ -224,10 +194,10 @@ class SlurmCluster:
         (self.root / "cgroup.conf").write_text("# no cgroup plugin is used (proctrack/linuxproc, task/none)\n")
         self.env["SLURM_CONF"] = str(conf)
 
-        self._start("slurmctld", [_which("slurmctld"), "-D", "-c", "-f", str(conf)], self.root / "ctld" / "stdout.log")
+        self._start("slurmctld", [which("slurmctld"), "-D", "-c", "-f", str(conf)], self.root / "ctld" / "stdout.log")
         self._wait("slurmctld does not answer", lambda: self.run("scontrol", "ping", check=False).returncode == 0, 30)
         for name in self.nodes:
-            self._start(name, [_which("slurmd"), "-D", "-N", name, "-f", str(conf)], self.root / name / "stdout.log")
+            self._start(name, [which("slurmd"), "-D", "-N", name, "-f", str(conf)], self.root / name / "stdout.log")
 
         def all_idle() -> bool:
             out = self.run("sinfo", "-h", "-N", "-o", "%N %t", check=False).stdout.split()
@@ -311,7 +281,7 @@ def _signal(pid: int, signum: int) -> None:
 def client_env(base: Optional[dict[str, str]] = None) -> dict[str, str]:
     """The caller's environment minus any SLURM_* of an enclosing allocation, with sbin on PATH."""
     env = {k: v for k, v in (base or os.environ).items() if not k.startswith("SLURM")}
-    env["PATH"] = f"{env.get('PATH', '')}{os.pathsep}{_SBIN}"
+    env["PATH"] = f"{env.get('PATH', '')}{os.pathsep}/usr/sbin:/sbin"  # the daemons' folders
     return env
 
 
