@@ -19,7 +19,7 @@ from train_helpers import _free_port, launch, metrics, repo_root, series, write_
 
 pytestmark = pytest.mark.distributed
 
-TRAIN_STEPS, SAVE_EVERY = 24, 4
+TRAIN_STEPS, SAVE_EVERY = 12, 3
 
 
 def _workers(agent: int) -> dict[int, int]:
