@@ -4,7 +4,8 @@ An estimate, per pipeline stage (the busiest one decides):
 - parameters, gradients and AdamW state with mixed precision (bf16 weights and gradients, fp32
   master + two moments: 2 + 2 + 12 bytes per parameter; fp32 training: 4 + 4 + 8), divided by the
   tensor-parallel size and, per ZeRO stage, by the data-parallel size (ZeRO-1 the optimizer state,
-  ZeRO-2 also gradients, ZeRO-3 also weights). Stages that run recursions each hold the shared
+  ZeRO-2 also gradients, ZeRO-3 also weights); bf16 at ZeRO-1 without pipelining adds the fp32
+  gradient accumulation buffer (4 bytes per parameter). Stages that run recursions each hold the shared
   block; the first stage holds the embedding, the last its tied copy.
 - activations of one micro-batch per layer call, from what autograd keeps for a Llama layer with
   fused attention (no S x S scores): norm inputs, q/k/v, attention output, fc1 input and output,
@@ -63,7 +64,10 @@ def stage_memory(config: MoRConfig, layout: Layout) -> list[dict[str, float]]:
         if rank == 0 or rank == pp - 1:
             params += config.vocab_size * config.hidden_size / tp
         weights = params * width / (dp if layout.zero_stage >= 3 else 1)
-        grads = params * width / (dp if layout.zero_stage >= 2 else 1)
+        # bf16 at ZeRO-1 without PP: DeepSpeed's BF16_Optimizer sums gradients in an fp32 buffer
+        # beside the bf16 .grad (training/optimizer.deepspeed_config); measured by tools/rehearse.py
+        fp32_accumulation = 4 if layout.bf16 and layout.zero_stage == 1 and pp == 1 else 0
+        grads = params * (width + fp32_accumulation) / (dp if layout.zero_stage >= 2 else 1)
         optimizer = params * optimizer_bytes / (dp if layout.zero_stage >= 1 else 1)
 
         calls = []  # (tokens per micro-batch) of every layer call on this stage

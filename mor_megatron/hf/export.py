@@ -1,8 +1,10 @@
 """Export a mor-megatron checkpoint (any TP/PP/DP layout) as a Hugging Face model folder.
 
 The layout-free weights (`step_N/universal/`, or any megatron dist-checkpoint of the model, such
-as `tools/init_weights.py` writes) are loaded into a single-process TP=1, PP=1 `MoRGPTModel`, which
-reshards them; its `state_dict` is converted by `layouts.megatron_to_hf`. A vanilla model
+as `tools/init_weights.py` writes) are read one tensor at a time through the sharding metadata of a
+single-process TP=1, PP=1 `MoRGPTModel` built on the meta device (which reshards them), converted
+by `layouts.stream_megatron_to_hf` and streamed into the safetensors files: the export's memory is
+about twice its largest tensor group plus the process itself, not the model. A vanilla model
 (sharing none) becomes a plain `LlamaForCausalLM`; anything else a `MoRForCausalLM` whose
 self-contained code (`configuration_mor.py`, `modeling_mor.py`) is copied into the folder.
 """
@@ -18,8 +20,8 @@ from typing import TYPE_CHECKING, Callable, Optional
 import torch
 
 from mor_megatron.config import MoRConfig
-from mor_megatron.hf.layouts import ConversionError, Dims, megatron_to_hf
-from mor_megatron.hf.safetensors_io import parse_size, write_safetensors
+from mor_megatron.hf.layouts import ConversionError, Dims, entries, stream_megatron_to_hf
+from mor_megatron.hf.safetensors_io import SafetensorsWriter, TensorSpec, parse_size
 from mor_megatron.paths import replaced_output
 
 if TYPE_CHECKING:
@@ -149,17 +151,55 @@ def check_weights(model, directory: Path, tied: bool) -> None:
         )
 
 
-def load_state(config: MoRConfig, weights: Path) -> dict[str, torch.Tensor]:
-    """The TP=1 `state_dict` of the model in `weights` (resharded from any saved layout)."""
+def weightless_model(config: MoRConfig):
+    """The single-process model on the meta device: its tensors' names, shapes and dtypes, and
+    the sharding metadata to read each one, without their memory."""
     from mor_megatron.model import MoRGPTModel
     from mor_megatron.parallel.state import initialize_parallel
-    from mor_megatron.weights import load_weights
 
     initialize_parallel()
-    model = MoRGPTModel(config)
+    with torch.device("meta"):
+        return MoRGPTModel(config)
+
+
+def tensor_reader(model, weights: Path) -> tuple[list[str], Callable[[str], torch.Tensor]]:
+    """The names of the model's tensors, and a function reading one of them at TP=1 from the
+    layout-free weights in `weights` (resharded from any saved layout; one tensor in memory)."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    sharded = {name: item for name, item in model.sharded_state_dict().items()
+               if isinstance(item, (ShardedTensor, ShardedTensorFactory))}
+
+    def read(name: str) -> torch.Tensor:
+        item = sharded[name]
+        real = dataclasses.replace(item, data=torch.empty(item.data.shape, dtype=item.data.dtype))
+        return dist_checkpointing.load({name: real}, str(weights), strict="assume_ok_unexpected")[name]
+
+    return list(sharded), read
+
+
+def plan(model, dims: Dims) -> list[TensorSpec]:
+    """Every HF tensor the export writes, with its shape and the model's dtype of its source."""
+    dtypes = {name: param.dtype for name, param in model.state_dict(keep_vars=True).items() if torch.is_tensor(param)}
+    return [TensorSpec(name, tuple(shape), dtypes[entry.megatron])
+            for entry in entries(dims) if entry.megatron in dtypes
+            for name, shape in zip(entry.hf, entry.shapes)]
+
+
+def write_weights(config: MoRConfig, weights: Path, output: Path, max_shard_bytes: int) -> tuple[int, list[str]]:
+    """Convert and write the HF weights tensor by tensor (peak memory: about two of the largest
+    tensor group, not the model); returns the tensor count and the file names."""
+    model = weightless_model(config)
     check_weights(model, weights, config.tie_embeddings)
-    load_weights(model, str(weights))
-    return {name: value for name, value in model.state_dict().items() if torch.is_tensor(value)}
+    dims = Dims.from_mor(config)
+    specs = plan(model, dims)
+    names, read = tensor_reader(model, weights)
+    writer = SafetensorsWriter(specs, output, max_shard_bytes, {"format": "pt"})
+    for name, tensor in stream_megatron_to_hf(names, read, dims, str(weights)):
+        writer.write(name, tensor)
+        del tensor  # the group's last reference: freed before the next is read
+    return len(specs), writer.close()
 
 
 # -- HF configs ---------------------------------------------------------------------------------
@@ -262,10 +302,9 @@ def export(
     with replaced_output(output, "--output", overwrite) as out:
         source = resolve_source(checkpoint, config, log)
         model_config = build_config(source.model_section)
-        state = load_state(model_config, source.weights)
         if model_config.router == "token_choice" and model_config.token_choice_capacity_factor is not None:
             log("note: token_choice_capacity_factor is a training-time cap; the HF model routes without it")
-        tensors = megatron_to_hf(state, Dims.from_mor(model_config), str(source.weights))
+        count, files = write_weights(model_config, source.weights, out, shard_bytes)
         special = _tokenizer_tokens(tokenizer or source.tokenizer, out, tokenizer is not None, log)
         hf = hf_config(model_config, special)
         hf.save_pretrained(str(out))
@@ -273,7 +312,6 @@ def export(
         if hf.model_type == "mor":
             for name in REMOTE_CODE:
                 shutil.copyfile(HERE / name, out / name)
-        files = write_safetensors(tensors, out, shard_bytes)
     kind = "LlamaForCausalLM" if hf.model_type == "llama" else "MoRForCausalLM (trust_remote_code=True)"
-    log(f"exported {source.description} as {kind} to {output} ({len(tensors)} tensors, {len(files)} file(s))")
+    log(f"exported {source.description} as {kind} to {output} ({count} tensors, {len(files)} file(s))")
     return Path(output)

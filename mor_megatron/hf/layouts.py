@@ -14,7 +14,7 @@ anything missing, misshapen or left over is a `ConversionError` naming the tenso
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor
@@ -172,7 +172,7 @@ def _take(state: dict[str, Tensor], name: str, source: str) -> Tensor:
     return state[name]
 
 
-def _leftovers(state: dict[str, Tensor], used: set[str], source: str, ignore: Callable[[str], bool]) -> None:
+def _leftovers(state: Iterable[str], used: set[str], source: str, ignore: Callable[[str], bool]) -> None:
     left = sorted(name for name in state if name not in used and not ignore(name))
     if left:
         more = f" (and {len(left) - 1} more)" if len(left) > 1 else ""
@@ -182,19 +182,29 @@ def _leftovers(state: dict[str, Tensor], used: set[str], source: str, ignore: Ca
         )
 
 
-def megatron_to_hf(state: dict[str, Tensor], d: Dims, source: str = "checkpoint") -> dict[str, Tensor]:
-    """A TP=1 megatron `state_dict` -> HF tensors (every source tensor consumed)."""
-    out: dict[str, Tensor] = {}
-    used: set[str] = set()
-    for entry in entries(d):
-        tensor = _take(state, entry.megatron, source)
+def stream_megatron_to_hf(
+    names: Iterable[str], read: Callable[[str], Tensor], d: Dims, source: str = "checkpoint"
+) -> Iterator[tuple[str, Tensor]]:
+    """A TP=1 megatron model, one tensor at a time -> HF (name, tensor) pairs: `names` are every
+    tensor the source holds, `read(name)` gives one (so memory holds one group at a time). Every
+    needed tensor present and every one consumed is checked before the first is read."""
+    available = set(names)
+    needed = entries(d)
+    for entry in needed:
+        if entry.megatron not in available:
+            raise ConversionError(f"{source} has no tensor {entry.megatron}: the weights do not fit the config")
+    _leftovers(available, {entry.megatron for entry in needed}, source, lambda name: name.endswith("_extra_state"))
+    for entry in needed:
+        tensor = read(entry.megatron)
         _check(entry.megatron, tensor, entry.megatron_shape, source)
-        used.add(entry.megatron)
         for name, part, shape in zip(entry.hf, _split(entry, tensor, d), entry.shapes):
             _check(name, part, shape, source)
-            out[name] = part.detach().clone()
-    _leftovers(state, used, source, lambda name: name.endswith("_extra_state"))
-    return out
+            yield name, part
+
+
+def megatron_to_hf(state: dict[str, Tensor], d: Dims, source: str = "checkpoint") -> dict[str, Tensor]:
+    """A TP=1 megatron `state_dict` -> HF tensors (every source tensor consumed)."""
+    return {name: part.detach().clone() for name, part in stream_megatron_to_hf(state, state.__getitem__, d, source)}
 
 
 def hf_to_megatron(state: dict[str, Tensor], d: Dims, source: str = "HF model") -> dict[str, Tensor]:

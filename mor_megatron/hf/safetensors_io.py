@@ -8,7 +8,10 @@ from __future__ import annotations
 import json
 import pickle
 import re
+import struct
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional, Sequence
 
 import torch
 
@@ -30,36 +33,111 @@ def parse_size(size: str | int) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2)])
 
 
-def _nbytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
+# safetensors' dtype names; the rank orders a file's tensors as safetensors itself does (larger
+# items first, then by name), so that a streamed file is byte-identical to `save_file`'s
+_DTYPES = {
+    torch.float64: ("F64", 8), torch.float32: ("F32", 4), torch.bfloat16: ("BF16", 2), torch.float16: ("F16", 2),
+    torch.int64: ("I64", 8), torch.int32: ("I32", 4), torch.int16: ("I16", 2), torch.int8: ("I8", 1),
+    torch.uint8: ("U8", 1), torch.bool: ("BOOL", 1),
+}
+_ORDER = ("BOOL", "U8", "I8", "I16", "F16", "BF16", "I32", "F32", "F64", "I64")  # safetensors' Dtype enum order
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What a streamed file will hold under `name`, known before its data."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for size in self.shape:
+            count *= size
+        return count * torch.empty((), dtype=self.dtype).element_size()
+
+
+class SafetensorsWriter:
+    """Write tensors one at a time into `model.safetensors` (or shards plus the index above
+    `max_shard_bytes`, split in name order as `write_safetensors` does): each file's header is
+    written first from `specs`, each tensor's bytes at their offset when it comes, so memory holds
+    one tensor at a time. `close()` checks every tensor came and returns the file names."""
+
+    def __init__(self, specs: Sequence[TensorSpec], output: Path, max_shard_bytes: int,
+                 metadata: Optional[dict[str, str]] = None) -> None:
+        shards: list[list[TensorSpec]] = [[]]
+        size = 0
+        for spec in sorted(specs, key=lambda spec: spec.name):
+            if shards[-1] and size + spec.nbytes > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(spec)
+            size += spec.nbytes
+        self.output = Path(output)
+        self.names = (["model.safetensors"] if len(shards) == 1 else
+                      [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+        self.total = sum(spec.nbytes for spec in specs)
+        self._where: dict[str, tuple[int, int, TensorSpec]] = {}  # name -> (file, absolute offset, spec)
+        self._files = []
+        for index, (file_name, shard) in enumerate(zip(self.names, shards)):
+            header = self._header(shard, metadata or {"format": "pt"}, index)
+            handle = open(self.output / file_name, "wb")
+            handle.write(struct.pack("<Q", len(header)) + header)
+            handle.truncate(8 + len(header) + sum(spec.nbytes for spec in shard))
+            self._files.append(handle)
+        self._written: set[str] = set()
+
+    def _header(self, shard: list[TensorSpec], metadata: dict[str, str], index: int) -> bytes:
+        ordered = sorted(shard, key=lambda spec: (-_ORDER.index(_DTYPES[spec.dtype][0]), spec.name))
+        entries: dict[str, object] = {"__metadata__": metadata}
+        offset, starts = 0, {}
+        for spec in ordered:
+            entries[spec.name] = {"dtype": _DTYPES[spec.dtype][0], "shape": list(spec.shape),
+                                  "data_offsets": [offset, offset + spec.nbytes]}
+            starts[spec.name] = offset
+            offset += spec.nbytes
+        text = json.dumps(entries, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # safetensors pads the header to 8 bytes
+        for spec in ordered:
+            self._where[spec.name] = (index, 8 + len(text) + starts[spec.name], spec)
+        return text
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        index, offset, spec = self._where[name]
+        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype or name in self._written:
+            raise ConversionError(f"tensor {name}: {tuple(tensor.shape)} {tensor.dtype} does not match its planned "
+                                  f"{spec.shape} {spec.dtype} (or came twice): a bug in the export, please report it")
+        data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+        handle = self._files[index]
+        handle.seek(offset)
+        handle.write(memoryview(data))
+        self._written.add(name)
+
+    def close(self) -> list[str]:
+        for handle in self._files:
+            handle.close()
+        missing = sorted(set(self._where) - self._written)
+        if missing:
+            raise ConversionError(f"tensor {missing[0]} was planned but never written: a bug in the export, please report it")
+        if len(self.names) > 1:
+            weight_map = {name: self.names[index] for name, (index, _, _) in self._where.items()}
+            index_json = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.output / INDEX).write_text(json.dumps(index_json, indent=2, sort_keys=True) + "\n")
+        return list(self.names)
+
+
+def spec_of(name: str, tensor: torch.Tensor) -> TensorSpec:
+    return TensorSpec(name, tuple(tensor.shape), tensor.dtype)
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], output: Path, max_shard_bytes: int) -> list[str]:
     """Write `tensors` (in name order) into `output`; returns the file names."""
-    from safetensors.torch import save_file
-
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name in sorted(tensors):
-        tensor = tensors[name].detach().contiguous().cpu()
-        if shards[-1] and size + _nbytes(tensor) > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensor
-        size += _nbytes(tensor)
-    metadata = {"format": "pt"}
-    if len(shards) == 1:
-        save_file(shards[0], str(output / "model.safetensors"), metadata=metadata)
-        return ["model.safetensors"]
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    weight_map = {}
-    for name, shard in zip(names, shards):
-        save_file(shard, str(output / name), metadata=metadata)
-        weight_map.update({key: name for key in shard})
-    total = sum(_nbytes(t) for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (output / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    return names
+    writer = SafetensorsWriter([spec_of(name, t) for name, t in tensors.items()], output, max_shard_bytes)
+    for name, tensor in tensors.items():
+        writer.write(name, tensor)
+    return writer.close()
 
 
 def _shard_files(folder: Path, index: str, single: str) -> list[str]:

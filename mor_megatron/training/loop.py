@@ -29,7 +29,7 @@ from mor_megatron.training.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
-from mor_megatron.training import faults
+from mor_megatron.training import faults, memory_probe
 from mor_megatron.paths import RunLock, writable_dir
 from mor_megatron.checkpoint_files import checkpoint_dirs, find_latest
 from mor_megatron.weights import load_weights
@@ -156,6 +156,7 @@ def _pretrain(run: RunConfig, log) -> dict:
         say(f"torch.compile ({t.compile_backend}): {compile_layers(model, config, backend=t.compile_backend)} layers")
     engine = build_engine(model, t, t.micro_batch_size, num_microbatches)
     faults.install(model)
+    memory_probe.install(model, engine)  # MOR_MEMORY_PROBE only (tools/rehearse.py)
     state = TrainState()
     if latest is not None:
         state = load_checkpoint(engine, model, latest, log=say)
