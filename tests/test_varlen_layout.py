@@ -145,3 +145,47 @@ def test_token_choice_attention_is_per_sequence_at_2048_by_8(kv_mode, monkeypatc
     plan = config.recursion_plan
     assert len(seen) == len(plan.prefix) + len(plan.suffix) + len(plan.block) * config.num_recursions
     assert max(seen) <= batch_size * seq**2, max(seen) / (batch_size * seq**2)
+
+
+@pytest.mark.distributed
+def test_padded_layout_equals_packed_layout_at_tp2_pp2(tmp_path):
+    """The same equality through the trainer's model build and micro-batch schedule at TP=2 x PP=2
+    (4 gloo processes, tests/varlen_layout_worker.py): per case, both layouts' mean LM loss on
+    every rank equals the single-process packed model's, fp32, 1e-5."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from train_helpers import _free_port, repo_root, write_config
+    from varlen_layout_worker import CASES, _batches
+
+    from mor_megatron.model import MoRGPTModel
+    from mor_megatron.training.config import load_run_config
+    from mor_megatron.weights import save_weights
+
+    config = write_config(tmp_path / "run.yaml", {"train": "unused"})
+    want = {}
+    for name, (case, mode) in CASES.items():
+        run = load_run_config(config, case)
+        torch.manual_seed(3)
+        model = MoRGPTModel(run.model)
+        save_weights(model, str(tmp_path / "weights" / name))
+        model.decoder.varlen_layout = "packed"
+        (batch,) = _batches(run.model.vocab_size, run.training.micro_batch_size, run.model.seq_length)
+        with torch.no_grad():
+            per_token = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
+                              extra_block_kwargs={"routing_mode": mode})
+        want[name] = float(per_token.mean())
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--master_port",
+               str(_free_port()), "tests/varlen_layout_worker.py", str(config), str(tmp_path / "weights"),
+               str(tmp_path), "parallel.pipeline_model_parallel_size=2", "parallel.tensor_model_parallel_size=2"]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=repo_root())
+    assert done.returncode == 0, done.stderr[-4000:]
+    for rank in range(4):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got.keys() == want.keys()
+        for name, losses in got.items():
+            assert losses["packed"] == pytest.approx(want[name], abs=1e-5), (rank, name)
+            assert losses["padded"] == pytest.approx(losses["packed"], abs=1e-5), (rank, name)

@@ -20,8 +20,9 @@ from torch import nn
 from mor_megatron.config import MoRConfig
 from mor_megatron.model.rules import Unit
 
-_BLOCK_GROUP: Optional[dist.ProcessGroup] = None
-_BLOCK_GROUP_READY = False
+# one group per stage placement (models of other configs in one process place the block elsewhere)
+# and per pipeline group (a re-initialised parallel state has new groups)
+_BLOCK_GROUPS: dict[tuple, Optional[dist.ProcessGroup]] = {}
 
 
 def block_stages(stages: list[list[Unit]]) -> list[int]:
@@ -34,13 +35,14 @@ def shared_block_group(stages: list[list[Unit]]) -> Optional[dist.ProcessGroup]:
 
     Every rank must call this: groups are created collectively for every pipeline group.
     """
-    global _BLOCK_GROUP, _BLOCK_GROUP_READY
-    if _BLOCK_GROUP_READY:
-        return _BLOCK_GROUP
     holders = block_stages(stages)
-    pipeline_ranks = parallel_state.get_pipeline_model_parallel_group().size()
-    if len(holders) > 1 and len(holders) == pipeline_ranks:
-        _BLOCK_GROUP = parallel_state.get_pipeline_model_parallel_group()
+    pipeline_group = parallel_state.get_pipeline_model_parallel_group()
+    key = (tuple(holders), id(pipeline_group))
+    if key in _BLOCK_GROUPS:
+        return _BLOCK_GROUPS[key]
+    block_group = None
+    if len(holders) > 1 and len(holders) == pipeline_group.size():
+        block_group = pipeline_group
     elif len(holders) > 1:
         mine = parallel_state._PIPELINE_GLOBAL_RANKS  # this rank's pipeline, stage order
         everyone: list = [None] * dist.get_world_size()
@@ -48,11 +50,11 @@ def shared_block_group(stages: list[list[Unit]]) -> Optional[dist.ProcessGroup]:
         for pipeline in sorted({tuple(p) for p in everyone}):
             group = dist.new_group([pipeline[stage] for stage in holders])
             if list(pipeline) == list(mine):
-                _BLOCK_GROUP = group
+                block_group = group
         if parallel_state.get_pipeline_model_parallel_rank() not in holders:
-            _BLOCK_GROUP = None
-    _BLOCK_GROUP_READY = True
-    return _BLOCK_GROUP
+            block_group = None
+    _BLOCK_GROUPS[key] = block_group
+    return block_group
 
 
 def shared_block_layers(model: nn.Module, config: MoRConfig) -> list[str]:
