@@ -173,7 +173,8 @@ def tensor_reader(model, weights: Path) -> tuple[list[str], Callable[[str], torc
 
     def read(name: str) -> torch.Tensor:
         item = sharded[name]
-        real = dataclasses.replace(item, data=torch.empty(item.data.shape, dtype=item.data.dtype))
+        buffer = torch.empty(item.data.shape, dtype=item.data.dtype, device="cpu")  # host: read, then written to a file
+        real = dataclasses.replace(item, data=buffer)
         return dist_checkpointing.load({name: real}, str(weights), strict="assume_ok_unexpected")[name]
 
     return list(sharded), read

@@ -56,7 +56,7 @@ class TensorSpec:
         count = 1
         for size in self.shape:
             count *= size
-        return count * torch.empty((), dtype=self.dtype).element_size()
+        return count * torch.empty((), dtype=self.dtype, device="meta").element_size()  # size only, no storage
 
 
 class SafetensorsWriter:
