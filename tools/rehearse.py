@@ -222,7 +222,7 @@ def _numel(shape: Sequence[int]) -> int:
 
 
 def rehearse(args: argparse.Namespace) -> dict:
-    from tools.bench_train_trainer import write_random_shard
+    from mor_megatron.tools.bench_train_trainer import write_random_shard
     from mor_megatron.yaml_config import load_model_config
 
     _oom_first()
