@@ -199,11 +199,16 @@ class SlurmCluster:
         for name in self.nodes:
             self._start(name, [which("slurmd"), "-D", "-N", name, "-f", str(conf)], self.root / name / "stdout.log")
 
+        self.wait_idle(60)
+
+    def wait_idle(self, timeout: float) -> None:
+        """Until sinfo shows every node idle: no job, and none still completing (its processes
+        killed, its credential revoked on the node)."""
         def all_idle() -> bool:
             out = self.run("sinfo", "-h", "-N", "-o", "%N %t", check=False).stdout.split()
             return dict(zip(out[::2], out[1::2])) == {name: "idle" for name in self.nodes}
 
-        self._wait("the nodes are not idle in sinfo", all_idle, 60)
+        self._wait("the nodes are not idle in sinfo", all_idle, timeout)
 
     def stop(self) -> None:
         """Cancel every job, then stop our daemons and whatever they started (slurmstepd, job
