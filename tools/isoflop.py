@@ -1,12 +1,12 @@
 """Equal-training-FLOPs study: vanilla and MoR models from one base shape, each trained through
 mor-pretrain for the steps that spend the same training FLOPs; one table, study.json, study.png.
 
-    python tools/isoflop.py --base configs/isoflop_tiny.yaml --budget 1.3e13 \\
-        --train data/stdlib_train --valid data/stdlib_valid --tokenizer data/tokenizer \\
+    python tools/isoflop.py --base configs/isoflop_tiny.yaml --budget 6e12 \\
+        --train data/stdlib1k_train --valid data/stdlib1k_valid --tokenizer data/tokenizer1k \\
         --out runs/isoflop --seeds 1 2
 
-is the CPU miniature (6 models x 2 seeds, about 45-55 minutes on 2 cores; the shards come from
-launch/quickstart.sh). On GPUs the same command with `--base configs/vanilla_135m.yaml
+is the CPU miniature (6 models x 2 seeds, about 50 minutes on 2 cores; the 1,024-token shards
+come from the README's preprocess_data.py line). On GPUs the same command with `--base configs/vanilla_135m.yaml
 model.effective_layers=26` (a depth that Nr 2, 3 and 4 all share), FineWeb-Edu shards, the
 paper-scale --budget and `--nproc 8` reproduces the paper's equal-compute comparison.
 

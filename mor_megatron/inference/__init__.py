@@ -1,4 +1,5 @@
-"""MoR inference: static KV caches, causal incremental decoding, a depth-wise batching engine."""
+"""MoR inference: static KV caches, causal incremental decoding, a depth-wise batching engine,
+and a static-shape (compilable) decode tick for fixed batches."""
 
 from mor_megatron.inference.cache import (
     CacheOverflowError,
@@ -15,6 +16,7 @@ from mor_megatron.inference.decode import (
 )
 from mor_megatron.inference.engine import Completion, Engine, EngineStats
 from mor_megatron.inference.sampling import SamplingParams
+from mor_megatron.inference.static_decode import StaticBatchDecoder, StaticDecodeStats
 
 __all__ = [
     "CacheOverflowError",
@@ -27,6 +29,8 @@ __all__ = [
     "KVUsage",
     "ModelStages",
     "SamplingParams",
+    "StaticBatchDecoder",
+    "StaticDecodeStats",
     "StaticKVCache",
     "expected_recursion_ratio",
     "kv_bytes_per_row",
