@@ -127,8 +127,10 @@ def test_bench_decode_tiny(parallel, capsys):
     code = bench_decode.main([
         "--hidden", "64", "--ffn", "128", "--vocab", "256", "--effective-layers", "5", "--recursions", "3",
         "--batch", "2", "--prompt-len", "4", "--gen-len", "3", "--memory-budget-mib", "4", "--max-batch-cap", "3",
+        "--static",
     ])
     assert code == 0
     out = capsys.readouterr().out
     assert "fixed batch" in out and "max batch in 4 MiB" in out
+    assert "static decode tick, eager, fixed batch 2" in out and "overflowed" not in out
     assert out.count("MoR-3") >= 3 and "transformers generate()" in out and "equal greedy tokens 100.0%" in out

@@ -18,10 +18,13 @@ times in round-robin order and its median run counts. `layers/tok` is the comput
 in layer passes per token fed (vanilla: L; MoR: its unique layers plus the block once per step).
 At the fixed batch each MoR model's speed-up is checked against 0.95x its layer-pass ratio (the
 share a tick loses to per-tick host work beyond the layers; issue #15), with the paired per-round
-ratios as the spread. Routing of the randomly
-initialised MoR models: `--routing capacity` (default) forces depth Nr - (position mod Nr), which
-realises the default capacities exactly, as a trained router does on average; `--routing router`
-uses the untrained routers' threshold decisions. Finally the vanilla engine and transformers'
+ratios as the spread. `--static` also decodes the fixed batch with `StaticBatchDecoder` (every
+row one token per tick, every shape fixed; compiled too with `--compile`, CUDA graphs with
+`--cuda-graphs`): its layers/tok counts the places a static step runs, spare ones included.
+Routing of the randomly initialised MoR models: `--routing capacity` (default) forces depth
+Nr - ((position + row) mod Nr), which realises the default capacities exactly in every tick (rows
+at one position are spread over the depths), as a trained router does on average; `--routing
+router` uses the untrained routers' threshold decisions. Finally the vanilla engine and transformers'
 `LlamaForCausalLM.generate(cache_implementation="static")` decode the same batch with the same
 weights (their greedy tokens are compared too).
 """
@@ -86,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                         help="also time the fixed batch with the decode layers under torch.compile "
                              "(default backend inductor; its warm-up compiles, untimed)")
+    parser.add_argument("--static", action="store_true",
+                        help="also time the fixed batch with the static-shape decode tick (StaticBatchDecoder)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="with --static and --compile: compile the static tick with mode='reduce-overhead'")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
     parser.add_argument("--seed", type=seed, default=0)
     return parser
@@ -122,10 +129,7 @@ def run_engine(model, prompts: list[list[int]], args, batch: int, name: str, dev
     from mor_megatron.inference import Engine, SamplingParams, kv_bytes_per_row
 
     config = model.config
-    nr = config.num_recursions
-    override = None
-    if config.router != "none" and args.routing == "capacity":
-        override = lambda rows, positions: nr - positions % nr  # noqa: E731
+    override = depth_override(config, args)
     max_seq = args.prompt_len + args.gen_len
     slots = args.kv_slots if config.router != "none" else "full"
 
@@ -148,6 +152,48 @@ def run_engine(model, prompts: list[list[int]], args, batch: int, name: str, dev
         name, batch, stats.generated_tokens, seconds,
         kv_bytes_per_row(config, max_seq, slots, args.capacity_margin),
         stats.peak_kv_used_bytes, stats.peak_kv_vanilla_bytes, stats.mean_block_tokens, stats.layers_per_token,
+    )
+
+
+def depth_override(config, args):
+    """`--routing capacity`: depth Nr - ((position + row) mod Nr), else None (the routers)."""
+    nr = config.num_recursions
+    if config.router == "none" or args.routing != "capacity":
+        return None
+    return lambda rows, positions: nr - (positions + rows) % nr
+
+
+def run_static(model, prompts: list[list[int]], args, batch: int, name: str, device: torch.device,
+               compile: Optional[str] = None) -> Result:
+    """`prompts` in batches of `batch` through one `StaticBatchDecoder`, `args.gen_len` greedy
+    tokens each; timed after a warm-up batch (which compiles, with `compile`)."""
+    from mor_megatron.inference import StaticBatchDecoder, kv_bytes_per_row
+
+    config = model.config
+    max_seq = args.prompt_len + args.gen_len
+    slots = args.kv_slots if config.router != "none" else "full"
+    mode = "reduce-overhead" if compile and args.cuda_graphs else None
+    decoder = StaticBatchDecoder(model, batch, max_seq, slots, args.capacity_margin, compile=compile, mode=mode,
+                                 depth_override=depth_override(config, args), device=device)
+    decoder.generate(prompts[:batch], args.gen_len if compile else 2)
+    before, redone = decoder.stats.generated_tokens, decoder.stats.redone_ticks
+    peak = vanilla = 0
+    _sync(device)
+    start = time.perf_counter()
+    for first in range(0, len(prompts), batch):
+        decoder.generate(prompts[first:first + batch], args.gen_len)
+        usage = decoder.caches.kv_usage()  # host counts: the peak, as the caches only grow within a batch
+        peak, vanilla = max(peak, usage.used_bytes), max(vanilla, usage.vanilla_used_bytes)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    stats = decoder.stats
+    if stats.redone_ticks > redone:
+        print(f"  note: {name} static: {stats.redone_ticks - redone} of the timed ticks overflowed a step's places "
+              "and ran again eagerly")
+    places = decoder.step_tokens
+    return Result(
+        name, batch, stats.generated_tokens - before, seconds, kv_bytes_per_row(config, max_seq, slots, args.capacity_margin),
+        peak, vanilla, sum(places) / max(1, len(places)), decoder.layers_per_token,
     )
 
 
@@ -297,6 +343,14 @@ def _run(args: argparse.Namespace) -> None:
     if args.compile:
         compiled_jobs = [functools.partial(job, compile=args.compile) for job in fixed_jobs]
         compiled_runs = rounds(compiled_jobs, args.repeats)
+    static_runs = {}
+    if args.static:
+        static_jobs = [functools.partial(run_static, models[name], pool[:requests].tolist(), args, args.batch, name,
+                                         device) for name, _ in configs]
+        static_runs["eager"] = rounds(static_jobs, args.repeats)
+        if args.compile:
+            static_runs[f"compiled ({args.compile}{', CUDA graphs' if args.cuda_graphs else ''})"] = rounds(
+                [functools.partial(job, compile=args.compile) for job in static_jobs], args.repeats)
     mib = 2.0**20
     for title, results in (("fixed batch", fixed), (f"max batch in {args.memory_budget_mib:g} MiB", budget)):
         if not results:
@@ -325,6 +379,14 @@ def _run(args: argparse.Namespace) -> None:
                   f"{run.tokens_per_s / eager.tokens_per_s:.2f}x; compiled vs compiled vanilla "
                   f"{run.tokens_per_s / base.tokens_per_s:.2f}x")
         print("\n".join(overhead_targets([name for name, _ in configs], compiled_runs)))
+    for kind, runs in static_runs.items():
+        print(f"\nstatic decode tick, {kind}, fixed batch {args.batch}")
+        base = median_run(runs[0])
+        for (name, _), eager, results in zip(configs, fixed, runs):
+            run = median_run(results)
+            print(f"  {name:<8} {run.tokens_per_s:8.1f} tok/s ({run.tokens_per_s / eager.tokens_per_s:.2f}x the engine), "
+                  f"vs vanilla {run.tokens_per_s / base.tokens_per_s:.2f}x, layers/tok {run.layers_per_token:.2f}")
+        print("\n".join(overhead_targets([name for name, _ in configs], runs)))
     if not args.no_hf:
         hf_batch = pool[: args.batch].tolist()
         compared = hf_compare(models["vanilla"], hf_batch, args, device)

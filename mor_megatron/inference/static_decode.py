@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mor_megatron.inference.cache import DEFAULT_CAPACITY_MARGIN, KVCacheSet, StaticKVCache
-from mor_megatron.inference.decode import ModelStages
+from mor_megatron.inference.decode import DepthOverride, ModelStages
 from mor_megatron.inference.layers import TokenBatch
 from mor_megatron.inference.sampling import greedy_tokens
 from mor_megatron.model.rules import gated_update, token_choice_combine, token_choice_runs
@@ -70,7 +70,8 @@ class StaticBatchDecoder:
     max_seq: cache length per row (default: the model's seq_length); prompts plus new tokens
     must fit. step_tokens: token places per recursion step (default `step_token_places`).
     compile: None (eager), True (inductor) or a `torch.compile` backend; mode: its `mode`
-    (`"reduce-overhead"`: CUDA graphs on a GPU). Prefill runs through the eager stages.
+    (`"reduce-overhead"`: CUDA graphs on a GPU). depth_override: see `ModelStages` (a function
+    of tensors only, so that it traces). Prefill runs through the eager stages.
     """
 
     def __init__(
@@ -83,6 +84,7 @@ class StaticBatchDecoder:
         step_tokens: Optional[Sequence[int]] = None,
         compile: Union[bool, str, None] = None,
         mode: Optional[str] = None,
+        depth_override: Optional[DepthOverride] = None,
         device: Union[str, torch.device, None] = None,
     ) -> None:
         config = model.config
@@ -93,7 +95,7 @@ class StaticBatchDecoder:
         self.max_seq = max_seq or config.seq_length
         # one spare row (index batch_size): the K/V of a step's unused token places go there
         self.caches = KVCacheSet(config, batch_size + 1, self.max_seq, kv_slots, capacity_margin, device=self.device)
-        self.stages = ModelStages(model, self.caches)
+        self.stages = ModelStages(model, self.caches, depth_override)
         nr = self.stages.num_recursions
         places = list(step_tokens) if step_tokens is not None else step_token_places(config, batch_size, capacity_margin)
         if len(places) != nr or not all(1 <= p <= batch_size for p in places):
@@ -115,6 +117,14 @@ class StaticBatchDecoder:
             self._step = torch.compile(self.tick_tensors, backend=backend, mode=mode, dynamic=False)
         else:
             self._step = self.tick_tensors
+
+    @property
+    def layers_per_token(self) -> float:
+        """Layer passes a tick spends per row: the unique layers, and the block once per place
+        of every step (spare places included: the compute a static tick does)."""
+        stages = self.stages
+        block = len(stages.plan.block) * sum(self.step_tokens) / self.batch_size
+        return len(stages.prefix) + len(stages.suffix) + block
 
     def _state_tensors(self) -> list[Tensor]:
         """Every buffer a tick updates in place."""
