@@ -72,6 +72,7 @@ def test_dry_run_passes_every_step_and_reports_agree(tmp_path):
     assert token_choice["time_over_flops"] > 0 and token_choice["padding_overhead"] >= 0
     decode = steps["f"]["figures"]
     assert {"vanilla", "MoR-2", "MoR-3"} <= set(decode["L8"]["max_batch"]) and "MoR-4" in decode["L10"]["max_batch"]
+    assert {"vanilla", "MoR-2", "MoR-3"} == set(decode["L8"]["static_eager"])  # the static tick's lines
     assert decode["L10"]["vs_transformers"]["equal_greedy_tokens_pct"] == 100.0
     assert steps["g"]["figures"]["tests"]["counts"]["passed"] > 0 and steps["g"]["figures"]["bench"]
     # h: the compiled bench, model-only and through mor-pretrain, every job with compiled layers

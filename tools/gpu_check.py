@@ -32,7 +32,8 @@ and the next step runs; the whole check stays within `--budget-s`, 720 s by defa
   f. `tools/bench_decode.py` at the paper's 360M shape (L=32 for MoR-2/3, L=34 for MoR-4, each
      against the vanilla model of its depth) at batch 32 and at the largest batch of an 8000 MiB
      budget (weights + KV caches, below the 1024 cap for every model); targets at the max batch:
-     MoR-4 >= 2.06x, MoR-2 >= 1.60x vanilla tokens/s.
+     MoR-4 >= 2.06x, MoR-2 >= 1.60x vanilla tokens/s. `--static`: batch 32 also through the
+     static-shape decode tick (`StaticBatchDecoder`, eager).
   g. the Triton kernel tests compiled (tests/test_kernels_gated_scatter.py, no TRITON_INTERPRET)
      and `tools/bench_kernels.py`.
   h. `tools/bench_train.py --compile on --loops model,trainer` at the shapes of

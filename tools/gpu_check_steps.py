@@ -447,11 +447,24 @@ def parse_bench_decode(output: str) -> dict[str, Any]:
     current = None
     row = re.compile(r"^(vanilla|MoR-\d+)\s+(\d+)\s+([\d.]+)\s+([\d.]+|nan)x\s+([\d.]+)\s+([\d.]+)\s+([\d.]+|nan)x"
                      r"\s+([\d.]+)\s+([\d.]+)\s+([\d.]+|nan)x\s*$")
+    static = re.compile(r"^\s+(vanilla|MoR-\d+)\s+([\d.]+) tok/s \(([\d.]+)x the engine\), vs vanilla ([\d.]+)x, "
+                        r"layers/tok ([\d.]+)$")
     for line in output.splitlines():
         if line.startswith("fixed batch"):
             current = "fixed_batch"
         elif line.startswith("max batch in"):
             current = "max_batch"
+        elif line.startswith("static decode tick, eager"):
+            current = "static_eager"
+        elif line.startswith("static decode tick"):
+            current = "static_compiled"
+        found = static.match(line)
+        if found and current and current.startswith("static"):
+            g = found.groups()
+            tables.setdefault(current, {})[g[0]] = {
+                "tokens_per_s": float(g[1]), "vs_engine": float(g[2]), "vs_vanilla": float(g[3]),
+                "layers_per_token": float(g[4])}
+            continue
         match = row.match(line)
         if match and current:
             g = match.groups()
@@ -475,7 +488,7 @@ def decode_runs(ctx: Context) -> list[tuple[str, list[str]]]:
         shape = ["--hidden", "32", "--heads", "2", "--kv-heads", "1", "--ffn", "64", "--vocab", "128",
                  "--batch", "2", "--prompt-len", "4", "--gen-len", "2", "--memory-budget-mib", "1",
                  "--max-batch-cap", "4", "--repeats", "1"]
-        return [("L8", shape + ["--effective-layers", "8", "--recursions", "2", "3", "--no-hf"]),
+        return [("L8", shape + ["--effective-layers", "8", "--recursions", "2", "3", "--no-hf", "--static"]),
                 ("L10", shape + ["--effective-layers", "10", "--recursions", "4"])]
     # bench_decode's docstring command, but an 8000 MiB budget under a 1024 cap: its 60000 MiB with
     # the default cap of 128 puts every model at batch 128, so the max batch would not depend on
@@ -483,8 +496,10 @@ def decode_runs(ctx: Context) -> list[tuple[str, list[str]]]:
     shape = ["--hidden", "960", "--heads", "15", "--kv-heads", "5", "--ffn", "2560", "--vocab", "49152",
              "--batch", "32", "--memory-budget-mib", "8000", "--max-batch-cap", "1024", "--prompt-len", "64",
              "--gen-len", "256", "--dtype", "bf16", "--repeats", "1"]
-    return [("L32", shape + ["--effective-layers", "32", "--recursions", "2", "3", "--no-hf"]),
-            ("L34", shape + ["--effective-layers", "34", "--recursions", "4"])]
+    # --static: the fixed batch again through the static-shape tick (eager: compiling a 32-layer
+    # tick with inductor does not fit this step's time)
+    return [("L32", shape + ["--effective-layers", "32", "--recursions", "2", "3", "--no-hf", "--static"]),
+            ("L34", shape + ["--effective-layers", "34", "--recursions", "4", "--static"])]
 
 
 def decode_findings(figures: dict[str, Any]) -> list[str]:
