@@ -127,7 +127,7 @@ def test_bench_decode_tiny(parallel, capsys):
     code = bench_decode.main([
         "--hidden", "64", "--ffn", "128", "--vocab", "256", "--effective-layers", "5", "--recursions", "3",
         "--batch", "2", "--prompt-len", "4", "--gen-len", "3", "--memory-budget-mib", "4", "--max-batch-cap", "3",
-        "--static",
+        "--static", "--routing", "spread",  # spread: every tick's step shares fit the static places
     ])
     assert code == 0
     out = capsys.readouterr().out

@@ -22,9 +22,12 @@ ratios as the spread. `--static` also decodes the fixed batch with `StaticBatchD
 row one token per tick, every shape fixed; compiled too with `--compile`, CUDA graphs with
 `--cuda-graphs`): its layers/tok counts the places a static step runs, spare ones included.
 Routing of the randomly initialised MoR models: `--routing capacity` (default) forces depth
-Nr - ((position + row) mod Nr), which realises the default capacities exactly in every tick (rows
-at one position are spread over the depths), as a trained router does on average; `--routing
-router` uses the untrained routers' threshold decisions. Finally the vanilla engine and transformers'
+Nr - (position mod Nr), which realises the default capacities exactly over a sequence, as a
+trained router does on average (rows at one position all take one depth: a static step then
+needs every row's place); `--routing spread` forces Nr - ((position + row) mod Nr), the same
+shares in every tick (rows at one position spread over the depths: the engine's block calls mix
+depths, a static step's places suffice); `--routing router` uses the untrained routers' threshold
+decisions. Finally the vanilla engine and transformers'
 `LlamaForCausalLM.generate(cache_implementation="static")` decode the same batch with the same
 weights (their greedy tokens are compared too).
 """
@@ -71,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--recursions", type=positive_int, nargs="+", default=[2, 3, 4])
     parser.add_argument("--router", default="expert_choice", choices=("expert_choice", "token_choice"))
     parser.add_argument("--kv-mode", default="recursion_wise", choices=("recursion_wise", "share_first"))
-    parser.add_argument("--routing", default="capacity", choices=("capacity", "router"))
+    parser.add_argument("--routing", default="capacity", choices=("capacity", "spread", "router"))
     parser.add_argument("--kv-slots", default="capacity", choices=("capacity", "full"),
                         help="MoR recursion caches sized by capacity (static saving) or full length")
     parser.add_argument("--capacity-margin", type=positive_float, default=1.0)
@@ -156,11 +159,14 @@ def run_engine(model, prompts: list[list[int]], args, batch: int, name: str, dev
 
 
 def depth_override(config, args):
-    """`--routing capacity`: depth Nr - ((position + row) mod Nr), else None (the routers)."""
+    """The forced depths of `--routing capacity` / `spread` (see the module's docstring), else
+    None (the routers)."""
     nr = config.num_recursions
-    if config.router == "none" or args.routing != "capacity":
+    if config.router == "none" or args.routing == "router":
         return None
-    return lambda rows, positions: nr - (positions + rows) % nr
+    if args.routing == "spread":
+        return lambda rows, positions: nr - (positions + rows) % nr
+    return lambda rows, positions: nr - positions % nr
 
 
 def run_static(model, prompts: list[list[int]], args, batch: int, name: str, device: torch.device,
