@@ -102,8 +102,12 @@ class ModelStages:
         return TokenBatch(rows, positions, self.rope_table, self.cos_table[positions], self.sin_table[positions], groups)
 
     def embed(self, tokens: Tensor, batch: TokenBatch) -> Tensor:
-        """Token ids `[T]` -> `[T, 1, D]` (the model's word embedding)."""
+        """Token ids `[T]` -> `[T, 1, D]` (the model's word embedding), counted as entering."""
         self.caches.count_tokens(batch.rows)
+        return self.embedding(tokens, batch)
+
+    def embedding(self, tokens: Tensor, batch: TokenBatch) -> Tensor:
+        """`embed` without the count (tensor ops only: the static decode tick traces it)."""
         if self.lean_embed:
             return F.embedding(tokens, self.model.embedding.word_embeddings.weight).unsqueeze(1)
         return self.model.embedding(input_ids=tokens.unsqueeze(0), position_ids=batch.positions.unsqueeze(0))

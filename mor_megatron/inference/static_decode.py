@@ -143,7 +143,7 @@ class StaticBatchDecoder:
             index = self._rows if rows is None else rows
             if write:
                 slot = cache.lengths[index]
-                # past the last slot only in a tick that is redone (see `overflowed`)
+                # past the last slot only in a tick that is redone (the overflow check at its end)
                 slot = slot.clamp(max=cache.slots - 1)
                 cache.k.index_put_((index, slot), key.to(cache.k.dtype))
                 cache.v.index_put_((index, slot), value.to(cache.v.dtype))
@@ -195,7 +195,7 @@ class StaticBatchDecoder:
             saved.copy_(cache.lengths)
         caches.row_tokens[: self.batch_size] += 1
         batch = TokenBatch(self._rows, positions, stages.rope_table, stages.cos_table[positions], stages.sin_table[positions])
-        hidden = F.embedding(tokens, stages.model.embedding.word_embeddings.weight).unsqueeze(1)
+        hidden = stages.embedding(tokens, batch)
         for unit, layer in stages.prefix:
             hidden = stages.layers[layer](hidden, batch, self._attend(caches.unit(unit), positions, None, None, True))
         depth = torch.zeros_like(tokens)
