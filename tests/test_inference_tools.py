@@ -134,3 +134,8 @@ def test_bench_decode_tiny(parallel, capsys):
     assert "fixed batch" in out and "max batch in 4 MiB" in out
     assert "static decode tick, eager, fixed batch 2" in out and "overflowed" not in out
     assert out.count("MoR-3") >= 3 and "transformers generate()" in out and "equal greedy tokens 100.0%" in out
+
+
+def test_bench_decode_refuses_cuda_graphs_alone(capsys):
+    assert bench_decode.main(["--cuda-graphs", "--static"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --cuda-graphs applies to the compiled static tick: add --static --compile"

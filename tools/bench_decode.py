@@ -313,8 +313,12 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> None:
+    from mor_megatron.errors import UserError
     from mor_megatron.model import MoRGPTModel
     from mor_megatron.parallel.state import initialize_parallel
+
+    if args.cuda_graphs and not (args.static and args.compile):
+        raise UserError("--cuda-graphs applies to the compiled static tick: add --static --compile")
 
     automatic = args.device in (None, "auto")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if automatic else args.device)
