@@ -40,6 +40,8 @@ import pytest
 
 from system_packages import ensure_programs, which
 
+from mor_megatron import processes
+
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")  # Debian's slurm-wlm minus its docs/extras
 PROGRAMS = ("sbatch", "scontrol", "sinfo", "slurmctld", "slurmd", "munged")
 NODES = ("mor1", "mor2")
@@ -219,11 +221,11 @@ class SlurmCluster:
         pids = [p.pid for p in self.procs.values() if p.poll() is None]
         # slurmstepd and job processes are not the daemons' children (slurmd double-forks): they
         # are found by the marker in their environment, inherited from the daemons or the job
-        pids += [pid for pid in _marked(self.marker) + _descendants(pids) if pid not in pids]
+        pids += [pid for pid in _marked(self.marker) + processes.descendants(*pids) if pid not in pids]
         for pid in pids:
             _signal(pid, signal.SIGTERM)
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+        while time.monotonic() < deadline and any(processes.alive(pid) for pid in pids):
             for proc in self.procs.values():
                 proc.poll()
             time.sleep(0.2)
@@ -236,44 +238,10 @@ class SlurmCluster:
                 pass
 
 
-def _children() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        tree.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    return tree
-
-
-def _descendants(pids: list[int]) -> list[int]:
-    tree, found, todo = _children(), [], list(pids)
-    while todo:
-        for child in tree.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 def _marked(marker: str) -> list[int]:
     """Processes whose environment holds `marker` (a NAME=value of this cluster alone)."""
-    needle, found = b"\0" + marker.encode() + b"\0", []
-    for environ in Path("/proc").glob("[0-9]*/environ"):
-        try:
-            if needle in b"\0" + environ.read_bytes() + b"\0":
-                found.append(int(environ.parent.name))
-        except OSError:
-            continue
-    return [pid for pid in found if pid != os.getpid()]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    name, value = marker.split("=", 1)
+    return [pid for pid in processes.pids() if pid != os.getpid() and processes.environment(pid).get(name) == value]
 
 
 def _signal(pid: int, signum: int) -> None:

@@ -25,8 +25,8 @@ def test_rehearsal_at_a_toy_shape(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((out / "rehearsal.json").read_text())
     assert report["failed"] is None
-    assert [p["phase"] for p in report["phases"]] == ["train-tp2", "resume-tp1", "export"]
-    train, resume, export = report["phases"]
+    assert [p["phase"] for p in report["phases"]] == ["train-tp2", "resume-tp1", "export", "load-hf"]
+    train, resume, export, load = report["phases"]
     assert [r["rank"] for r in train["ranks"]] == [0, 1] and [r["rank"] for r in resume["ranks"]] == [0]
     assert all(r["peak_rss_bytes"] > 0 for p in report["phases"] for r in p["ranks"])
     # the TP=1 run resumed from the layout-free form and trained its own step
@@ -38,11 +38,10 @@ def test_rehearsal_at_a_toy_shape(tmp_path):
     assert export["within_bound"] and export["largest_group"] == "embedding.word_embeddings.weight"
     table = result.stdout
     assert "train-tp2" in table and "resume-tp1" in table and "export peak" in table and " NO" not in table
-
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(out / "hf", trust_remote_code=True, local_files_only=True)
-    assert sum(p.numel() for p in model.parameters()) == report["parameters"]
+    # transformers' own loader took the export: every parameter, one forward of finite logits
+    assert load["holds"] and load["loaded_parameters"] == report["parameters"] and load["logits_finite"]
+    assert load["loaded_class"] == "MoRForCausalLM" and load["logits_shape"] == [1, 8, 512]
+    assert "transformers loaded MoRForCausalLM" in table and ": ok" in table
 
 
 def test_streamed_safetensors_are_byte_identical_to_save_file(tmp_path):

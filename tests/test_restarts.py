@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from mor_megatron import processes
 from train_helpers import _free_port, launch, metrics, repo_root, series, write_config
 
 pytestmark = pytest.mark.distributed
@@ -25,19 +26,10 @@ TRAIN_STEPS, SAVE_EVERY = 12, 3
 def _workers(agent: int) -> dict[int, int]:
     """LOCAL_RANK -> pid of the trainers torchrun (pid `agent`) has started."""
     found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            environ = (entry / "environ").read_bytes().split(b"\0")
-        except (OSError, IndexError, ValueError):
-            continue  # ended while we looked
-        if ppid != agent:
-            continue
-        for item in environ:
-            if item.startswith(b"LOCAL_RANK="):
-                found[int(item.split(b"=", 1)[1])] = int(entry.name)
+    for pid in processes.children(live=True).get(agent, []):
+        rank = processes.environment(pid).get("LOCAL_RANK")
+        if rank is not None:
+            found[int(rank)] = pid
     return found
 
 

@@ -20,6 +20,8 @@ from subprocess import Popen
 import pytest
 
 import netns_hosts
+
+from mor_megatron import processes
 from train_helpers import launch, metrics, repo_root, series, write_config
 
 pytestmark = pytest.mark.distributed
@@ -41,21 +43,7 @@ def hosts():
 def _tree(pid: int) -> list[int]:
     """pid and all its descendants (torchrun starts each worker in a session of its own, so a
     process group does not hold them)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        found.append(current)
-        todo.extend(children.get(current, []))
-    return found
+    return [pid, *processes.descendants(pid)]
 
 
 class Node:

@@ -36,6 +36,9 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from mor_megatron.processes import tree_pss_bytes
+from mor_megatron.tools.gpu_check_proc import error_line, free_port
+
 REPO = Path(__file__).resolve().parent.parent
 GIB, MIB = 1024**3, 1024**2
 TOLERANCE = 0.10  # measured vs estimated parameters / gradients / optimizer state
@@ -85,7 +88,7 @@ def _env(probe: Optional[Path] = None) -> dict:
 def _run(name: str, command: list[str], log: Path, timeout: int, probe: Optional[Path] = None,
          max_rss: Optional[int] = None) -> dict:
     """Run one phase; its wall time, exit code, the peak RSS of its process tree's largest process
-    (`os.wait4`) and the largest memory its processes held together (sampled every 0.2 s). The
+    (`os.wait4`) and the largest memory its processes held together (sampled every 0.5 s). The
     phase is stopped when that passes `max_rss` bytes; its processes are the OOM killer's first
     choice (`_oom_first`), not the machine's other work."""
     start = time.perf_counter()
@@ -115,27 +118,6 @@ def _oom_first() -> None:
         pass
 
 
-def _tree_rss(root: int) -> int:
-    """Resident bytes of `root` and its descendants (from /proc), shared pages divided among them."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-    tree, total = {root}, 0
-    for _ in range(8):  # depth: torchrun -> workers -> their helpers
-        tree |= {pid for pid, parent in parents.items() if parent in tree}
-    for pid in tree:  # proportional set size: pages forked writers share with their parent count once
-        try:
-            rollup = (Path("/proc") / str(pid) / "smaps_rollup").read_text().splitlines()
-            total += next(int(line.split()[1]) for line in rollup if line.startswith("Pss:")) * 1024
-        except (OSError, StopIteration, IndexError, ValueError):
-            continue
-    return total
-
-
 def _wait4(pid: int, timeout: int, max_rss: Optional[int], watch: dict):
     deadline = time.monotonic() + timeout
     while True:
@@ -144,17 +126,20 @@ def _wait4(pid: int, timeout: int, max_rss: Optional[int], watch: dict):
             return status, usage
         if time.monotonic() > deadline:
             raise TimeoutError(f"ran past {timeout} s")
-        held = _tree_rss(pid)
+        held = tree_pss_bytes(pid)
+        if held is None:  # processes came and went during every reading: the next one counts
+            time.sleep(0.05)
+            continue
         watch["held"] = max(watch["held"], held)
         if max_rss is not None and held > max_rss:
             raise MemoryError(f"its processes held {held / GIB:.1f} GiB, over --max-rss-gib {max_rss / GIB:g}")
-        time.sleep(0.2)
+        time.sleep(0.5)
 
 
 class PhaseFailed(RuntimeError):
     def __init__(self, phase: str, why: str, log: Path, held: int = 0) -> None:
-        tail = log.read_text(errors="replace").strip().splitlines()[-1:] if log.is_file() else []
-        super().__init__(f"phase {phase} failed ({why}; last line: {tail[0][:300] if tail else 'none'}); log: {log}")
+        line = error_line(log.read_text(errors="replace")) if log.is_file() else "(no log)"
+        super().__init__(f"phase {phase} failed ({why}; {line}); log: {log}")
         self.phase, self.held = phase, held
 
 
@@ -163,12 +148,19 @@ def _probe(directory: Path) -> list[dict]:
     return sorted(records, key=lambda r: r["rank"])
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+# transformers' own loader on the export, as a user loads it: its class by the folder's `auto_map`, one
+# forward; the last line printed is the phase's result
+HF_LOAD = '''
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True, local_files_only=True, dtype="auto")
+ids = torch.arange(8, device=model.device).remainder(model.config.vocab_size)[None]
+with torch.no_grad():
+    logits = model(input_ids=ids).logits
+print(json.dumps({"loaded_class": type(model).__name__, "loaded_parameters": sum(p.numel() for p in model.parameters()),
+                  "loaded_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+                  "logits_shape": list(logits.shape), "logits_finite": bool(logits.isfinite().all())}))
+'''
 
 
 # -- estimates ------------------------------------------------------------------------------------
@@ -250,7 +242,7 @@ def rehearse(args: argparse.Namespace) -> dict:
     try:
         for name, tp, steps, launcher in (
             ("train-tp2", 2, 2, [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                                 "--master_port", str(_free_port())]),
+                                 "--master_port", str(free_port())]),
             ("resume-tp1", 1, 3, []),
         ):
             overrides = common + [f"training.train_steps={steps}"]
@@ -280,12 +272,26 @@ def rehearse(args: argparse.Namespace) -> dict:
                      bound_bytes=2 * group + EXPORT_CONSTANT_BYTES, within_bound=peak <= 2 * group + EXPORT_CONSTANT_BYTES,
                      written_bytes=sum(p.stat().st_size for p in hf.glob("*.safetensors")))
         phases.append(phase)
+        phase = _run("load-hf", [sys.executable, "-c", HF_LOAD, str(hf)], out / "load-hf.log", args.timeout,
+                     max_rss=max_rss)
+        loaded = json.loads((out / "load-hf.log").read_text().strip().splitlines()[-1])
+        phase.update(ranks=[{"rank": 0, "peak_rss_bytes": phase["tree_peak_rss_bytes"]}], log=str(out / "load-hf.log"),
+                     **loaded)
+        phases.append(phase)
     except PhaseFailed as err:
         report["failed"] = str(err)
         records = _probe(out / "probe" / err.phase)  # what the failed phase measured before it stopped
         phases.append({"phase": err.phase, "wall_s": None, "failed": True, "tree_held_peak_bytes": err.held,
                        "ranks": [{"rank": r["rank"], "peak_rss_bytes": r["peak_rss_bytes"]} for r in records]})
     report["parameters"] = _parameter_count(args.config, list(args.overrides))
+    for phase in phases:
+        if phase["phase"] == "load-hf" and not phase.get("failed"):
+            phase["holds"] = (phase["loaded_parameters"] == report["parameters"] and phase["logits_finite"]
+                              and phase["logits_shape"][-1] >= _vocab_size(args.config, list(args.overrides)))
+            if not phase["holds"] and not report["failed"]:
+                report["failed"] = (f"phase load-hf: transformers loaded {phase['loaded_parameters']:,} parameters "
+                                    f"(expected {report['parameters']:,}) with logits {phase['logits_shape']} "
+                                    f"{'finite' if phase['logits_finite'] else 'NOT finite'}")
     (out / "rehearsal.json").write_text(json.dumps(report, indent=1) + "\n")
     print(format_table(report))
     print(f"figures: {out / 'rehearsal.json'}")
@@ -302,6 +308,12 @@ def _parameter_count(config: str, overrides: list[str]) -> int:
 
     model = load_model_config(config, overrides)
     return non_embedding_params(model) + embedding_params(model)
+
+
+def _vocab_size(config: str, overrides: list[str]) -> int:
+    from mor_megatron.yaml_config import load_model_config
+
+    return load_model_config(config, overrides).vocab_size
 
 
 def format_table(report: dict) -> str:
@@ -330,6 +342,11 @@ def format_table(report: dict) -> str:
                          f"2 x largest group ({phase['largest_group']}, {phase['largest_group_bytes'] / GIB:.3f} GiB)"
                          f" + {phase['constant_bytes'] / GIB:.2f} GiB = {phase['bound_bytes'] / GIB:.3f} GiB: "
                          f"{'within' if phase['within_bound'] else 'OVER'}")
+        if phase["phase"] == "load-hf" and "holds" in phase:
+            lines.append(f"{'':<11} transformers loaded {phase['loaded_class']}: {phase['loaded_parameters']:,} parameters "
+                         f"({phase['loaded_bytes'] / GIB:.3f} GiB; expected {report['parameters']:,}), logits "
+                         f"{phase['logits_shape']} {'finite' if phase['logits_finite'] else 'NOT finite'}: "
+                         f"{'ok' if phase['holds'] else 'WRONG'}")
     if report.get("failed"):
         lines.append(f"FAILED: {report['failed']}")
     return "\n".join(lines)
