@@ -1,4 +1,4 @@
-"""Rehearse a config's whole life on this machine: train at TP=2, resume at TP=1, export to HF.
+"""Rehearse a config's whole life on this machine: train at TP=2, resume at TP=1, export to HF, load it.
 
     python tools/rehearse.py --config configs/mor_1_7b_nr3.yaml [--seq-length 64] [--out DIR] [section.key=value ...]
 
@@ -7,12 +7,16 @@ Each phase is the real tool in a subprocess, on the CPU (gloo):
    generated token shard (random ids, no hub) and saves a checkpoint;
 2. `resume-tp1`: `mor-pretrain` in one process at TP=1 resumes from that checkpoint's
    layout-free form (`universal/`) and trains 1 more step;
-3. `export`: `tools/convert_to_hf.py` writes the HF folder.
+3. `export`: `tools/convert_to_hf.py` writes the HF folder;
+4. `load-hf`: transformers' `AutoModelForCausalLM.from_pretrained` loads it (`trust_remote_code`,
+   as a user would) and runs one forward: every parameter loaded, finite logits.
 
 Per phase it reports wall time and each process's peak resident memory: the trainers' ranks read
 their own `VmHWM` at exit (`MOR_MEMORY_PROBE`, `mor_megatron.training.memory_probe`), the
-converter's comes from `os.wait4` on it. The probe also measures, after each optimizer update, the
-bytes of parameters, gradients and optimizer state on every rank; they are compared with
+converter's and the loader's come from `os.wait4` on them; what all of a phase's processes hold
+together is sampled (`mor_megatron.processes.tree_pss_bytes`). The probe also measures, after each
+optimizer update, the bytes of parameters, gradients and optimizer state on every rank; they are
+compared with
 `tools/model_report.py`'s estimate for the same layout (`mor_megatron.sizing`; target: within 10%).
 The export's peak is compared with twice its largest tensor group (the HF tensors one checkpoint
 tensor becomes) plus the converter's own footprint (`EXPORT_CONSTANT_BYTES`). One table is printed
