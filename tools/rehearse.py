@@ -16,8 +16,8 @@ their own `VmHWM` at exit (`MOR_MEMORY_PROBE`, `mor_megatron.training.memory_pro
 converter's and the loader's come from `os.wait4` on them; what all of a phase's processes hold
 together is sampled (`mor_megatron.processes.tree_pss_bytes`). The probe also measures, after each
 optimizer update, the bytes of parameters, gradients and optimizer state on every rank; they are
-compared with
-`tools/model_report.py`'s estimate for the same layout (`mor_megatron.sizing`; target: within 10%).
+compared with `tools/model_report.py`'s estimate for the same layout (`mor_megatron.sizing`;
+target: within 10%).
 The export's peak is compared with twice its largest tensor group (the HF tensors one checkpoint
 tensor becomes) plus the converter's own footprint (`EXPORT_CONSTANT_BYTES`). One table is printed
 at the end; the figures go to `OUT/rehearsal.json`. Timings on a shared machine are noisy.
