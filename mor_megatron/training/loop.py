@@ -174,7 +174,8 @@ def _pretrain(run: RunConfig, log) -> dict:
         else None
     )
     tasks = TaskEvaluation(engine, t, run.data.tokenizer, quiet=not _is_logger()) if t.eval_tasks else None
-    writer = MetricsWriter(run.logging.dir, run.logging.tensorboard, enabled=_is_logger())
+    writer = MetricsWriter(run.logging.dir, run.logging.tensorboard, enabled=_is_logger(),
+                           resumed_at=state.step if latest is not None else None)
     peak = peak_tflops(run.logging.peak_tflops)
     tokens_per_step = t.global_batch_size * config.seq_length
     progress = _progress_bar(run, state.step) if _is_logger() else None

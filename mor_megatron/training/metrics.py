@@ -92,9 +92,15 @@ def _drop_partial_last_line(path: Path) -> None:
 
 
 class MetricsWriter:
-    """Rank 0 writes every metric to TensorBoard and to `metrics.jsonl` in the run directory."""
+    """Rank 0 writes every metric to TensorBoard and to `metrics.jsonl` in the run directory.
 
-    def __init__(self, run_dir: str, tensorboard: bool, enabled: bool) -> None:
+    A run resumed at step N appends to both. metrics.jsonl keeps every record (the steps past N
+    that a crash lost are there before their reruns: read the last record of each step);
+    TensorBoard is told to hide its own records past N (`purge_step`), so its curves do not
+    double back at a resume.
+    """
+
+    def __init__(self, run_dir: str, tensorboard: bool, enabled: bool, resumed_at: Optional[int] = None) -> None:
         self.enabled = enabled
         self.tb = None
         self.jsonl = None
@@ -107,7 +113,8 @@ class MetricsWriter:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(log_dir=str(directory / "tensorboard"))
+            purge = None if resumed_at is None else resumed_at + 1
+            self.tb = SummaryWriter(log_dir=str(directory / "tensorboard"), purge_step=purge)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:

@@ -1,0 +1,42 @@
+"""MetricsWriter across a resume: TensorBoard (read back by tensorboard's own event reader) shows each
+step once, with the rerun's value; metrics.jsonl keeps every record, the rerun's last."""
+
+import json
+
+import pytest
+
+from mor_megatron.training.metrics import MetricsWriter
+
+pytest.importorskip("tensorboard")
+
+
+def _tensorboard_scalars(run_dir, tag: str) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    steps = [(e.step, e.value) for e in events.Scalars(tag)]
+    assert len({s for s, _ in steps}) == len(steps), steps  # no step shown twice
+    return dict(steps)
+
+
+@pytest.mark.parametrize("resume", [True, False], ids=["resumed", "resume-not-declared"])
+def test_a_resumed_run_shows_each_step_once_with_its_rerun_value(tmp_path, resume):
+    first = MetricsWriter(str(tmp_path), tensorboard=True, enabled=True)
+    for step in range(1, 6):  # steps 4 and 5 are lost by the crash: the checkpoint is at 3
+        first.write(step, {"train/loss": 10.0 + step})
+    first.close()
+    again = MetricsWriter(str(tmp_path), tensorboard=True, enabled=True, resumed_at=3 if resume else None)
+    for step in range(4, 7):
+        again.write(step, {"train/loss": 20.0 + step})
+    again.close()
+
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 4, 5, 6]  # nothing written is dropped
+    last = {r["step"]: r["train/loss"] for r in rows}
+    assert last == {1: 11.0, 2: 12.0, 3: 13.0, 4: 24.0, 5: 25.0, 6: 26.0}
+    if resume:
+        assert _tensorboard_scalars(tmp_path, "train/loss") == last
+    else:  # what the trainer did before it declared the resume: the lost steps' values shown too
+        with pytest.raises(AssertionError):
+            _tensorboard_scalars(tmp_path, "train/loss")
