@@ -48,15 +48,22 @@ def test_two_process_layout_matches_single_process(setup, layout):
 
 
 def test_zero_stages_match(expert_setup):
-    """ZeRO-2 (data parallel, partitioned gradients), ZeRO-0 and ZeRO-3 (with TP=2) match the
-    ZeRO-1 reference."""
+    """ZeRO-2 (data parallel, partitioned gradients), ZeRO-0 (one and two data-parallel ranks) and
+    ZeRO-3 (with TP=2) match the ZeRO-1 reference."""
     config, overrides, reference, root = expert_setup
     zero2 = root / "zero2"
-    launch(config, zero2, overrides + ["training.zero_stage=2", "training.micro_batch_size=1"], nproc=2)
+    skipped = "DeepSpeed's gradient all-reduce is skipped"
+    result = launch(config, zero2, overrides + ["training.zero_stage=2", "training.micro_batch_size=1"], nproc=2)
     assert_same_series(zero2, reference)
-    zero0 = root / "zero0"
-    launch(config, zero0, overrides + ["training.zero_stage=0"])
+    assert skipped not in result.stdout
+    zero0 = root / "zero0"  # one data-parallel rank: the all-reduce that would change nothing is skipped
+    result = launch(config, zero0, overrides + ["training.zero_stage=0"])
     assert_same_series(zero0, reference)
+    assert skipped in result.stdout
+    zero0_dp2 = root / "zero0-dp2"  # two data-parallel ranks: their gradients must be averaged
+    result = launch(config, zero0_dp2, overrides + ["training.zero_stage=0", "training.micro_batch_size=1"], nproc=2)
+    assert_same_series(zero0_dp2, reference)
+    assert skipped not in result.stdout
     zero3 = root / "zero3-tp2"  # ZeRO-3 partitions megatron's tensor-parallel linears too
     launch(config, zero3, overrides + ["training.zero_stage=3", "parallel.tensor_model_parallel_size=2"], nproc=2)
     assert_same_series(zero3, reference)

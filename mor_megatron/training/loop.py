@@ -155,6 +155,8 @@ def _pretrain(run: RunConfig, log) -> dict:
     if compile_enabled(t.compile, compute_device()):  # each layer's forward, before DeepSpeed hooks in
         say(f"torch.compile ({t.compile_backend}): {compile_layers(model, config, backend=t.compile_backend)} layers")
     engine = build_engine(model, t, t.micro_batch_size, num_microbatches)
+    if not engine.enable_backward_allreduce:
+        say("one data-parallel rank and no ZeRO optimizer: DeepSpeed's gradient all-reduce is skipped")
     faults.install(model)
     memory_probe.install(model, engine)  # MOR_MEMORY_PROBE only (tools/rehearse.py)
     state = TrainState()

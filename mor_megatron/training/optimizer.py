@@ -107,7 +107,22 @@ def build_engine(model: nn.Module, cfg: TrainingConfig, micro_batch_size: int, n
         config=deepspeed_config(cfg, micro_batch_size, num_microbatches, model.config.bf16),
         dist_init_required=False,
     )
+    if _reduction_is_identity(engine):
+        # DeepSpeed would still flatten every gradient, all-reduce it over one rank, scale it by
+        # 1/1 and copy it back after each global batch: three passes over the gradients for nothing
+        engine.enable_backward_allreduce = False
     return engine
+
+
+def _reduction_is_identity(engine) -> bool:
+    """Whether DeepSpeed's gradient all-reduce changes nothing: one data-parallel rank, and no
+    ZeRO optimizer (stages 1-3 and the bf16 optimizer take their gradients through it)."""
+    return (
+        parallel_state.get_data_parallel_world_size() == 1
+        and not engine.zero_optimization()
+        and not hasattr(engine.optimizer, "get_grads_for_reduction")  # DeepSpeed's BF16_Optimizer
+        and parallel_state.get_pipeline_model_parallel_world_size() == 1
+    )
 
 
 def sync_learning_rate(engine, step: int) -> None:
