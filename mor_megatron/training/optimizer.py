@@ -114,14 +114,27 @@ def build_engine(model: nn.Module, cfg: TrainingConfig, micro_batch_size: int, n
     return engine
 
 
+def zero_partitions_nothing(engine) -> bool:
+    """Whether a ZeRO optimizer runs over one data-parallel rank without pipeline parallelism
+    (which needs ZeRO-1): ZeRO-0 gives the same updates (tests/test_distributed.py
+    test_zero_stages_match) without the partition copies."""
+    return _one_rank_plain_optimizer(engine) and bool(engine.zero_optimization())
+
+
 def _reduction_is_identity(engine) -> bool:
     """Whether DeepSpeed's gradient all-reduce changes nothing: one data-parallel rank, and no
-    ZeRO optimizer (stages 1-3 and the bf16 optimizer take their gradients through it)."""
+    ZeRO optimizer (stages 1-3 take their gradients through it)."""
+    return _one_rank_plain_optimizer(engine) and not engine.zero_optimization()
+
+
+def _one_rank_plain_optimizer(engine) -> bool:
+    """One data-parallel rank, no pipeline parallelism, and not DeepSpeed's bf16 optimizer (which
+    bf16 runs at ZeRO-1 here: it takes its gradients through the all-reduce and keeps the fp32
+    master weights bf16 needs anyway)."""
     return (
         parallel_state.get_data_parallel_world_size() == 1
-        and not engine.zero_optimization()
-        and not hasattr(engine.optimizer, "get_grads_for_reduction")  # DeepSpeed's BF16_Optimizer
         and parallel_state.get_pipeline_model_parallel_world_size() == 1
+        and not hasattr(engine.optimizer, "get_grads_for_reduction")  # DeepSpeed's BF16_Optimizer
     )
 
 
