@@ -159,8 +159,8 @@ def _pretrain(run: RunConfig, log) -> dict:
         say("one data-parallel rank and no ZeRO optimizer: DeepSpeed's gradient all-reduce is skipped")
     elif zero_partitions_nothing(engine):
         say(f"note: training.zero_stage={t.zero_stage} at one data-parallel rank partitions nothing and copies every "
-            "gradient into its partition each step; training.zero_stage=0 gives the same updates faster (README, "
-            "Benchmarks: 1.17-1.20x -> 1.01-1.03x the model-only step on CPU)")
+            "gradient into its partition each step; training.zero_stage=0 gives the same updates faster (README: "
+            "Benchmarks, the trainer at one data-parallel rank)")
     faults.install(model)
     memory_probe.install(model, engine)  # MOR_MEMORY_PROBE only (tools/rehearse.py)
     state = TrainState()
