@@ -46,8 +46,8 @@ def _table() -> dict[int, tuple[int, str]]:
 
 
 def descendants(*roots: int, live: bool = False) -> list[int]:
-    """Every descendant of `roots` (nearest first; with `live`, zombies and what is under them left
-    out), the roots themselves left out."""
+    """Every descendant of `roots`, the roots themselves left out; with `live`, zombies and what is
+    under them are left out too."""
     tree, found, todo = children(live), [], list(roots)
     while todo:
         for child in tree.get(todo.pop(), []):
