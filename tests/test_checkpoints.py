@@ -46,9 +46,12 @@ def test_pipeline_replicas_of_the_shared_block_stay_identical(expert_setup):
 def test_damaged_checkpoint_falls_back_to_previous(expert_setup):
     config, overrides, reference, root = expert_setup
     run_dir = root / "damaged"
-    launch(config, run_dir, overrides + ["training.save_interval=2", "training.exit_after_steps=4"])
+    result = launch(config, run_dir, overrides + ["training.save_interval=2", "training.exit_after_steps=4"])
+    # one process in fp32: the unset zero_stage is 0, and DeepSpeed's one-rank all-reduce is skipped
+    assert "ZeRO stage 0 (training.zero_stage unset: one data-parallel rank in fp32" in result.stdout
+    assert "DeepSpeed's gradient all-reduce is skipped" in result.stdout
     step4 = run_dir / "checkpoints" / "step_00000004"
-    victim = next(step4.glob("zero_pp_rank_0_*optim_states.pt"))
+    victim = step4 / "mp_rank_00_model_states.pt"  # ZeRO-0: the weights and the optimizer state
     victim.write_bytes(victim.read_bytes()[:100])
 
     info = subprocess.run([sys.executable, "tools/checkpoint_info.py", str(step4)],

@@ -48,18 +48,19 @@ def test_two_process_layout_matches_single_process(setup, layout):
 
 
 def test_zero_stages_match(expert_setup):
-    """ZeRO-2 (data parallel, partitioned gradients), ZeRO-0 (one and two data-parallel ranks) and
-    ZeRO-3 (with TP=2) match the ZeRO-1 reference."""
+    """ZeRO-2 (data parallel, partitioned gradients), ZeRO-1 at one data-parallel rank, ZeRO-0 at
+    two, and ZeRO-3 (with TP=2) match the reference (one process in fp32, where the unset
+    zero_stage is 0)."""
     config, overrides, reference, root = expert_setup
     zero2 = root / "zero2"
     skipped = "DeepSpeed's gradient all-reduce is skipped"
     result = launch(config, zero2, overrides + ["training.zero_stage=2", "training.micro_batch_size=1"], nproc=2)
     assert_same_series(zero2, reference)
     assert skipped not in result.stdout and "partitions nothing" not in result.stdout
-    zero0 = root / "zero0"  # one data-parallel rank: the all-reduce that would change nothing is skipped
-    result = launch(config, zero0, overrides + ["training.zero_stage=0"])
-    assert_same_series(zero0, reference)
-    assert skipped in result.stdout
+    zero1 = root / "zero1"  # one data-parallel rank: ZeRO-1 partitions nothing, the run says so
+    result = launch(config, zero1, overrides + ["training.zero_stage=1"])
+    assert_same_series(zero1, reference)
+    assert skipped not in result.stdout and "training.zero_stage=1 at one data-parallel rank partitions nothing" in result.stdout
     zero0_dp2 = root / "zero0-dp2"  # two data-parallel ranks: their gradients must be averaged
     result = launch(config, zero0_dp2, overrides + ["training.zero_stage=0", "training.micro_batch_size=1"], nproc=2)
     assert_same_series(zero0_dp2, reference)

@@ -101,12 +101,18 @@ def _run_in_process(config, run_dir, overrides, nan_steps, monkeypatch, microbat
 
 
 def test_non_finite_steps_are_skipped_and_counted(corpus, tmp_path, monkeypatch, parallel):
+    """One process in fp32 runs ZeRO-0 (the unset stage), where DeepSpeed would apply a NaN update:
+    the skip there must leave the run as ZeRO-1's own skip does (same losses and LR after it)."""
     config = write_config(tmp_path / "run.yaml", corpus, training={"train_steps": 6})
-    run_dir = tmp_path / "nan"
-    _run_in_process(config, run_dir, [], nan_steps={2, 3}, monkeypatch=monkeypatch)
-    rows = metrics(run_dir)
-    assert [row["train/skipped_steps"] for row in rows] == [0, 1, 2, 2, 2, 2]
-    assert all(torch.isfinite(torch.tensor(row["train/loss"])) for row in rows[3:])
+    runs = {}
+    for name, overrides in (("zero0", []), ("zero1", ["training.zero_stage=1"])):
+        _run_in_process(config, tmp_path / name, overrides, nan_steps={2, 3}, monkeypatch=monkeypatch)
+        runs[name] = metrics(tmp_path / name)
+        assert [row["train/skipped_steps"] for row in runs[name]] == [0, 1, 2, 2, 2, 2], name
+        assert all(torch.isfinite(torch.tensor(row["train/loss"])) for row in runs[name][3:]), name
+    for key in ("train/loss", "train/lr"):
+        zero0, zero1 = ([row[key] for i, row in enumerate(rows) if i not in (1, 2)] for rows in runs.values())
+        assert zero0 == pytest.approx(zero1, rel=1e-5), key
 
 
 def test_too_many_non_finite_steps_stop_the_run(corpus, tmp_path, monkeypatch, parallel):

@@ -26,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     layout.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel size")
     layout.add_argument("--pp", type=positive_int, default=1, help="pipeline-parallel size")
     layout.add_argument("--dp", type=positive_int, default=1, help="data-parallel size")
-    layout.add_argument("--zero", type=int, default=1, choices=(0, 1, 2, 3), help="ZeRO stage")
+    layout.add_argument("--zero", type=int, default=None, choices=(0, 1, 2, 3),
+                        help="ZeRO stage (default: the trainer's, 0 at DP=1 in fp32 without PP, else 1)")
     layout.add_argument("--micro-batch", type=positive_int, default=1, help="sequences per micro-batch")
     layout.add_argument("--recompute", action="store_true", help="full activation recomputation")
     layout.add_argument("--fp32", action="store_true", help="fp32 training instead of bf16")
@@ -45,10 +46,12 @@ def report(args: argparse.Namespace) -> None:
     from mor_megatron.errors import UserError
     from mor_megatron.report import model_report
     from mor_megatron.sizing import Layout, training_memory
+    from mor_megatron.training.config import zero_stage_for
     from mor_megatron.yaml_config import load_model_config
 
     config = load_model_config(args.config, args.overrides)
-    layout = Layout(args.tp, args.pp, args.dp, args.zero, args.micro_batch, args.recompute, not args.fp32)
+    zero = zero_stage_for(args.zero, args.dp, args.pp, bf16=not args.fp32)
+    layout = Layout(args.tp, args.pp, args.dp, zero, args.micro_batch, args.recompute, not args.fp32)
     try:
         memory = training_memory(config, layout)
     except ValueError as err:  # a layout the config cannot take

@@ -174,10 +174,11 @@ def _estimate(config: str, overrides: list[str], tp: int) -> tuple[dict, dict]:
     """model_report's per-GPU memory for the run at TP=`tp` (PP=1, DP=1), in bytes per item
     (unrounded: the report prints GiB to 3 decimals), and the layout it assumed."""
     from mor_megatron.sizing import GB, Layout, stage_memory
-    from mor_megatron.training.config import load_run_config
+    from mor_megatron.training.config import load_run_config, zero_stage_for
 
     run = load_run_config(config, overrides + [f"parallel.tensor_model_parallel_size={tp}"])
-    layout = Layout(tp, 1, 1, run.training.zero_stage, run.training.micro_batch_size,
+    zero_stage = zero_stage_for(run.training.zero_stage, 1, 1, run.model.bf16)
+    layout = Layout(tp, 1, 1, zero_stage, run.training.micro_batch_size,
                     run.training.recompute, run.model.bf16)
     stage = stage_memory(run.model, layout)[0]
     return {kind: int(round(stage[f"{kind}_gib"] * GB)) for kind in KINDS}, dict(vars(layout))

@@ -60,7 +60,7 @@ class TrainingConfig:
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
     grad_clip: float = 1.0
-    zero_stage: int = 1
+    zero_stage: Optional[int] = None  # None: auto, see `zero_stage_for`
     bf16: Optional[bool] = None  # None: bf16 where a GPU supports it, fp32 on CPU
     recompute: bool = False  # full activation recomputation per layer
     compile: Optional[bool] = None  # torch.compile each layer; None: on where the device is CUDA
@@ -133,7 +133,7 @@ def validate(run: RunConfig) -> None:
     )
     if p.pipeline_model_parallel_size > 1:
         _check(
-            t.zero_stage == 1,
+            t.zero_stage in (None, 1),
             f"training.zero_stage={t.zero_stage} with pipeline parallelism: use zero_stage 1",
         )
         from mor_megatron.parallel.pipeline import plan_stages
@@ -142,6 +142,18 @@ def validate(run: RunConfig) -> None:
             plan_stages(run.model, p.pipeline_model_parallel_size)
         except ValueError as err:
             raise ConfigError(str(err)) from None
+
+
+def zero_stage_for(zero_stage: Optional[int], data_parallel: int, pipeline_parallel: int, bf16: bool) -> int:
+    """The ZeRO stage a run uses: `training.zero_stage` where set; unset (auto), 1, except at one
+    data-parallel rank in fp32 without pipeline parallelism, where ZeRO-1 would partition nothing
+    and still copy every gradient into its one partition each step: there 0, which gives the same
+    updates (tests/test_distributed.py::test_zero_stages_match) faster (README: Benchmarks, the
+    trainer at one data-parallel rank). bf16 stays at 1: DeepSpeed runs its BF16_Optimizer there
+    (fp32 master weights and gradient accumulation), not a partitioning one."""
+    if zero_stage is not None:
+        return zero_stage
+    return 0 if data_parallel == 1 and pipeline_parallel == 1 and not bf16 else 1
 
 
 def check_layout(run: RunConfig, world_size: int) -> int:

@@ -155,6 +155,10 @@ def _pretrain(run: RunConfig, log) -> dict:
     if compile_enabled(t.compile, compute_device()):  # each layer's forward, before DeepSpeed hooks in
         say(f"torch.compile ({t.compile_backend}): {compile_layers(model, config, backend=t.compile_backend)} layers")
     engine = build_engine(model, t, t.micro_batch_size, num_microbatches)
+    if t.zero_stage is None:
+        stage = engine.zero_optimization_stage()
+        say(f"ZeRO stage {stage} (training.zero_stage unset: "
+            + ("one data-parallel rank in fp32, where ZeRO-1 would partition nothing)" if stage == 0 else "the default)"))
     if not engine.enable_backward_allreduce:
         say("one data-parallel rank and no ZeRO optimizer: DeepSpeed's gradient all-reduce is skipped")
     elif zero_partitions_nothing(engine):

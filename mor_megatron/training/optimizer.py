@@ -11,8 +11,9 @@ Two ways a global batch runs, both ending in one `engine.step()`:
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Callable
+from typing import Callable, Iterator, Optional
 
 import deepspeed
 import torch
@@ -21,7 +22,7 @@ from torch import nn
 
 from mor_megatron.device import compute_device
 from mor_megatron.parallel.mpu import MegatronMpu
-from mor_megatron.training.config import TrainingConfig
+from mor_megatron.training.config import TrainingConfig, zero_stage_for
 
 def lr_multiplier(cfg: TrainingConfig) -> Callable[[int], float]:
     """Step -> LR multiple of the peak, for `torch.optim.lr_scheduler.LambdaLR`."""
@@ -59,17 +60,19 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def deepspeed_config(cfg: TrainingConfig, micro_batch_size: int, num_microbatches: int, bf16: bool) -> dict:
     """DeepSpeed's config; `bf16` is the model config's (decided once, by `use_bf16`, when the
     run config was built)."""
-    pipelined = parallel_state.get_pipeline_model_parallel_world_size() > 1
+    pipeline = parallel_state.get_pipeline_model_parallel_world_size()
+    pipelined = pipeline > 1
+    stage = zero_stage_for(cfg.zero_stage, parallel_state.get_data_parallel_world_size(), pipeline, bf16)
     config = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": num_microbatches,
         "gradient_clipping": cfg.grad_clip,
-        "zero_optimization": {"stage": cfg.zero_stage},
+        "zero_optimization": {"stage": stage},
         "bf16": {"enabled": bf16},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if config["bf16"]["enabled"] and cfg.zero_stage == 1 and not pipelined:
+    if config["bf16"]["enabled"] and stage == 1 and not pipelined:
         # gradients summed over micro-batches in fp32, as megatron does (DeepSpeed's bf16 default
         # accumulates in bf16); with ZeRO-1 DeepSpeed then runs its BF16_Optimizer. Not yet with
         # pipeline parallelism, whose unmanaged accumulation is untested with that optimizer
@@ -136,6 +139,39 @@ def _one_rank_plain_optimizer(engine) -> bool:
         and parallel_state.get_pipeline_model_parallel_world_size() == 1
         and not hasattr(engine.optimizer, "get_grads_for_reduction")  # DeepSpeed's BF16_Optimizer
     )
+
+
+@contextlib.contextmanager
+def skipped_unless_finite(engine, grad_norm: Optional[float]) -> Iterator[None]:
+    """Around `engine.step()` without a ZeRO optimizer (ZeRO-0 in fp32): skip the update where the
+    gradient norm (measured before the step) is not finite, as DeepSpeed's ZeRO optimizers do on
+    their own. DeepSpeed applies a plain torch optimizer's update whatever the gradients hold, so
+    one NaN micro-batch would reach every weight and AdamW moment.
+
+    Here the optimizer's update is left out for this step (its moments and step count stay) and
+    its `overflow` flag, which DeepSpeed's engine reads after the update, is raised: the engine
+    then counts the step in `skipped_steps`, reports it not applied, holds the LR schedule and
+    zeroes the gradients, as after a ZeRO skip. Every rank skips alike: the norm is of the
+    data-parallel-reduced gradients (DeepSpeed reduces them in the last backward)."""
+    optimizer = engine.optimizer
+    if grad_norm is None or engine.zero_optimization() or not isinstance(optimizer, torch.optim.Optimizer):
+        yield  # ZeRO and DeepSpeed's own wrappers (BF16_Optimizer) check for themselves
+        return
+    skip = not math.isfinite(grad_norm)
+    optimizer.overflow = skip
+    if not skip:
+        yield
+        return
+    # the instance's own `step` (the LR scheduler's counting wrapper), put back afterwards
+    own_step = optimizer.__dict__.get("step")
+    optimizer.step = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        if own_step is None:
+            del optimizer.step
+        else:
+            optimizer.step = own_step
 
 
 def sync_learning_rate(engine, step: int) -> None:

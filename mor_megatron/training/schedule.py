@@ -30,6 +30,7 @@ from mor_megatron.model.boundary import extra_channels
 from mor_megatron.model.rules import Unit
 from mor_megatron.parallel.setup import sync_replica_grads
 from mor_megatron.training.fp8 import refresh_fp8_weight_cache
+from mor_megatron.training.optimizer import skipped_unless_finite
 
 
 @dataclass
@@ -198,9 +199,10 @@ def _pipelined(forward_step: Callable, model, batches: Collection[dict], forward
 def train_step(engine, batches: list[dict], stages: Optional[list[list[Unit]]] = None) -> StepResult:
     """Run one global batch (this rank's micro-batches) and one optimizer step.
 
-    A non-finite loss gives non-finite gradients, and DeepSpeed's ZeRO optimizer (stages 1-3)
-    then skips the update and drops the gradients; the result says so (`finite=False`) so the
-    caller can count consecutive failures.
+    A non-finite loss gives non-finite gradients, and the update is skipped and the gradients
+    dropped (by DeepSpeed's ZeRO optimizer at stages 1-3; at ZeRO-0 by
+    `skipped_unless_finite`); the result says so (`finite=False`) so the caller can count
+    consecutive failures.
     """
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / len(batches), device=compute_device()))
     if engine.module.config.fp8:  # requantize the FP8 weight cache from this step's weights
@@ -213,7 +215,8 @@ def train_step(engine, batches: list[dict], stages: Optional[list[list[Unit]]] =
     elif not engine.zero_optimization():
         # without ZeRO DeepSpeed clips but does not keep the norm: measure it the same way
         norm = float(clip_grad_norm_(engine.module.parameters(), float("inf"), mpu=engine.mpu))
-    engine.step()  # the update (at PP = 1 the last micro-batch's call of DeepSpeed's accumulation)
+    with skipped_unless_finite(engine, norm):  # ZeRO-0: a non-finite norm skips the update
+        engine.step()  # the update (at PP = 1 the last micro-batch's call of DeepSpeed's accumulation)
     loss = outputs.mean_loss()
     if norm is None:
         norm = engine.get_global_grad_norm()
