@@ -87,6 +87,10 @@ def test_resume_matches_uninterrupted(expert_setup, first, first_nproc, second, 
     assert len(series(run_dir, "train/loss")) == 3
     result = launch(config, run_dir, overrides + second, nproc=second_nproc)
     assert "resumed from" in result.stdout
+    if rel:  # another layout: the layout-free copy
+        assert "loading its layout-free form" in result.stdout
+    if second_nproc == 1:  # pp2-to-single also goes from ZeRO-1 (PP) to ZeRO-0 (one fp32 process)
+        assert ("'zero_stage': 1}" in result.stdout) == bool(first) and "ZeRO stage 0" in result.stdout
     for key in ("train/loss", "train/grad_norm"):
         ours, theirs = series(run_dir, key), series(reference, key)
         assert len(ours) == 5, key

@@ -34,8 +34,9 @@ Python process (`job_name`: `mor nr=2`, `mor nr=2 [trainer]`, `mor nr=2 [compile
   Parameters are cast to `--dtype` (buffers are not), as DeepSpeed's bf16 mode casts the model.
 - loop `trainer`: `mor-pretrain` itself (`mor_megatron.pretrain.main`, tools/bench_train_trainer.py)
   on a shard of random tokens, the same model, batch (one micro-batch of B x S) and dtype
-  (`training.bf16`): its DeepSpeed engine (ZeRO-1, gradient clipping), data loader, router
-  statistics, metrics.jsonl + TensorBoard and a log line every step; checkpoints off. One step
+  (`training.bf16`): its DeepSpeed engine (the unset ZeRO stage: 0 at one fp32 rank; gradient
+  clipping), data loader, router statistics, metrics.jsonl + TensorBoard and a log line every
+  step; checkpoints off. One step
   = one iteration of its loop, boundary to boundary.
 - compiled: `mor_megatron.parallel.compile.compile_layers` on the model (model loop) or
   `training.compile: true` (trainer). Warm-up steps absorb the cold compile (at least

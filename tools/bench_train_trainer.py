@@ -45,8 +45,8 @@ def shard_samples(warmup: int, steps: int, batch_size: int) -> int:
 
 def run_sections(spec: dict, run_dir: str, data_prefix: str) -> dict[str, Any]:
     """The YAML run config of one trainer job: the model of the model-only job, its batch as one
-    micro-batch, the training and logging defaults a user's run has (ZeRO-1, grad clipping,
-    metrics.jsonl, TensorBoard, a log line per step), checkpoints off."""
+    micro-batch, the training and logging defaults a user's run has (the unset ZeRO stage, grad
+    clipping, metrics.jsonl, TensorBoard, a log line per step), checkpoints off."""
     training = {
         "micro_batch_size": spec["batch_size"],
         "global_batch_size": spec["batch_size"],
