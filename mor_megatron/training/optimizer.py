@@ -114,7 +114,22 @@ def build_engine(model: nn.Module, cfg: TrainingConfig, micro_batch_size: int, n
         # DeepSpeed would still flatten every gradient, all-reduce it over one rank, scale it by
         # 1/1 and copy it back after each global batch: three passes over the gradients for nothing
         engine.enable_backward_allreduce = False
+    if trainer_clips(engine):
+        engine.clip_fp32_gradients = _clipped_by_the_trainer
     return engine
+
+
+def trainer_clips(engine) -> bool:
+    """Whether `train_step` clips the gradients itself: where DeepSpeed would clip plain fp32
+    gradients (no ZeRO, fp16 or bf16 optimizer), which keeps no norm, so the trainer measures
+    it with the same function (`deepspeed.runtime.utils.clip_grad_norm_`) and clips in that call:
+    one norm and one scaling pass over the gradients a step, not two of each."""
+    return not (engine.fp16_enabled() or engine.bfloat16_enabled() or engine.zero_optimization())
+
+
+def _clipped_by_the_trainer() -> None:
+    """DeepSpeed's `clip_fp32_gradients` where `trainer_clips`: the step's gradients were clipped
+    already, when their norm was measured."""
 
 
 def zero_partitions_nothing(engine) -> bool:
