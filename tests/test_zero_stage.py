@@ -1,6 +1,8 @@
 """The ZeRO stage of an unset `training.zero_stage`: 0 where ZeRO-1 would partition nothing (one
 data-parallel rank, fp32, no pipeline), else 1; a set stage is kept."""
 
+from pathlib import Path
+
 import pytest
 
 from mor_megatron.training.config import TrainingConfig, load_run_config, zero_stage_for
@@ -22,11 +24,14 @@ def test_zero_stage_for(zero_stage, dp, pp, bf16, expected):
     assert zero_stage_for(zero_stage, dp, pp, bf16) == expected
 
 
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+
+
 def test_unset_by_default_and_settable():
     assert TrainingConfig().zero_stage is None
-    run = load_run_config("configs/tiny.yaml", ["data.train=x", "parallel.pipeline_model_parallel_size=2"])
+    run = load_run_config(TINY, ["data.train=x", "parallel.pipeline_model_parallel_size=2"])
     assert run.training.zero_stage is None  # auto passes the pipeline's ZeRO-1 rule
-    assert load_run_config("configs/tiny.yaml", ["data.train=x", "training.zero_stage=2"]).training.zero_stage == 2
+    assert load_run_config(TINY, ["data.train=x", "training.zero_stage=2"]).training.zero_stage == 2
 
 
 def test_deepspeed_config_takes_the_resolved_stage(parallel):
