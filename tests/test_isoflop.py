@@ -91,6 +91,9 @@ def test_two_model_study_runs_and_rerun_skips(corpus, tmp_path: Path) -> None:
         assert len(run["curve"]) >= 9 and run["curve"][-1]["step"] == model["train_steps"]
         assert f"{run['valid_loss']:.4f}" in rows[name]
         assert (Path(run["directory"]) / "tensorboard").is_dir()
+        saved = yaml.safe_load((Path(run["directory"]) / "config.yaml").read_text())["training"]
+        assert saved["save_interval"] == max(1, model["train_steps"] // 4)  # a killed run loses <= 1/4
+        assert (Path(run["directory"]) / "checkpoints" / f"step_{model['train_steps']:08d}").is_dir()
     png = (out / "study.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert int.from_bytes(png[16:20], "big") >= 600 and int.from_bytes(png[20:24], "big") >= 400  # IHDR size

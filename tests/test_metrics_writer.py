@@ -40,3 +40,17 @@ def test_a_resumed_run_shows_each_step_once_with_its_rerun_value(tmp_path, resum
     else:  # what the trainer did before it declared the resume: the lost steps' values shown too
         with pytest.raises(AssertionError):
             _tensorboard_scalars(tmp_path, "train/loss")
+
+
+def test_read_metrics_keeps_the_last_record_of_each_step(tmp_path):
+    """A run resumed at step 2 after a crash at step 4 logged steps 3-4 twice, and a kill cut its
+    last line: the reader gives each step once, as rerun, in order."""
+    from mor_megatron.training.metrics import read_metrics
+
+    lines = [{"step": s, "train/loss": 10.0 - s} for s in (1, 2, 3, 4)]
+    lines += [{"step": s, "train/loss": 20.0 - s} for s in (3, 4, 5)]
+    text = "".join(json.dumps(line) + "\n" for line in lines) + '{"step": 6, "train/lo'
+    (tmp_path / "metrics.jsonl").write_text(text)
+    assert [(r["step"], r["train/loss"]) for r in read_metrics(tmp_path)] == [
+        (1, 9.0), (2, 8.0), (3, 17.0), (4, 16.0), (5, 15.0)]
+    assert read_metrics(tmp_path / "missing") == []

@@ -18,9 +18,11 @@ accounting, 3 x forward FLOPs with the routers' capacities. A budget that gives 
 `MIN_STEPS` steps, or FLOPs off the budget by more than 1% after rounding, is refused.
 
 Every run is a normal run in <out>/<model>-seed<S>/ (config.yaml, train.log, metrics.jsonl,
-TensorBoard, checkpoints at the end only), with ~`EVAL_POINTS` validation passes, warm-up
-`WARMUP_FRACTION` of its steps and the base's WSD shape. A rerun skips the runs whose
-metrics.jsonl reached their last step and resumes an interrupted one from its checkpoint.
+TensorBoard, a checkpoint every 1/`SAVE_POINTS` of its steps, the newest kept), with
+~`EVAL_POINTS` validation passes, warm-up `WARMUP_FRACTION` of its steps and the base's WSD shape.
+A rerun skips the runs whose metrics.jsonl reached their last step and resumes an interrupted one
+from its newest checkpoint (a SIGTERM or Ctrl-C saves one at once; a killed run loses at most
+1/`SAVE_POINTS` of its steps); curves read the last record of each step.
 Overrides (`section.key=value`) apply to the base; the tool then sets train_steps, warmup_steps,
 eval_interval, save_interval, seed, data.* and logging.dir itself.
 """
@@ -43,6 +45,8 @@ MAX_FLOPS_ERROR = 0.01
 EVAL_POINTS = 10
 WARMUP_FRACTION = 0.05  # the same schedule shape for every run: warm-up and WSD decay scale with steps
 KEEP_CHECKPOINTS = 1
+# checkpoints a run writes: a run killed without a signal (no save) loses at most 1/SAVE_POINTS
+SAVE_POINTS = 4
 
 _EC = {"sharing": "middle_cycle", "router": "expert_choice", "kv_mode": "recursion_wise"}
 # model name -> the MoRConfig settings it changes on the vanilla model of the base shape
@@ -196,7 +200,7 @@ def plan(args: argparse.Namespace) -> list[Run]:
                          "tokenizer": args.tokenizer},
                 "training": {**training, "global_batch_size": global_batch, "train_steps": steps, "seed": seed,
                              "warmup_steps": round(WARMUP_FRACTION * steps),
-                             "eval_interval": max(1, steps // EVAL_POINTS), "save_interval": 0,
+                             "eval_interval": max(1, steps // EVAL_POINTS), "save_interval": max(1, steps // SAVE_POINTS),
                              "keep_checkpoints": KEEP_CHECKPOINTS},
                 "logging": {**sections.get("logging", {}), "dir": str(directory)},
             }
@@ -208,10 +212,10 @@ def plan(args: argparse.Namespace) -> list[Run]:
 
 
 def read_metrics(directory: Path) -> list[dict]:
-    path = directory / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The run's metrics, the last record of each step (a resumed run reran the steps it lost)."""
+    from mor_megatron.training.metrics import read_metrics as last_records
+
+    return last_records(directory)
 
 
 def finished(run: Run) -> bool:

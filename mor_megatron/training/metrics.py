@@ -91,11 +91,28 @@ def _drop_partial_last_line(path: Path) -> None:
             handle.truncate(data.rfind(b"\n") + 1)
 
 
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """A run's metrics.jsonl as its steps ended: the last record of each step, in step order (a
+    run resumed from step N reran the steps past N that a crash lost; `MetricsWriter`). A half
+    line left by a process killed mid-write is ignored; no file: no records."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    by_step: dict[int, dict] = {}
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # only ever the last line, cut by a kill (the writer drops it on reopening)
+        by_step[record["step"]] = record
+    return [by_step[step] for step in sorted(by_step)]
+
+
 class MetricsWriter:
     """Rank 0 writes every metric to TensorBoard and to `metrics.jsonl` in the run directory.
 
     A run resumed at step N appends to both. metrics.jsonl keeps every record (the steps past N
-    that a crash lost are there before their reruns: read the last record of each step);
+    that a crash lost are there before their reruns: `read_metrics` keeps the last of each step);
     TensorBoard is told to hide its own records past N (`purge_step`), so its curves do not
     double back at a resume.
     """
