@@ -114,22 +114,23 @@ def build_engine(model: nn.Module, cfg: TrainingConfig, micro_batch_size: int, n
         # DeepSpeed would still flatten every gradient, all-reduce it over one rank, scale it by
         # 1/1 and copy it back after each global batch: three passes over the gradients for nothing
         engine.enable_backward_allreduce = False
-    if trainer_clips(engine):
+    if plain_fp32_update(engine):
         engine.clip_fp32_gradients = _clipped_by_the_trainer
     return engine
 
 
-def trainer_clips(engine) -> bool:
-    """Whether `train_step` clips the gradients itself: where DeepSpeed would clip plain fp32
-    gradients (no ZeRO, fp16 or bf16 optimizer), which keeps no norm, so the trainer measures
-    it with the same function (`deepspeed.runtime.utils.clip_grad_norm_`) and clips in that call:
-    one norm and one scaling pass over the gradients a step, not two of each."""
+def plain_fp32_update(engine) -> bool:
+    """Whether DeepSpeed steps the torch optimizer itself on fp32 gradients (no ZeRO, fp16 or
+    bf16 optimizer: DeepSpeed's own condition for `clip_fp32_gradients`). There DeepSpeed keeps
+    no gradient norm and skips no non-finite update, so `train_step` does both: it measures the
+    norm with DeepSpeed's `clip_grad_norm_` and clips in that call (one norm and one scaling
+    pass a step, not two of each), and `skipped_unless_finite` skips the update."""
     return not (engine.fp16_enabled() or engine.bfloat16_enabled() or engine.zero_optimization())
 
 
 def _clipped_by_the_trainer() -> None:
-    """DeepSpeed's `clip_fp32_gradients` where `trainer_clips`: the step's gradients were clipped
-    already, when their norm was measured."""
+    """DeepSpeed's `clip_fp32_gradients` where `plain_fp32_update`: the step's gradients were
+    clipped already, when their norm was measured."""
 
 
 def zero_partitions_nothing(engine) -> bool:
@@ -158,7 +159,7 @@ def _one_rank_plain_optimizer(engine) -> bool:
 
 @contextlib.contextmanager
 def skipped_unless_finite(engine, grad_norm: Optional[float]) -> Iterator[None]:
-    """Around `engine.step()` without a ZeRO optimizer (ZeRO-0 in fp32): skip the update where the
+    """Around `engine.step()` where `plain_fp32_update` (ZeRO-0 in fp32): skip the update where the
     gradient norm (measured before the step) is not finite, as DeepSpeed's ZeRO optimizers do on
     their own. DeepSpeed applies a plain torch optimizer's update whatever the gradients hold, so
     one NaN micro-batch would reach every weight and AdamW moment.
@@ -169,7 +170,7 @@ def skipped_unless_finite(engine, grad_norm: Optional[float]) -> Iterator[None]:
     zeroes the gradients, as after a ZeRO skip. Every rank skips alike: the norm is of the
     data-parallel-reduced gradients (DeepSpeed reduces them in the last backward)."""
     optimizer = engine.optimizer
-    if grad_norm is None or engine.zero_optimization() or not isinstance(optimizer, torch.optim.Optimizer):
+    if grad_norm is None or not plain_fp32_update(engine):
         yield  # ZeRO and DeepSpeed's own wrappers (BF16_Optimizer) check for themselves
         return
     skip = not math.isfinite(grad_norm)

@@ -30,7 +30,7 @@ from mor_megatron.model.boundary import extra_channels
 from mor_megatron.model.rules import Unit
 from mor_megatron.parallel.setup import sync_replica_grads
 from mor_megatron.training.fp8 import refresh_fp8_weight_cache
-from mor_megatron.training.optimizer import skipped_unless_finite, trainer_clips
+from mor_megatron.training.optimizer import plain_fp32_update, skipped_unless_finite
 
 
 @dataclass
@@ -214,8 +214,8 @@ def train_step(engine, batches: list[dict], stages: Optional[list[list[Unit]]] =
         sync_replica_grads(engine.module, engine.module.config, stages)
     elif not engine.zero_optimization():
         # without ZeRO DeepSpeed keeps no norm: measure it with DeepSpeed's own function, and
-        # clip in the same call where DeepSpeed would clip plain fp32 gradients (`trainer_clips`)
-        max_norm = (engine.gradient_clipping() or math.inf) if trainer_clips(engine) else math.inf
+        # clip in the same call where DeepSpeed would clip plain fp32 gradients (`plain_fp32_update`)
+        max_norm = (engine.gradient_clipping() or math.inf) if plain_fp32_update(engine) else math.inf
         norm = float(clip_grad_norm_(engine.module.parameters(), max_norm, mpu=engine.mpu))
     with skipped_unless_finite(engine, norm):  # ZeRO-0: a non-finite norm skips the update
         engine.step()  # the update (at PP = 1 the last micro-batch's call of DeepSpeed's accumulation)
