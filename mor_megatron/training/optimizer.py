@@ -123,8 +123,9 @@ def plain_fp32_update(engine) -> bool:
     """Whether DeepSpeed steps the torch optimizer itself on fp32 gradients (no ZeRO, fp16 or
     bf16 optimizer: DeepSpeed's own condition for `clip_fp32_gradients`). There DeepSpeed keeps
     no gradient norm and skips no non-finite update, so `train_step` does both: it measures the
-    norm with DeepSpeed's `clip_grad_norm_` and clips in that call (one norm and one scaling
-    pass a step, not two of each), and `skipped_unless_finite` skips the update."""
+    norm by DeepSpeed's rule (`grad_clip.clip_grad_norm_`) and clips in that call (one norm pass a
+    step, and one scaling pass where the norm is over the limit), and `skipped_unless_finite`
+    skips the update."""
     return not (engine.fp16_enabled() or engine.bfloat16_enabled() or engine.zero_optimization())
 
 

@@ -20,7 +20,6 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
-from deepspeed.runtime.utils import clip_grad_norm_
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from torch import Tensor
 
@@ -30,6 +29,7 @@ from mor_megatron.model.boundary import extra_channels
 from mor_megatron.model.rules import Unit
 from mor_megatron.parallel.setup import sync_replica_grads
 from mor_megatron.training.fp8 import refresh_fp8_weight_cache
+from mor_megatron.training.grad_clip import clip_grad_norm_
 from mor_megatron.training.optimizer import plain_fp32_update, skipped_unless_finite
 
 
@@ -213,10 +213,10 @@ def train_step(engine, batches: list[dict], stages: Optional[list[list[Unit]]] =
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         sync_replica_grads(engine.module, engine.module.config, stages)
     elif not engine.zero_optimization():
-        # without ZeRO DeepSpeed keeps no norm: measure it with DeepSpeed's own function, and
+        # without ZeRO DeepSpeed keeps no norm: measure it by DeepSpeed's rule (grad_clip.py), and
         # clip in the same call where DeepSpeed would clip plain fp32 gradients (`plain_fp32_update`)
         max_norm = (engine.gradient_clipping() or math.inf) if plain_fp32_update(engine) else math.inf
-        norm = float(clip_grad_norm_(engine.module.parameters(), max_norm, mpu=engine.mpu))
+        norm = clip_grad_norm_(engine.module.parameters(), max_norm, engine.mpu)
     with skipped_unless_finite(engine, norm):  # ZeRO-0: a non-finite norm skips the update
         engine.step()  # the update (at PP = 1 the last micro-batch's call of DeepSpeed's accumulation)
     loss = outputs.mean_loss()
