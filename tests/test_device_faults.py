@@ -97,6 +97,10 @@ def test_a_host_tensor_in_a_collective_of_a_fake_gpu_group_is_refused(probe):
     assert line.startswith("fakenccl allreduce: Tensors must be fakegpu tensors") and "got a cpu tensor" in line
 
 
+def test_a_loaded_adamw_step_state_lives_where_the_fused_kernel_reads_it(probe):
+    assert _passed(probe, "AdamW step state of a checkpoint load on fakegpu") == "fused: fakegpu:0, unfused: cpu"
+
+
 def test_fake_gpu_collectives_give_the_values_nccl_gives(probe):
     _passed(probe, "collectives on fakegpu")
 

@@ -30,7 +30,8 @@ Python process (`job_name`: `mor nr=2`, `mor nr=2 [trainer]`, `mor nr=2 [compile
 `mor nr=2 [trainer, compiled]`):
 
 - loop `model`: one step = zero_grad + forward + loss (mean token cross-entropy, labels = inputs
-  shifted by one) + backward + `torch.optim.AdamW.step()`, on one fixed batch of random tokens.
+  shifted by one) + backward + `torch.optim.AdamW.step()` (fused where torch has the kernel, as in
+  the trainer), on one fixed batch of random tokens.
   Parameters are cast to `--dtype` (buffers are not), as DeepSpeed's bf16 mode casts the model.
 - loop `trainer`: `mor-pretrain` itself (`mor_megatron.pretrain.main`, tools/bench_train_trainer.py)
   on a shard of random tokens, the same model, batch (one micro-batch of B x S) and dtype
@@ -310,7 +311,11 @@ class _Session:
             from mor_megatron.parallel.compile import compile_layers
 
             compiled = compile_layers(self.model, self.model.config)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=spec["lr"])
+        from mor_megatron.device import fused_optimizer_kernels
+
+        # the trainer's AdamW kernel (fused where torch has one), so the loops differ only in the trainer
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=spec["lr"],
+                                           fused=fused_optimizer_kernels(device) or None)
         self.info = {
             "params": sum(p.numel() for p in self.model.parameters()),
             "param_dtypes": sorted({str(p.dtype).removeprefix("torch.") for p in self.model.parameters()}),

@@ -52,7 +52,7 @@ from megatron.core.dist_checkpointing.optimizer import (
 
 from mor_megatron.device import collective_device, compute_device
 from mor_megatron.training import faults
-from mor_megatron.training.optimizer import sync_learning_rate
+from mor_megatron.training.optimizer import adam_step_state, sync_learning_rate
 from mor_megatron.checkpoint_files import (
     LATEST,
     CheckpointError,
@@ -162,7 +162,7 @@ def _link_zero_states(engine, step: Optional[int] = None) -> None:
         flats = getattr(zero, "single_partition_of_fp32_groups", None) or zero.fp32_groups_flat_partition
         for flat in flats:
             state = zero.optimizer.state[flat]
-            state["step"] = torch.tensor(float(step))  # host: torch AdamW keeps `step` on the CPU (not fused/capturable)
+            state["step"] = adam_step_state(zero.optimizer, flat, step)
             for key in ADAM_STATES:
                 state.setdefault(key, torch.zeros_like(flat))
     zero._hp_optimizer_states_linked = False
@@ -230,16 +230,15 @@ def _load_universal(engine, model, directory: Path, step: int) -> None:
             with torch.no_grad():
                 param.copy_(values["fp32_param"])
             engine.basic_optimizer.state[param] = {
-                "step": torch.tensor(float(step)),  # host: torch AdamW keeps `step` on the CPU
+                "step": adam_step_state(engine.basic_optimizer, param, step),
                 # the buffers `universal_state` allocated for this load: kept, not copied (a copy
                 # held both, 8 more bytes per parameter, at TP=1 of the 1.7B 6 GB: tools/rehearse.py)
                 **{key: values[key].to(param.device) for key in ADAM_STATES},
             }
-    for state in engine.basic_optimizer.state.values():
+    optimizer = engine.basic_optimizer
+    for param, state in optimizer.state.items():
         if "step" in state:
-            state["step"] = torch.full_like(
-                torch.as_tensor(state["step"], dtype=torch.float32), step  # host: AdamW's step, a float or host tensor
-            )
+            state["step"] = adam_step_state(optimizer, param, step)
 
 
 # -- save -------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import torch
 from megatron.core import parallel_state
 from torch import nn
 
-from mor_megatron.device import compute_device
+from mor_megatron.device import compute_device, fused_optimizer_kernels
 from mor_megatron.parallel.mpu import MegatronMpu
 from mor_megatron.training.config import TrainingConfig, zero_stage_for
 
@@ -93,13 +93,26 @@ def use_bf16(cfg: TrainingConfig) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
 
 
+def adam_step_state(optimizer: torch.optim.Optimizer, param: torch.Tensor, step: int) -> torch.Tensor:
+    """The `step` entry torch AdamW keeps for `param` after `step` updates, where torch keeps it:
+    on the parameter's device in float32 for the fused (and capturable) kernels, which read it
+    there, else a host scalar (torch's `_init_group` rule). For states a checkpoint load writes
+    directly."""
+    group = next((g for g in optimizer.param_groups if any(p is param for p in g["params"])), optimizer.defaults)
+    if group.get("fused") or group.get("capturable"):
+        return torch.full((), float(step), dtype=torch.float32, device=param.device)
+    return torch.tensor(float(step))  # host: torch's unfused AdamW keeps `step` on the CPU
+
+
 def build_engine(model: nn.Module, cfg: TrainingConfig, micro_batch_size: int, num_microbatches: int):
-    """Wrap `model` in a DeepSpeed engine with torch AdamW and our LR schedule."""
+    """Wrap `model` in a DeepSpeed engine with torch AdamW (fused where torch has the kernel) and
+    our LR schedule."""
     optimizer = torch.optim.AdamW(
         param_groups(model, cfg.weight_decay),
         lr=cfg.lr,
         betas=(cfg.adam_beta1, cfg.adam_beta2),
         eps=cfg.adam_eps,
+        fused=fused_optimizer_kernels(compute_device()) or None,  # None: torch's default
     )
     schedule = lr_multiplier(cfg)
     engine, _, _, _ = deepspeed.initialize(

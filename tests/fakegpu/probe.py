@@ -77,6 +77,10 @@ def main(config: str, out: str) -> None:
     def _():
         return _collectives(rank, world)
 
+    @check("AdamW step state of a checkpoint load on fakegpu")
+    def _():
+        return _loaded_adamw_step()
+
     for name, fn in _library_collectives(run).items():
         check(f"library collective: {name}")(fn)
 
@@ -88,6 +92,29 @@ def main(config: str, out: str) -> None:
 
     if rank == 0:
         Path(out).write_text(json.dumps(CHECKS, indent=1))
+
+
+def _loaded_adamw_step() -> str:
+    """A checkpoint load's AdamW `step` state (`optimizer.adam_step_state`) lies where torch's own
+    AdamW keeps it on a GPU: on the device in float32 for the fused kernel the trainer runs there,
+    a host scalar for the unfused one; and the optimizer steps on from it."""
+    from mor_megatron.device import fused_optimizer_kernels
+    from mor_megatron.training.optimizer import adam_step_state
+
+    assert fused_optimizer_kernels(DEVICE), "torch has no fused AdamW for the fake GPU"
+    placed = []
+    for fused in (True, None):
+        param = torch.nn.Parameter(torch.ones(4, device=DEVICE))
+        param.grad = torch.full((4,), 0.5, device=DEVICE)
+        optimizer = torch.optim.AdamW([param], lr=0.1, fused=fused)
+        optimizer.step()  # torch creates the state
+        torchs, ours = optimizer.state[param]["step"], adam_step_state(optimizer, param, 1)
+        assert (torchs.device, torchs.dtype, float(torchs)) == (ours.device, ours.dtype, 1.0), (torchs, ours)
+        optimizer.state[param]["step"] = adam_step_state(optimizer, param, 3)
+        optimizer.step()
+        assert float(optimizer.state[param]["step"]) == 4.0
+        placed.append(f"{'fused' if fused else 'unfused'}: {ours.device}")
+    return ", ".join(placed)
 
 
 def _collectives(rank: int, world: int) -> str:

@@ -1,0 +1,59 @@
+"""The trainer's optimizer: torch AdamW with its fused kernel wherever torch has one for the compute
+device (CPU and CUDA), under every wrapper DeepSpeed puts around it (none at ZeRO-0, a ZeRO
+optimizer at stages 1-2, the BF16_Optimizer for bf16), and its update equals torch's default
+AdamW's over a few steps (1e-6 relative, or 1e-4 of the LR absolute: m / sqrt(v) of a tiny
+gradient carries the kernels' rounding into a weight near zero). Checkpoint loads that write its `step` state:
+tests/fakegpu/probe.py (`optimizer.adam_step_state`, device placement as torch's) and the resume
+tests (test_distributed, test_bf16, test_checkpoints)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model_helpers import batch, build, tiny_config
+from mor_megatron.device import compute_device, fused_optimizer_kernels
+from mor_megatron.training.config import TrainingConfig
+from mor_megatron.training.optimizer import build_engine
+
+LR = 1e-2
+
+
+def engine_for(zero_stage: int, bf16: bool = False):
+    config = tiny_config(bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32)
+    model = build(config).to(compute_device())
+    if bf16:
+        model = model.to(torch.bfloat16)
+    training = TrainingConfig(micro_batch_size=2, global_batch_size=2, zero_stage=zero_stage, lr=LR)
+    return build_engine(model, training, 2, 1), config
+
+
+@pytest.mark.parametrize("zero_stage,bf16", [(0, False), (1, False), (2, False), (1, True)],
+                         ids=["zero0", "zero1", "zero2", "bf16-zero1"])
+def test_adamw_is_fused_under_every_wrapper(parallel, zero_stage, bf16):
+    assert fused_optimizer_kernels(compute_device())  # CPU here, CUDA on a GPU
+    engine, _ = engine_for(zero_stage, bf16)
+    torch_optimizer = engine.basic_optimizer
+    assert isinstance(torch_optimizer, torch.optim.AdamW)
+    assert all(group["fused"] for group in torch_optimizer.param_groups)
+
+
+def test_fused_update_equals_the_default_adamw(parallel):
+    """The same DeepSpeed ZeRO-0 engine and steps with torch's default AdamW kernel in its place:
+    the fused kernel is the same update (torch's own kernels, summed in another order)."""
+    results = []
+    for fused in (True, False):
+        engine, config = engine_for(0)
+        if not fused:
+            for group in engine.basic_optimizer.param_groups:
+                group["fused"] = False
+        tokens, positions = batch(config)
+        for _ in range(3):
+            loss = engine(tokens.to(compute_device()), positions.to(compute_device()), None,
+                          labels=tokens.roll(-1, dims=1).to(compute_device())).float().mean()
+            engine.backward(loss)
+            engine.step()
+        results.append([p.detach().clone() for p in engine.module.parameters()])
+    assert any(not torch.equal(a, b) for a, b in zip(*results))  # two kernels ran, not one twice
+    for fused, default in zip(*results):
+        torch.testing.assert_close(fused, default, rtol=1e-6, atol=1e-4 * LR)
