@@ -34,17 +34,17 @@ def comm(parallel):
     deepspeed.comm.init_distributed(dist_backend=process_group_backend(), dist_init_required=False)
 
 
-def parameters(seed: int, scale: float = 1.0) -> list[torch.nn.Parameter]:
+def parameters(seed: int, scale: float = 1.0, dtype: torch.dtype = torch.float32) -> list[torch.nn.Parameter]:
     """A model's worth of shapes; every other matrix tensor-parallel, one without a gradient."""
     generator = torch.Generator().manual_seed(seed)  # host generator: the same values on any device
     shapes = [(64, 32), (32,), (48, 32), (32, 48), (32,), (16, 32), (7,)]
     params = []
     for index, shape in enumerate(shapes):
-        param = torch.nn.Parameter(torch.randn(shape, generator=generator).to(compute_device()))
+        param = torch.nn.Parameter(torch.randn(shape, generator=generator).to(compute_device(), dtype))
         if len(shape) == 2 and index % 2 == 0:
             param.tensor_model_parallel = True
         if index != 4:
-            param.grad = (scale * torch.randn(shape, generator=generator)).to(compute_device())
+            param.grad = (scale * torch.randn(shape, generator=generator)).to(compute_device(), dtype)
         params.append(param)
     return params
 
@@ -64,6 +64,19 @@ def test_matches_deepspeed(comm, mpu, max_norm):
     if mpu is not None and math.isinf(max_norm):  # the rank's selection matters to the norm
         other = SecondRankMpu() if type(mpu) is MegatronMpu else MegatronMpu()
         assert clip_grad_norm_(parameters(seed=3), max_norm, other) != pytest.approx(norm, rel=1e-3)
+
+
+@pytest.mark.parametrize("max_norm", [math.inf, 1.0], ids=["measure-only", "clipping"])
+def test_bf16_gradients_are_measured_in_fp32(comm, max_norm):
+    """bf16 gradients (bf16 weights at ZeRO-0): each norm in fp32, as DeepSpeed's `.float()`;
+    a bf16 norm would be off by up to 0.4%."""
+    ours, theirs = parameters(seed=7, dtype=torch.bfloat16), parameters(seed=7, dtype=torch.bfloat16)
+    norm = clip_grad_norm_(ours, max_norm, MegatronMpu())
+    assert norm == pytest.approx(float(deepspeed_clip_grad_norm_(theirs, max_norm, mpu=MegatronMpu())), rel=REL)
+    for mine, reference in zip(ours, theirs):
+        if reference.grad is not None:
+            assert mine.grad.dtype == torch.bfloat16
+            torch.testing.assert_close(mine.grad, reference.grad, rtol=0.0, atol=0.0)
 
 
 def test_non_finite_gradients_give_a_non_finite_norm(comm):

@@ -42,7 +42,8 @@ def clip_grad_norm_(parameters: Iterable[nn.Parameter], max_norm: float, mpu) ->
     """
     params = [p for p in parameters if p.grad is not None]
     counted = [
-        p.grad for p in params
+        p.grad.float()  # DeepSpeed's `.float()`: a bf16 gradient's norm in fp32 (a no-op for fp32)
+        for p in params
         if mpu is None or mpu.get_model_parallel_rank() == 0 or is_model_parallel_parameter(p)
     ]
     data_parallel = groups._get_data_parallel_group()  # the group DeepSpeed's function averages over
