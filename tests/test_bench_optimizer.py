@@ -15,7 +15,8 @@ def test_prints_every_variant_against_its_baseline(parallel, capsys):
                                  "model.ffn_hidden_size=128"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"^model: mor nr=2, ", out, re.M), out
-    for variant in ("default (baseline)", "foreach", "fused (the trainer's)", "measure: DeepSpeed (baseline)",
-                    "measure: the trainer's", "clip: DeepSpeed", "clip: the trainer's"):
+    for variant in ("default (baseline)", "foreach", "fused (the trainer's)", "measure: DeepSpeed's (baseline)",
+                    "measure: grad_clip's", "clip: DeepSpeed's", "clip: grad_clip.clip_grad_norm_",
+                    "scale pass, then the fused step (baseline)", "the fused step scaling (the trainer's)"):
         assert re.search(rf"^  {re.escape(variant)} +[\d.]+ +[\d.]+ +\d+% +[\d.]+x$", out, re.M), variant
     assert re.search(r"^  default \(baseline\) .* 1\.00x$", out, re.M)

@@ -57,3 +57,40 @@ def test_fused_update_equals_the_default_adamw(parallel):
     assert any(not torch.equal(a, b) for a, b in zip(*results))  # two kernels ran, not one twice
     for fused, default in zip(*results):
         torch.testing.assert_close(fused, default, rtol=1e-6, atol=1e-4 * LR)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-in-kernel", "unfused-in-place"])
+def test_the_trainers_clip_equals_deepspeeds(parallel, fused):
+    """ZeRO-0's clip as the trainer does it (`optimizer.clipped`: the fused AdamW scales the
+    gradients in its kernel through `grad_scale`; another optimizer gets them scaled in place)
+    against DeepSpeed's own `clip_grad_norm_` in place before the same optimizer's step, with
+    clipping active at every step (max norm 1e-2)."""
+    from deepspeed.runtime.utils import clip_grad_norm_ as deepspeed_clip_grad_norm_
+
+    from mor_megatron.training.grad_clip import clip_factor, global_grad_norm
+    from mor_megatron.training.optimizer import clipped
+
+    results = []
+    for trainers in (True, False):
+        engine, config = engine_for(0)
+        for group in engine.basic_optimizer.param_groups:
+            group["fused"] = fused
+        tokens, positions = batch(config)
+        params = list(engine.module.parameters())
+        for _ in range(3):
+            loss = engine(tokens.to(compute_device()), positions.to(compute_device()), None,
+                          labels=tokens.roll(-1, dims=1).to(compute_device())).float().mean()
+            engine.backward(loss)
+            if trainers:
+                factor = clip_factor(global_grad_norm(params, engine.mpu), 1e-2)
+                assert factor is not None and factor < 0.5  # clipping active
+                with clipped(engine, params, factor):
+                    assert hasattr(engine.optimizer, "grad_scale") == fused
+                    engine.step()
+                assert not hasattr(engine.optimizer, "grad_scale")
+            else:
+                deepspeed_clip_grad_norm_(params, 1e-2, mpu=engine.mpu)
+                engine.step()
+        results.append([p.detach().clone() for p in params])
+    for ours, deepspeeds in zip(*results):
+        torch.testing.assert_close(ours, deepspeeds, rtol=1e-6, atol=1e-4 * LR)

@@ -15,8 +15,13 @@ to hidden 256, FFN 704, sequence 256, unless another --config is given; vanilla,
   trainer runs where torch has the kernel: `device.fused_optimizer_kernels`);
 - gradient norm, measured only (max norm inf) and clipped (max norm 1e-3, so every call scales;
   the gradients are put back untimed after each call):
-  DeepSpeed's `deepspeed.runtime.utils.clip_grad_norm_` (the baseline) against the trainer's
-  `training.grad_clip.clip_grad_norm_`, which skips the scaling pass where the factor is 1.
+  DeepSpeed's `deepspeed.runtime.utils.clip_grad_norm_` (the baseline) against
+  `training.grad_clip.clip_grad_norm_` (its rule in foreach kernels, no scaling pass where the
+  factor is 1; the trainer measures with the same `global_grad_norm`);
+
+- the clip inside the update, with the fused AdamW and a clip factor of 0.5: a scaling pass over
+  the gradients and then the step (the baseline) against the trainer's `optimizer.clipped`, where
+  the fused kernel scales them itself (its `grad_scale`).
 
 Prints per variant the median call time, the fastest, the spread (max - min) / median and the
 baseline's median over its own.
@@ -30,6 +35,7 @@ import os
 import statistics
 import sys
 import time
+import types
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -86,10 +92,10 @@ def time_rounds(variants: dict[str, Callable[[], object]], repeats: int,
 
 def report(title: str, times: dict[str, list[float]], baseline: str) -> list[str]:
     base = statistics.median(times[baseline])
-    lines = [title, f"  {'variant':34s} {'median ms':>9s} {'min ms':>7s} {'spread':>7s} {'baseline / this':>15s}"]
+    lines = [title, f"  {'variant':44s} {'median ms':>9s} {'min ms':>7s} {'spread':>7s} {'baseline / this':>15s}"]
     for name, values in times.items():
         median = statistics.median(values)
-        lines.append(f"  {name:34s} {1e3 * median:9.2f} {1e3 * min(values):7.2f} "
+        lines.append(f"  {name:44s} {1e3 * median:9.2f} {1e3 * min(values):7.2f} "
                      f"{100 * (max(values) - min(values)) / median:6.0f}% {base / median:15.2f}x")
     return lines
 
@@ -106,8 +112,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from mor_megatron.parallel.mpu import MegatronMpu
     from mor_megatron.parallel.state import initialize_parallel
     from mor_megatron.training.config import TrainingConfig
-    from mor_megatron.training.grad_clip import clip_grad_norm_
-    from mor_megatron.training.optimizer import param_groups
+    from mor_megatron.training.grad_clip import clip_grad_norm_, scale_gradients_
+    from mor_megatron.training.optimizer import clipped, param_groups
 
     torch.set_num_threads(args.threads)
     initialize_parallel()
@@ -141,13 +147,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             param.grad.copy_(grad)
 
     norms = time_rounds({  # float(): the host read of the norm, which the trainer makes too
-        "measure: DeepSpeed (baseline)": lambda: float(deepspeed_clip_grad_norm_(params, math.inf, mpu=mpu)),
-        "measure: the trainer's": lambda: clip_grad_norm_(params, math.inf, mpu),
-        "clip: DeepSpeed": lambda: float(deepspeed_clip_grad_norm_(params, 1e-3, mpu=mpu)),
-        "clip: the trainer's": lambda: clip_grad_norm_(params, 1e-3, mpu),
+        "measure: DeepSpeed's (baseline)": lambda: float(deepspeed_clip_grad_norm_(params, math.inf, mpu=mpu)),
+        "measure: grad_clip's": lambda: clip_grad_norm_(params, math.inf, mpu),
+        "clip: DeepSpeed's": lambda: float(deepspeed_clip_grad_norm_(params, 1e-3, mpu=mpu)),
+        "clip: grad_clip.clip_grad_norm_": lambda: clip_grad_norm_(params, 1e-3, mpu),
     }, args.repeats, after=restore)
     lines = report("AdamW step", adam, "default (baseline)")
-    lines += report("gradient norm (clip: max norm 1e-3, every call scales)", norms, "measure: DeepSpeed (baseline)")
+    lines += report("gradient norm (clip: max norm 1e-3, every call scales)", norms, "measure: DeepSpeed's (baseline)")
+    if "fused (the trainer's)" in optimizers:
+        fused = optimizers["fused (the trainer's)"]
+        engine = types.SimpleNamespace(optimizer=fused)  # what `clipped` reads of DeepSpeed's engine
+
+        def scaled_then_stepped() -> None:
+            scale_gradients_(params, 0.5)
+            fused.step()
+
+        def stepped_in_kernel() -> None:
+            with clipped(engine, params, 0.5):
+                fused.step()
+
+        update = time_rounds({"scale pass, then the fused step (baseline)": scaled_then_stepped,
+                              "the fused step scaling (the trainer's)": stepped_in_kernel}, args.repeats, after=restore)
+        lines += report("clip (factor 0.5) and fused AdamW step", update, "scale pass, then the fused step (baseline)")
     print("\n".join(lines))
     return 0
 

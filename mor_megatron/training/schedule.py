@@ -29,8 +29,8 @@ from mor_megatron.model.boundary import extra_channels
 from mor_megatron.model.rules import Unit
 from mor_megatron.parallel.setup import sync_replica_grads
 from mor_megatron.training.fp8 import refresh_fp8_weight_cache
-from mor_megatron.training.grad_clip import clip_grad_norm_
-from mor_megatron.training.optimizer import plain_fp32_update, skipped_unless_finite
+from mor_megatron.training.grad_clip import clip_factor, global_grad_norm
+from mor_megatron.training.optimizer import clipped, plain_fp32_update, skipped_unless_finite
 
 
 @dataclass
@@ -209,15 +209,17 @@ def train_step(engine, batches: list[dict], stages: Optional[list[list[Unit]]] =
         refresh_fp8_weight_cache(engine)
     lr = _current_lr(engine)
     outputs = run_microbatches(engine, batches, forward_only=False)
-    norm = None
+    norm, factor, params = None, None, []
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         sync_replica_grads(engine.module, engine.module.config, stages)
     elif not engine.zero_optimization():
         # without ZeRO DeepSpeed keeps no norm: measure it by DeepSpeed's rule (grad_clip.py), and
-        # clip in the same call where DeepSpeed would clip plain fp32 gradients (`plain_fp32_update`)
-        max_norm = (engine.gradient_clipping() or math.inf) if plain_fp32_update(engine) else math.inf
-        norm = clip_grad_norm_(engine.module.parameters(), max_norm, engine.mpu)
-    with skipped_unless_finite(engine, norm):  # ZeRO-0: a non-finite norm skips the update
+        # clip where DeepSpeed would clip plain fp32 gradients (`plain_fp32_update`), in the update
+        params = list(engine.module.parameters())
+        norm = global_grad_norm(params, engine.mpu)
+        if plain_fp32_update(engine):
+            factor = clip_factor(norm, engine.gradient_clipping() or math.inf)
+    with skipped_unless_finite(engine, norm), clipped(engine, params, factor):  # ZeRO-0's skip and clip
         engine.step()  # the update (at PP = 1 the last micro-batch's call of DeepSpeed's accumulation)
     loss = outputs.mean_loss()
     if norm is None:
