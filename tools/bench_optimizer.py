@@ -49,11 +49,13 @@ WARMUP = 3
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    from mor_megatron.cli import ToolParser, positive_int
+
+    parser = ToolParser(prog="bench_optimizer.py", description=__doc__.split("\n", 1)[0])
     parser.add_argument("--config", default=DEFAULT_CONFIG)
-    parser.add_argument("--recursions", type=int, default=None, help="MoR with N recursions (default: vanilla)")
-    parser.add_argument("--repeats", type=int, default=30, help="timed rounds (default 30)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--recursions", type=positive_int, default=None, help="MoR with N recursions (default: vanilla)")
+    parser.add_argument("--repeats", type=positive_int, default=30, help="timed rounds (default 30)")
+    parser.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1)
     parser.add_argument("overrides", nargs="*", help="model.key=value")
     return parser
 
@@ -102,6 +104,12 @@ def report(title: str, times: dict[str, list[float]], baseline: str) -> list[str
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    from mor_megatron.errors import run_cli
+
+    return run_cli(lambda: _benchmark(args), debug=args.debug)
+
+
+def _benchmark(args) -> int:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
     import torch
