@@ -38,13 +38,17 @@ def test_adamw_is_fused_under_every_wrapper(parallel, zero_stage, bf16):
     assert all(group["fused"] for group in torch_optimizer.param_groups)
 
 
-def backward_once(engine, config) -> list[torch.nn.Parameter]:
-    """One forward and backward of the tiny batch through `engine`; its parameters."""
+def backward_once(fused: bool):
+    """A fresh ZeRO-0 engine whose AdamW runs the fused kernel or torch's default, after one
+    forward and backward of the tiny batch; the engine and its parameters."""
+    engine, config = engine_for(0)
+    for group in engine.basic_optimizer.param_groups:
+        group["fused"] = fused
     tokens, positions = batch(config)
     loss = engine(tokens.to(compute_device()), positions.to(compute_device()), None,
                   labels=tokens.roll(-1, dims=1).to(compute_device())).float().mean()
     engine.backward(loss)
-    return list(engine.module.parameters())
+    return engine, list(engine.module.parameters())
 
 
 def updated(engine, params) -> list[torch.Tensor]:
@@ -71,10 +75,7 @@ def test_fused_update_equals_the_default_adamw(parallel, monkeypatch):
     monkeypatch.setattr(torch, "_fused_adamw_", lambda *a, **k: calls.append(1) or fused_kernel(*a, **k))
     results = []
     for fused in (True, False):
-        engine, config = engine_for(0)
-        for group in engine.basic_optimizer.param_groups:
-            group["fused"] = fused
-        params = backward_once(engine, config)
+        engine, params = backward_once(fused)
         before = len(calls)
         engine.step()
         assert (len(calls) > before) == fused  # the kernel each run names, not one twice
@@ -95,10 +96,7 @@ def test_the_trainers_clip_equals_deepspeeds(parallel, fused):
 
     results = []
     for trainers in (True, False):
-        engine, config = engine_for(0)
-        for group in engine.basic_optimizer.param_groups:
-            group["fused"] = fused
-        params = backward_once(engine, config)
+        engine, params = backward_once(fused)
         if trainers:
             factor = clip_factor(global_grad_norm(params, engine.mpu), 1e-2)
             assert factor is not None and factor < 0.5  # clipping active
