@@ -70,7 +70,8 @@ def _model(args):
     sections = load_sections(config_path, shape + list(args.overrides))
     base = model_config_from_dict(sections["model"], config_path)
     entries = plan_models(base, [args.recursions] if args.recursions else [], "float32")
-    entry = entries[-1] if args.recursions else entries[0]
+    # the MoR entry, not the last: plan_models appends the vanilla model of a new depth (Nr=4: L=10) after it
+    entry = next(e for e in entries if e["role"] == "mor") if args.recursions else entries[0]
     return entry["name"], entry["config"]
 
 
