@@ -263,3 +263,73 @@ def test_triton_scatter_kernel_in_the_model_matches_torch(monkeypatch):
     torch.testing.assert_close(runs[0][0], runs[1][0], rtol=0, atol=1e-6)
     for name, grad in runs[0][1].items():
         torch.testing.assert_close(grad, runs[1][1][name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_expert_choice_losses_and_stats_have_no_data_dependent_shapes(dtype):
+    """They run at every recursion step of every training step. A boolean index
+    (`logits[candidates]`) has a data-dependent size and `.item()` a data-dependent value: on CUDA
+    either makes the host wait for the device. Fake tensors (shapes, no data) refuse both, so
+    running them on fake tensors shows there is none. Their values and gradients equal the sums
+    over the boolean-indexed candidates (the rule read directly: means over the candidates)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from mor_megatron.model.routing import expert_choice_losses, expert_choice_step_stats
+
+    config = tiny_config(router_z_loss_coeff=1e-3, aux_router=True)
+    generator = torch.Generator().manual_seed(0)
+    logits_ = torch.randn(16, 3, generator=generator).to(dtype).requires_grad_()
+    aux = torch.randn(16, 3, generator=generator).to(dtype).requires_grad_()
+    candidates = torch.rand(16, 3, generator=generator) < 0.7
+    selected = candidates & (torch.rand(16, 3, generator=generator) < 0.5)
+
+    def both(logits_, aux, candidates, selected):
+        return (expert_choice_losses(config, logits_, aux, candidates, selected),
+                expert_choice_step_stats(logits_, candidates, selected))
+
+    with FakeTensorMode() as fake:
+        both(*(fake.from_tensor(t) for t in (logits_, aux, candidates, selected)))
+    losses, stats = both(logits_, aux, candidates, selected)
+
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    count = candidates.sum().item()
+    target = selected[candidates].float()
+    expected = {
+        "bce": bce(logits_[candidates].float(), target, reduction="sum") / count,
+        "z": logits_[candidates].float().square().sum() / count,
+        "aux_router_bce": bce(aux[candidates].float(), target, reduction="sum") / count,
+    }
+    tolerance = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-3)
+    assert set(losses) == set(expected)
+    for name, value in expected.items():
+        torch.testing.assert_close(losses[name].float(), value.detach(), **tolerance)
+        got = torch.autograd.grad(losses[name], (logits_, aux), retain_graph=True, allow_unused=True,
+                                  materialize_grads=True)
+        want = torch.autograd.grad(value, (logits_, aux), retain_graph=True, allow_unused=True,
+                                   materialize_grads=True)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g.float(), w.float(), **tolerance)
+    agree = ((logits_.detach()[candidates] >= 0) == selected[candidates]).float().mean()
+    torch.testing.assert_close(stats["sampling_accuracy"], agree)
+    assert stats["selected_tokens"].item() == selected.sum().item()
+
+
+@pytest.mark.parametrize("settings", [
+    {},
+    {"kv_mode": "share_first"},
+    {"aux_router": True, "router_z_loss_coeff": 1e-3, "recompute_granularity": "full", "recompute_method": "uniform",
+     "recompute_num_layers": 1},
+])
+def test_an_expert_choice_training_step_has_no_data_dependent_shapes(settings):
+    """The whole forward and backward of an expert-choice model (static k per step) on fake
+    tensors: no boolean index, `nonzero` or `.item()` anywhere, so nothing in it waits for the
+    device on CUDA (the one read of the step's statistics, `RouterOutput.metrics`, comes after)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    config = tiny_config(**settings)
+    model = build(config)
+    tokens, positions = batch(config)
+    with FakeTensorMode(allow_non_fake_inputs=True) as fake:
+        tokens, positions = fake.from_tensor(tokens), fake.from_tensor(positions)
+        model(tokens, positions, None, labels=tokens).float().mean().backward()
+    assert model.decoder.router_output is not None

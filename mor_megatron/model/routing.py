@@ -119,28 +119,32 @@ def expert_choice_losses(
     the DP size, so that after data-parallel gradient averaging it is the mean over every
     candidate of the global batch.
     """
-    cand_logits = logits[candidates]
-    target = selected[candidates].to(logits.dtype)
-    count = torch.tensor(float(cand_logits.numel()), device=cand_logits.device)
-    count, dp_size = _global_count(count, dp_group)
+    # sums under the candidate mask, not over `logits[candidates]`: a boolean index has a
+    # data-dependent size, which on CUDA waits for the device (a host sync per recursion step)
+    target = selected.to(logits.dtype)
+    count, dp_size = _global_count(candidates.sum(dtype=torch.float32), dp_group)
     norm = dp_size / count.clamp(min=1.0)
+
+    def over_candidates(per_token: Tensor) -> Tensor:
+        return torch.where(candidates, per_token, 0.0).sum()
+
     bce = F.binary_cross_entropy_with_logits
-    losses = {"bce": bce(cand_logits, target, reduction="sum") * norm}
+    losses = {"bce": over_candidates(bce(logits, target, reduction="none")) * norm}
     if config.router_z_loss_coeff:
-        losses["z"] = cand_logits.square().sum() * norm
+        losses["z"] = over_candidates(logits.square()) * norm
     if aux_logits is not None:
-        losses["aux_router_bce"] = bce(aux_logits[candidates], target, reduction="sum") * norm
+        losses["aux_router_bce"] = over_candidates(bce(aux_logits, target, reduction="none")) * norm
     return losses
 
 
 def expert_choice_step_stats(
     logits: Tensor, candidates: Tensor, selected: Tensor
 ) -> dict[str, Tensor]:
-    with torch.no_grad():
-        threshold = logits[candidates] >= 0
+    with torch.no_grad():  # masked sums, no boolean index: no host sync (`expert_choice_losses`)
+        agree = ((logits >= 0) == selected) & candidates
         return {
             "selected_tokens": selected.sum(),
-            "sampling_accuracy": (threshold == selected[candidates]).float().mean(),
+            "sampling_accuracy": agree.sum(dtype=torch.float32) / candidates.sum(dtype=torch.float32),
             # positions never selected at this step in any sequence of the micro-batch
             "dead_token_ratio": (~selected.any(dim=1)).float().mean(),
         }
