@@ -8,9 +8,9 @@ added back into the residual stream::
 
 with ``hidden [S, B, D]``, ``index [k, B]`` (per column duplicate-free; the MoR
 router also sorts it, which this kernel does not need), ``gate [k, B]`` and
-``y [k, B, D]``. Eager PyTorch spends a multiply, an expanded index and a
-``scatter_add`` (plus a full clone) on it, and the backward another gather and
-reduction. Here it is one forward pass and one backward kernel.
+``y [k, B, D]``. Eager PyTorch (the reference) spends a multiply and an
+``index_add`` over whole rows (plus a full clone) on it, and the backward an
+``index_select`` and a reduction. Here it is one forward pass and one backward kernel.
 
 Forward design (single pass rather than "copy, then add the gated rows"):
 a tiny ``[S, B]`` inverse map ``inv[s, b] = j`` (``-1`` when token ``s`` was

@@ -11,6 +11,13 @@ On CUDA it prints the reference and the Triton timings and their ratio
 interpreter runs every program in Python, so its timing says nothing about the
 kernel; the Triton column needs CUDA.
 
+A second table times how a recursion step moves its tokens, forward and backward:
+`TokenSet.gather` and the reference's scatter-add move whole rows of the ``[S * B, D]``
+stream (``index_select``, ``index_add``: `kernels.stream_rows`), against the forms
+they replaced, an index expanded over D (``gather``, ``scatter_add``), in turns.
+``--shapes 256x4x256 --k-fracs 0.667 0.333`` is `tools/bench_train.py`'s default
+shape at MoR-3's capacities.
+
 Timing uses ``torch.utils.benchmark.Timer.blocked_autorange`` (warm-up, CUDA
 synchronisation and the median of many runs are handled there). The gradients
 are taken with ``torch.autograd.grad`` so no ``.grad`` accumulation is timed.
@@ -27,6 +34,7 @@ import torch
 from torch.utils import benchmark
 
 from mor_megatron.kernels import HAS_TRITON, gated_scatter_add, gated_scatter_add_reference
+from mor_megatron.model.token_set import TokenSet
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_SHAPES = ("2048x8x960", "2048x8x2048")
@@ -84,6 +92,47 @@ def bench_case(
         return torch.autograd.grad(out, (hg, gg, yg), d_out)
 
     return _time(fwd, min_run_time), _time(fwd_bwd, min_run_time)
+
+
+def _expanded(index: torch.Tensor, d: int) -> torch.Tensor:
+    return index.unsqueeze(-1).expand(-1, -1, d)
+
+
+def row_ops(case: Case, dtype: torch.dtype, device: torch.device, min_run_time: float) -> dict[str, float]:
+    """Forward+backward seconds of the token gather and the gated scatter-add, as the model
+    runs them (whole rows) and in the expanded-index forms they replaced (the baselines)."""
+    hidden, index, gate, y, d_out = make_inputs(case, dtype, device)
+    hg, gg, yg = (t.detach().requires_grad_(True) for t in (hidden, gate, y))
+    d_rows = torch.randn_like(y)
+    tokens = TokenSet.dense(index)
+    variants = {
+        "gather, expanded": lambda: torch.autograd.grad(hg.gather(0, _expanded(index, case.d)), hg, d_rows),
+        "gather, rows": lambda: torch.autograd.grad(tokens.gather(hg), hg, d_rows),
+        "scatter-add, expanded": lambda: torch.autograd.grad(
+            hg.scatter_add(0, _expanded(index, case.d), gg.unsqueeze(-1) * yg), (hg, gg, yg), d_out),
+        "scatter-add, rows": lambda: torch.autograd.grad(
+            gated_scatter_add_reference(hg, index, gg, yg), (hg, gg, yg), d_out),
+    }
+    return {name: _time(fn, min_run_time) for name, fn in variants.items()}
+
+
+def _print_row_ops(cases: list[Case], dtype: torch.dtype, device: torch.device, min_run_time: float) -> None:
+    print()
+    print("token rows, forward+backward: whole rows (index_select / index_add, the model's) against the "
+          "expanded index (gather / scatter_add, the baseline)")
+    hdr = (f"{'shape':<35} {'gather exp ms':>13} {'rows ms':>8} {'x':>5} "
+           f"{'scatter exp ms':>14} {'rows ms':>8} {'x':>5}")
+    print(hdr)
+    print("-" * len(hdr))
+    for case in cases:
+        t = row_ops(case, dtype, device, min_run_time)
+        gather = (t["gather, expanded"], t["gather, rows"])
+        scatter = (t["scatter-add, expanded"], t["scatter-add, rows"])
+        # "rows " first: gpu_check's parser reads the lines that start with the shape
+        print(f"{'rows ' + case.label():<35} {gather[0] * 1e3:>13.3f} {gather[1] * 1e3:>8.3f} "
+              f"{gather[0] / gather[1]:>5.2f} {scatter[0] * 1e3:>14.3f} {scatter[1] * 1e3:>8.3f} "
+              f"{scatter[0] / scatter[1]:>5.2f}", flush=True)
+    print("x = expanded-index time / whole-row time (>1: the model's form is faster)")
 
 
 def _fwd_bytes(case: Case, dtype: torch.dtype) -> int:
@@ -154,6 +203,7 @@ def _run(args: argparse.Namespace) -> None:
         print("x = reference time / Triton time (>1: the kernel is faster); GB/s = minimum forward traffic / Triton fwd time")
     else:
         print("GB/s = minimum forward traffic / reference fwd time")
+    _print_row_ops(cases, dtype, device, args.min_run_time)
 
 
 if __name__ == "__main__":

@@ -12,12 +12,13 @@ Three layouts, all keeping tokens in original order so causal masking stays corr
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from mor_megatron.kernels import gated_scatter_add
+from mor_megatron.kernels import gated_scatter_add, stream_rows
 from mor_megatron.model.attention import ActiveTokens
 
 LAYOUTS = ("dense", "padded", "packed")
@@ -70,17 +71,25 @@ class TokenSet:
         """Rows the block runs on (pads included)."""
         return self.index.numel()
 
+    @cached_property
+    def rows(self) -> Tensor:
+        """Each token's row in the `[S * B, D]` view of the stream, in this set's order: tokens
+        move as whole rows (`index_select`, `index_add`, `index_copy`), not through an index
+        expanded over D (`kernels.stream_rows`)."""
+        return self.index if self.layout == "packed" else stream_rows(self.index)
+
+    def _shape(self) -> tuple[int, int]:
+        """This set's `[rows, columns]`: `[k, B]` / `[m, B]`, packed `[t, 1]`."""
+        return tuple(self.index.shape) if self.layout != "packed" else (self.index.shape[0], 1)
+
     def gather(self, hidden: Tensor) -> Tensor:
         """`[S, B, D]` -> the active tokens in this set's layout."""
-        if self.layout != "packed":
-            return hidden.gather(0, self.index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-        return hidden.reshape(-1, hidden.shape[-1])[self.index].unsqueeze(1)
+        width = hidden.shape[-1]
+        return hidden.reshape(-1, width).index_select(0, self.rows).view(*self._shape(), width)
 
     def gather_values(self, values: Tensor) -> Tensor:
         """A per-token `[S, B]` tensor (gates, logits) -> this set's layout without the D axis."""
-        if self.layout != "packed":
-            return values.gather(0, self.index)
-        return values.reshape(-1)[self.index].unsqueeze(1)
+        return values.reshape(-1).index_select(0, self.rows).view(self._shape())
 
     def gated_scatter_add(self, hidden: Tensor, gate: Tensor, update: Tensor, backend: str = "auto") -> Tensor:
         """Out of place: `hidden` plus `gate * update` at this set's tokens (the MoR residual update).
@@ -101,12 +110,10 @@ class TokenSet:
     def scatter(self, hidden: Tensor, update: Tensor) -> Tensor:
         """Out of place: `hidden` with this set's tokens replaced by `update` (a pad writes its
         row's own value back)."""
-        if self.layout != "packed":
-            if self.valid is not None:
-                update = torch.where(self.valid.unsqueeze(-1), update, self.gather(hidden))
-            index = self.index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
-            return hidden.scatter(0, index, update)
-        flat = hidden.reshape(-1, hidden.shape[-1]).index_copy(0, self.index, update.squeeze(1))
+        if self.valid is not None:
+            update = torch.where(self.valid.unsqueeze(-1), update, self.gather(hidden))
+        width = hidden.shape[-1]
+        flat = hidden.reshape(-1, width).index_copy(0, self.rows, update.reshape(-1, width))
         return flat.view_as(hidden)
 
     def rotary(self, freqs: Optional[Tensor]) -> Optional[Tensor]:
@@ -114,9 +121,9 @@ class TokenSet:
         if freqs is None:
             return None
         per_position = freqs[:, 0]  # [S, 1, d]
-        if self.layout != "packed":
-            return per_position[self.index]  # [k, B, 1, d]
-        return per_position[self.positions].unsqueeze(1)  # [t, 1, 1, d]
+        if self.layout != "packed":  # [k, B, 1, d]
+            return per_position.index_select(0, self.index.reshape(-1)).view(*self.index.shape, *per_position.shape[1:])
+        return per_position.index_select(0, self.positions).unsqueeze(1)  # [t, 1, 1, d]
 
     def attention_context(self, kv_store: dict, kv_role: str) -> ActiveTokens:
         return ActiveTokens(self.layout, self.positions, self.seq_ids, kv_store, kv_role)
