@@ -54,3 +54,30 @@ def test_read_metrics_keeps_the_last_record_of_each_step(tmp_path):
     assert [(r["step"], r["train/loss"]) for r in read_metrics(tmp_path)] == [
         (1, 9.0), (2, 8.0), (3, 17.0), (4, 16.0), (5, 15.0)]
     assert read_metrics(tmp_path / "missing") == []
+
+
+def test_tensorboard_shows_what_add_scalar_would(tmp_path):
+    """One event a step with every metric (`scalars_summary`) reads back, tag by tag, as
+    torch's `SummaryWriter.add_scalar` per metric writes it (the baseline)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    steps = {step: {"train/loss": 3.5 - step / 7, "train/skipped_steps": step // 2,
+                    "router/r2/selected_tokens": 170.0 * step, "train/lr": -1e-30 * step}
+             for step in range(1, 5)}
+    ours = MetricsWriter(str(tmp_path / "ours"), tensorboard=True, enabled=True)
+    baseline = SummaryWriter(log_dir=str(tmp_path / "baseline" / "tensorboard"))
+    for step, metrics in steps.items():
+        ours.write(step, metrics)
+        for key, value in metrics.items():
+            baseline.add_scalar(key, value, step)
+    ours.close()
+    baseline.close()
+
+    def scalars(run_dir):
+        events = EventAccumulator(str(run_dir / "tensorboard"))
+        events.Reload()
+        return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+    got, expect = scalars(tmp_path / "ours"), scalars(tmp_path / "baseline")
+    assert sorted(expect) == sorted(steps[1]) and got == expect

@@ -104,7 +104,10 @@ class _Preemption:
             signal.signal(number, handler)
 
     def agreed(self) -> bool:
-        """Every rank must stop at the same step: any rank's signal counts for all."""
+        """Every rank must stop at the same step: any rank's signal counts for all (one rank:
+        its own, without a collective every step)."""
+        if dist.get_world_size() == 1:
+            return self.requested is not None
         flag = torch.tensor([1.0 if self.requested else 0.0], device=collective_device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())

@@ -108,6 +108,15 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return [by_step[step] for step in sorted(by_step)]
 
 
+def scalars_summary(metrics: dict[str, float]):
+    """One TensorBoard `Summary` holding every metric as the value `SummaryWriter.add_scalar`
+    writes (`simple_value`, its default style): one event a step instead of one per metric,
+    without add_scalar's per-call conversions (about 36 us each here, ~30 metrics a step)."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    return Summary(value=[Summary.Value(tag=key, simple_value=float(value)) for key, value in metrics.items()])
+
+
 class MetricsWriter:
     """Rank 0 writes every metric to TensorBoard and to `metrics.jsonl` in the run directory.
 
@@ -139,8 +148,7 @@ class MetricsWriter:
         self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         self.jsonl.flush()
         if self.tb is not None:
-            for key, value in metrics.items():
-                self.tb.add_scalar(key, value, step)
+            self.tb.file_writer.add_summary(scalars_summary(metrics), step)
             self.tb.flush()
 
     def close(self) -> None:
