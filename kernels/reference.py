@@ -17,7 +17,7 @@ def stream_rows(index: torch.Tensor) -> torch.Tensor:
 
     Tokens move as whole rows (``index_select`` / ``index_add`` / ``index_copy``), not through
     an index expanded over D (``gather`` / ``scatter_add``), which on CPU costs 1.3-2.5x more,
-    forward and backward (``tools/bench_kernels.py``, second table); on CUDA both are
+    forward and backward (``tools/bench_kernels.py --row-ops``); on CUDA both are
     deterministic under ``torch.use_deterministic_algorithms``."""
     width = index.shape[1]
     return (index * width + torch.arange(width, device=index.device, dtype=index.dtype)).reshape(-1)

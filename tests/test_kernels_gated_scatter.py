@@ -266,7 +266,15 @@ def test_bench_tool_runs_on_cpu(capsys: pytest.CaptureFixture) -> None:
 
     main(["--device", "cpu", "--shapes", "16x2x8", "--k-fracs", "0.5", "--min-run-time", "0.01"])
     out = capsys.readouterr().out
-    assert "S=16 B=2 D=8 k=8" in out and "Triton timing needs CUDA" in out
+    assert "S=16 B=2 D=8 k=8" in out and "Triton timing needs CUDA" in out and "token rows" not in out
+    main(["--device", "cpu", "--shapes", "16x2x8", "--k-fracs", "0.5", "--min-run-time", "0.01", "--row-ops"])
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("rows S=16 B=2 D=8 k=8"))
+    assert len(row.split()) == 5 + 6 and "token rows" in out
+    # gpu_check reads the first table only: the second's rows are not taken for its cases
+    from mor_megatron.tools.gpu_check_steps import parse_bench_kernels
+
+    assert [r["case"] for r in parse_bench_kernels(out)] == ["S=16 B=2 D=8 k=8"]
 
 
 @pytest.mark.cuda

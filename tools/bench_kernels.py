@@ -11,12 +11,12 @@ On CUDA it prints the reference and the Triton timings and their ratio
 interpreter runs every program in Python, so its timing says nothing about the
 kernel; the Triton column needs CUDA.
 
-A second table times how a recursion step moves its tokens, forward and backward:
-`TokenSet.gather` and the reference's scatter-add move whole rows of the ``[S * B, D]``
-stream (``index_select``, ``index_add``: `kernels.stream_rows`), against the forms
-they replaced, an index expanded over D (``gather``, ``scatter_add``), in turns.
-``--shapes 256x4x256 --k-fracs 0.667 0.333`` is `tools/bench_train.py`'s default
-shape at MoR-3's capacities.
+``--row-ops`` adds a second table, how a recursion step moves its tokens, forward and
+backward: `TokenSet.gather` and the reference's scatter-add move whole rows of the
+``[S * B, D]`` stream (``index_select``, ``index_add``: `kernels.stream_rows`), against
+the forms they replaced, an index expanded over D (``gather``, ``scatter_add``).
+``--row-ops --shapes 256x4x256 --k-fracs 0.667 0.333`` is `tools/bench_train.py`'s
+default shape at MoR-3's capacities.
 
 Timing uses ``torch.utils.benchmark.Timer.blocked_autorange`` (warm-up, CUDA
 synchronisation and the median of many runs are handled there). The gradients
@@ -151,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shapes", nargs="+", type=dims(3), default=[dims(3)(s) for s in DEFAULT_SHAPES], help="SxBxD, e.g. 2048x8x960")
     p.add_argument("--k-fracs", nargs="+", type=ranged(Range(0, 1, low_open=True)), default=list(DEFAULT_K_FRACS), help="k = int(S * frac)")
     p.add_argument("--min-run-time", type=positive_float, default=0.5, help="seconds per timing (blocked_autorange)")
+    p.add_argument("--row-ops", action="store_true",
+                   help="also time the token gather and scatter-add against their expanded-index forms")
     return p
 
 
@@ -203,7 +205,8 @@ def _run(args: argparse.Namespace) -> None:
         print("x = reference time / Triton time (>1: the kernel is faster); GB/s = minimum forward traffic / Triton fwd time")
     else:
         print("GB/s = minimum forward traffic / reference fwd time")
-    _print_row_ops(cases, dtype, device, args.min_run_time)
+    if args.row_ops:
+        _print_row_ops(cases, dtype, device, args.min_run_time)
 
 
 if __name__ == "__main__":
