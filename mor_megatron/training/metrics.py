@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.distributed as dist
@@ -13,6 +13,9 @@ from megatron.core import parallel_state
 
 from mor_megatron.device import collective_device, compute_device
 from mor_megatron.model.routing import RouterOutput
+
+if TYPE_CHECKING:  # tensorboard is imported only by runs that write to it
+    from tensorboard.compat.proto.summary_pb2 import Summary
 
 # Dense bf16 peak TFLOP/s per GPU, for MFU when logging.peak_tflops is not given.
 GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
@@ -108,7 +111,7 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return [by_step[step] for step in sorted(by_step)]
 
 
-def scalars_summary(metrics: dict[str, float]):
+def scalars_summary(metrics: dict[str, float]) -> Summary:
     """One TensorBoard `Summary` holding every metric as the value `SummaryWriter.add_scalar`
     writes (`simple_value`, its default style): one event a step instead of one per metric,
     without add_scalar's per-call conversions (about 36 us each here, ~30 metrics a step)."""
