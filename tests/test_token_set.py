@@ -36,9 +36,14 @@ def _pairs(tokens: TokenSet) -> list[tuple[tuple[int, ...], int, int]]:
     return [((j, b), int(tokens.index[j, b]), b) for j in range(rows) for b in range(width)]
 
 
+def _set_shape(tokens: TokenSet) -> tuple[int, int]:
+    """The set's `[rows, columns]`: `[k, B]` / `[m, B]`, packed `[t, 1]`."""
+    return tuple(tokens.index.shape) if tokens.layout != "packed" else (tokens.index.shape[0], 1)
+
+
 def _inputs(tokens: TokenSet):
     generator = torch.Generator().manual_seed(2)
-    shape = tokens.index.shape if tokens.layout != "packed" else (tokens.index.shape[0], 1)
+    shape = _set_shape(tokens)
     hidden = torch.randn(S, B, D, generator=generator, dtype=torch.float64, requires_grad=True)
     update = torch.randn(*shape, D, generator=generator, dtype=torch.float64, requires_grad=True)
     gate = torch.rand(*shape, generator=generator, dtype=torch.float64, requires_grad=True)
@@ -46,8 +51,7 @@ def _inputs(tokens: TokenSet):
 
 
 def _loop_gather(tokens, hidden):
-    shape = tokens.index.shape if tokens.layout != "packed" else (tokens.index.shape[0], 1)
-    out = hidden.new_zeros(*shape, *hidden.shape[2:])
+    out = hidden.new_zeros(*_set_shape(tokens), *hidden.shape[2:])
     for element, position, seq in _pairs(tokens):
         out[element] = hidden[position, seq]
     return out
@@ -90,7 +94,7 @@ def test_token_set_operations_equal_their_per_token_definitions(layout):
         for g, e in zip(_grads(got, inputs), _grads(expect, inputs)):
             torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12, msg=lambda m: f"{layout} {name} grad: {m}")
     freqs = torch.randn(S, 1, 1, 4, dtype=torch.float64)
-    expect = freqs.new_zeros(*(tokens.index.shape if layout != "packed" else (tokens.index.shape[0], 1)), 1, 4)
+    expect = freqs.new_zeros(*_set_shape(tokens), 1, 4)
     for element, position, _ in _pairs(tokens):
         expect[element] = freqs[position, 0]
     torch.testing.assert_close(tokens.rotary(freqs), expect, rtol=0, atol=0)

@@ -121,9 +121,8 @@ class TokenSet:
         if freqs is None:
             return None
         per_position = freqs[:, 0]  # [S, 1, d]
-        if self.layout != "packed":  # [k, B, 1, d]
-            return per_position.index_select(0, self.index.reshape(-1)).view(*self.index.shape, *per_position.shape[1:])
-        return per_position.index_select(0, self.positions).unsqueeze(1)  # [t, 1, 1, d]
+        positions = self.positions if self.layout == "packed" else self.index  # a pad: its gathered row's
+        return per_position.index_select(0, positions.reshape(-1)).view(*self._shape(), *per_position.shape[1:])
 
     def attention_context(self, kv_store: dict, kv_role: str) -> ActiveTokens:
         return ActiveTokens(self.layout, self.positions, self.seq_ids, kv_store, kv_role)
