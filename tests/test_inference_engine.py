@@ -112,6 +112,55 @@ def test_decode_tick_host_reads_do_not_grow_with_depth(parallel):
     assert reads[5] == reads[8] and max(reads[5]) <= 4, reads
 
 
+def test_admission_host_reads_do_not_grow_with_the_rows_admitted(parallel):
+    """A tick that admits requests forgets their rows' caches in one reset: its device reads are
+    the same for one admitted row as for eight (not one reset, and its reads, per row); and the
+    refilled rows decode as if alone."""
+    model = model_for("expert_choice", "recursion_wise")
+    requests = prompts(model.config)
+    reads = {}
+    for count in (1, 8):
+        engine = Engine(model, max_batch=8, max_seq=MAX_SEQ, track_memory=True)
+        for index in range(count):
+            engine.add_request(requests[0], SamplingParams(max_tokens=2))
+        with _HostReads() as counter:
+            engine._admit()
+        reads[count] = counter.count
+        assert sorted(engine.rows) == list(range(count))
+    assert reads[1] == reads[8], reads
+    # rows 0 and 2 finish in one tick (equal prompt lengths and lengths to generate; vanilla: one
+    # tick per token): one reset of the row tensor [0, 2] refills both. Right after each
+    # admission the admitted rows hold no entry in any cache and the other rows keep theirs
+    model = model_for("none", "recursion_wise")
+    requests = prompts(model.config)
+    requests[2] = requests[2] + requests[0][: len(requests[0]) - len(requests[2])]
+    requests.append(requests[1])  # then one row alone: a reset of a slice
+    params = [SamplingParams(max_tokens=n) for n in (3, 9, 3, 7, 5, 4)]
+    engine = Engine(model, max_batch=3, max_seq=MAX_SEQ)
+    caches, admissions = engine.caches.caches.values(), []
+    admit = engine._admit
+
+    def recorded():
+        held, before = set(engine.rows), [cache.lengths.tolist() for cache in caches]
+        admit()
+        if set(engine.rows) - held:
+            admissions.append((sorted(set(engine.rows) - held), before, [cache.lengths.tolist() for cache in caches]))
+
+    engine._admit = recorded
+    completions = engine.generate(requests, params)
+    for prompt, p, completion in zip(requests, params, completions):
+        assert completion.token_ids == generate_sequential(model, prompt, p, max_seq=MAX_SEQ)
+    assert [0, 2] in [rows for rows, _, _ in admissions] and len(admissions[-1][0]) == 1, admissions
+    for rows, before, after in admissions:
+        for old, new in zip(before, after):
+            assert new == [0 if row in rows else length for row, length in enumerate(old)], (rows, old, new)
+    # both refills emptied rows that held entries
+    assert any(old[0] and old[2] for rows, before, _ in admissions if rows == [0, 2] for old in before)
+    assert any(old[admissions[-1][0][0]] for old in admissions[-1][1])
+    for cache in caches:  # host counters: entries and the length bound
+        assert cache.entries == int(cache.lengths.sum()) and cache._bound() >= int(cache.lengths.max())
+
+
 def test_compiled_decoding_equals_eager_without_recompiling(parallel):
     """`Engine(compile=...)`: the same greedy tokens as eager decoding; once a run has met the
     token counts a tick can have (its first, a symbolic count, one token), another run with other

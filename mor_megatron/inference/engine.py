@@ -258,14 +258,17 @@ class Engine:
     def _admit(self) -> None:
         if not self.queue:
             return
-        free = [row for row in range(self.max_batch) if row not in self.rows]
-        if free and self.track_memory:
+        free = [row for row in range(self.max_batch) if row not in self.rows][: len(self.queue)]
+        if not free:
+            return
+        if self.track_memory:
             self._note_memory()  # before the resets below free entries
+        # every admitted row's caches forgotten at once: the reset's device reads are per call,
+        # not per row (a wave of admissions at a large batch would otherwise sync once per row)
+        consecutive = free[-1] - free[0] == len(free) - 1
+        self.caches.reset(slice(free[0], free[-1] + 1) if consecutive else torch.tensor(free, device=self.device))
         for row in free:
-            if not self.queue:
-                break
             request = self.queue.popleft()
-            self.caches.reset(slice(row, row + 1))
             state = _Row(request, make_generator(request.params, self.device))
             state.pending = list(request.prompt)
             self.rows[row] = state
