@@ -2,6 +2,7 @@
 tools/bench_decode.py (tiny shapes), and checkpoint loading."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -128,12 +129,31 @@ def test_bench_decode_tiny(parallel, capsys):
         "--hidden", "64", "--ffn", "128", "--vocab", "256", "--effective-layers", "5", "--recursions", "3",
         "--batch", "2", "--prompt-len", "4", "--gen-len", "3", "--memory-budget-mib", "4", "--max-batch-cap", "3",
         "--static", "--routing", "spread",  # spread: every tick's step shares fit the static places
+        "--host-work",
     ])
     assert code == 0
     out = capsys.readouterr().out
     assert "fixed batch" in out and "max batch in 4 MiB" in out
     assert "static decode tick, eager, fixed batch 2" in out and "overflowed" not in out
     assert out.count("MoR-3") >= 3 and "transformers generate()" in out and "equal greedy tokens 100.0%" in out
+    # --host-work: each model's run split into its decode layers and the rest, both positive
+    split = re.findall(r"^  (vanilla|MoR-3) +run +([\d.]+), layers +([-\d.]+), rest +([\d.]+) ", out, re.M)
+    assert [name for name, *_ in split] == ["vanilla", "MoR-3"], out
+    assert all(float(rest) > 0 for *_, rest in split) and "layers alone" in out and "rest allowed for it" in out
+
+
+def test_bench_decode_identity_layers_skip_the_layers(parallel):
+    """`--host-work`'s runs: the same tokens fed and decoded, but no decode layer runs (no KV
+    entry is written), so what they time is the rest of the engine."""
+    args = bench_decode.build_parser().parse_args(["--hidden", "64", "--ffn", "128", "--vocab", "256",
+                                                   "--effective-layers", "5", "--prompt-len", "4", "--gen-len", "3"])
+    model = build(bench_decode.make_config(args, 3))
+    prompts = [[1, 2, 3, 4], [5, 6, 7, 8]]
+    device = next(model.parameters()).device
+    full = bench_decode.run_engine(model, prompts, args, 2, "MoR-3", device)
+    rest = bench_decode.run_engine(model, prompts, args, 2, "MoR-3", device, identity_layers=True)
+    assert full.tokens == rest.tokens == 2 * args.gen_len
+    assert full.peak_kv_bytes > 0 and rest.peak_kv_bytes == 0
 
 
 def test_bench_decode_refuses_cuda_graphs_alone(capsys):

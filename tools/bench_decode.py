@@ -18,7 +18,10 @@ times in round-robin order and its median run counts. `layers/tok` is the comput
 in layer passes per token fed (vanilla: L; MoR: its unique layers plus the block once per step).
 At the fixed batch each MoR model's speed-up is checked against 0.95x its layer-pass ratio (the
 share a tick loses to per-tick host work beyond the layers; issue #15), with the paired per-round
-ratios as the spread. `--static` also decodes the fixed batch with `StaticBatchDecoder` (every
+ratios as the spread. `--host-work` splits each fixed-batch run into its decode layers and the
+rest (the same run with every decode layer replaced by the identity, timed in the same rounds):
+what the layers alone give against vanilla, and how much of the rest a model may take for its
+target. `--static` also decodes the fixed batch with `StaticBatchDecoder` (every
 row one token per tick, every shape fixed; compiled too with `--compile`, CUDA graphs with
 `--cuda-graphs`): its layers/tok counts the places a static step runs, spare ones included.
 Routing of the randomly initialised MoR models: `--routing capacity` (default) forces depth
@@ -96,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also time the fixed batch with the static-shape decode tick (StaticBatchDecoder)")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="with --static and --compile: compile the static tick with mode='reduce-overhead'")
+    parser.add_argument("--host-work", action="store_true",
+                        help="also time the fixed batch with every decode layer replaced by the identity (what is "
+                             "left: embedding, routing, head, sampling and the engine's bookkeeping), and print what "
+                             "the layers alone give against vanilla")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
     parser.add_argument("--seed", type=seed, default=0)
     return parser
@@ -126,9 +133,10 @@ def _sync(device: torch.device) -> None:
 
 
 def run_engine(model, prompts: list[list[int]], args, batch: int, name: str, device: torch.device,
-               compile: Optional[str] = None) -> Result:
+               compile: Optional[str] = None, identity_layers: bool = False) -> Result:
     """Greedy decoding of `prompts`, `args.gen_len` tokens each, `batch` rows; timed after a warm-up
-    (which also compiles, with `compile`)."""
+    (which also compiles, with `compile`). identity_layers: every decode layer returns its input
+    (no matmul, no attention, no KV write): the run times the engine's work around the layers."""
     from mor_megatron.inference import Engine, SamplingParams, kv_bytes_per_row
 
     config = model.config
@@ -137,8 +145,11 @@ def run_engine(model, prompts: list[list[int]], args, batch: int, name: str, dev
     slots = args.kv_slots if config.router != "none" else "full"
 
     def engine() -> Engine:
-        return Engine(model, max_batch=batch, max_seq=max_seq, kv_slots=slots, capacity_margin=args.capacity_margin,
+        made = Engine(model, max_batch=batch, max_seq=max_seq, kv_slots=slots, capacity_margin=args.capacity_margin,
                       depth_override=override, device=device, track_memory=True, compile=compile or False)
+        if identity_layers:
+            made.stages.layers = [_identity_layer] * len(made.stages.layers)
+        return made
 
     params = SamplingParams(max_tokens=args.gen_len)
     # warm-up: a compiled engine meets every token count a run has (prefill, decode, one token)
@@ -156,6 +167,10 @@ def run_engine(model, prompts: list[list[int]], args, batch: int, name: str, dev
         kv_bytes_per_row(config, max_seq, slots, args.capacity_margin),
         stats.peak_kv_used_bytes, stats.peak_kv_vanilla_bytes, stats.mean_block_tokens, stats.layers_per_token,
     )
+
+
+def _identity_layer(hidden, batch, attend):
+    return hidden
 
 
 def depth_override(config, args):
@@ -247,6 +262,29 @@ def overhead_targets(names: list[str], runs: list[list[Result]]) -> list[str]:
             f"  {name}: {speed:.2f}x (per round {' '.join(f'{x:.2f}' for x in paired)}), layer-pass ratio "
             f"{layer_ratio:.2f}x, needs >= {need:.2f}x: {'holds' if speed >= need else 'MISSED'}"
         )
+    return lines
+
+
+def host_work_lines(names: list[str], full: list[Result], host: list[Result]) -> list[str]:
+    """The fixed batch split into the layers (median full run minus median run with identity
+    layers) and the rest, per model; against vanilla: the layers alone, and the most host work
+    the model may take for its target (LAYER_RATIO_SHARE x its layer-pass ratio) at vanilla's."""
+    if "vanilla" not in names:
+        return []
+    base_full, base_host = full[names.index("vanilla")], host[names.index("vanilla")]
+    base_layers = base_full.seconds - base_host.seconds
+    lines = ["the fixed batch without its decode layers (each replaced by the identity; the rest is the embedding, "
+             "routing, final norm and LM head, sampling and the engine's bookkeeping; medians, ms a run):"]
+    for name, run, rest in zip(names, full, host):
+        layers = run.seconds - rest.seconds
+        line = (f"  {name:<8} run {1000 * run.seconds:7.1f}, layers {1000 * layers:7.1f}, rest {1000 * rest.seconds:6.1f} "
+                f"({rest.seconds / run.seconds:.1%}), {rest.seconds / max(1, run.tokens) * 1e6:5.1f} us/token")
+        if name != "vanilla":
+            need = LAYER_RATIO_SHARE * base_full.layers_per_token / run.layers_per_token
+            allowed = base_full.seconds / need - layers
+            line += (f"; layers alone {base_layers / layers:.2f}x vanilla (needs >= {need:.2f}x), rest allowed for "
+                     f"it {1000 * allowed:.1f}")
+        lines.append(line)
     return lines
 
 
@@ -347,7 +385,10 @@ def _run(args: argparse.Namespace) -> None:
         print(f"  {name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
               f"{len(config.recursion_plan.unrolled)} effective / {config.num_layers} unique layers, budget batch {rows}")
     print(f"timing: median of {args.repeats} round-robin runs per model")
-    fixed_runs = rounds(fixed_jobs, args.repeats)
+    # --host-work: the identity-layer runs share the fixed batch's rounds (the same phases of a shared machine)
+    host_jobs = [functools.partial(job, identity_layers=True) for job in fixed_jobs] if args.host_work else []
+    fixed_runs = rounds(fixed_jobs + host_jobs, args.repeats)
+    fixed_runs, host_runs = fixed_runs[: len(fixed_jobs)], [median_run(r) for r in fixed_runs[len(fixed_jobs):]]
     fixed, budget = [median_run(r) for r in fixed_runs], median_of_rounds(budget_jobs, args.repeats)
     compiled_runs = []
     if args.compile:
@@ -380,6 +421,8 @@ def _run(args: argparse.Namespace) -> None:
               "the speed-up over vanilla tends to vanilla/this)")
         if results is fixed:
             print("\n".join(overhead_targets([name for name, _ in configs], fixed_runs)))
+            if host_runs:
+                print("\n".join(host_work_lines([name for name, _ in configs], fixed, host_runs)))
     if compiled_runs:
         print(f"\ncompiled (torch.compile backend {args.compile}) vs eager, fixed batch {args.batch}")
         base = median_run(compiled_runs[0])
