@@ -80,6 +80,44 @@ def test_ten_random_kills_each_resume_exactly(corpus, tmp_path):
     assert f"at step {resumed}" in final.stdout
     rows = metrics(run_dir)[seen:]
     assert [row["train/loss"] for row in rows] == reference[resumed:]
+    # TensorBoard across the ten kills: every step once, with its final value (its writer is
+    # flushed on a timer and before each checkpoint, not every step; the ordering itself:
+    # test_metrics_reach_disk_before_each_checkpoint)
+    assert _tensorboard_losses(run_dir) == dict(enumerate(reference, start=1))
+
+
+def _tensorboard_losses(run_dir) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    steps = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert len({s for s, _ in steps}) == len(steps), steps
+    return {step: pytest.approx(value, rel=1e-6) for step, value in steps}
+
+
+def test_metrics_reach_disk_before_each_checkpoint(corpus, tmp_path, monkeypatch, parallel):
+    """Every checkpoint is preceded by a flush of the metrics writer after the last step's write,
+    so the TensorBoard events of every step up to a checkpoint survive a kill that follows it (the
+    timed flush is kept out of the way)."""
+    from mor_megatron.training import loop
+    from mor_megatron.training.config import load_run_config
+    from mor_megatron.training.metrics import MetricsWriter
+
+    order = []
+    monkeypatch.setattr(MetricsWriter, "TB_FLUSH_SECONDS", float("inf"))
+    for name in ("write", "flush"):
+        real = getattr(MetricsWriter, name)
+        monkeypatch.setattr(MetricsWriter, name, lambda self, *a, _real=real, _name=name, **k: (
+            order.append(_name), _real(self, *a, **k))[1])
+    save = loop.save_checkpoint
+    monkeypatch.setattr(loop, "save_checkpoint", lambda *a, **k: (order.append("save"), save(*a, **k))[1])
+    config = write_config(tmp_path / "run.yaml", corpus, training={"train_steps": 4, "save_interval": 2})
+    loop.pretrain(load_run_config(config, [f"logging.dir={tmp_path / 'run'}"]), log=lambda message: None)
+    saves = [i for i, event in enumerate(order) if event == "save"]
+    assert len(saves) == 2 and order.count("write") == 4, order
+    for i in saves:
+        assert order[i - 1] == "flush" and "write" in order[:i], order
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")

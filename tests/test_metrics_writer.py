@@ -81,3 +81,27 @@ def test_tensorboard_shows_what_add_scalar_would(tmp_path):
 
     got, expect = scalars(tmp_path / "ours"), scalars(tmp_path / "baseline")
     assert sorted(expect) == sorted(steps[1]) and got == expect
+
+
+def test_flush_puts_every_written_step_on_disk_before_a_kill(tmp_path):
+    """TensorBoard is flushed on a timer and at `flush()` (the trainer's, before each checkpoint),
+    not every step: a process killed right after `flush()` (no close, no atexit) leaves every step
+    written before it readable; steps written after it may be lost, as the rerun replaces them."""
+    import subprocess
+    import sys
+
+    script = (
+        "import os, sys\n"
+        "from mor_megatron.training.metrics import MetricsWriter\n"
+        "writer = MetricsWriter(sys.argv[1], tensorboard=True, enabled=True)\n"
+        "for step in range(1, 4):\n"
+        "    writer.write(step, {'train/loss': 10.0 + step})\n"
+        "writer.flush()\n"
+        "writer.write(4, {'train/loss': 14.0})\n"
+        "os._exit(0)\n"
+    )
+    subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True, timeout=120)
+    shown = _tensorboard_scalars(tmp_path, "train/loss")
+    assert {step: shown[step] for step in (1, 2, 3)} == {1: 11.0, 2: 12.0, 3: 13.0}, shown
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]  # metrics.jsonl: flushed every step

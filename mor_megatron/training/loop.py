@@ -196,6 +196,7 @@ def _pretrain(run: RunConfig, log) -> dict:
     stop_at = state.step + t.exit_after_steps if t.exit_after_steps else t.train_steps
 
     def checkpoint() -> None:
+        writer.flush()  # the metrics of every step up to this checkpoint on disk before it
         path = save_checkpoint(engine, model, state, run.checkpoint_dir, run_config_dict(run))
         prune_checkpoints(run.checkpoint_dir, t.keep_checkpoints)
         say(f"saved checkpoint {path}")
