@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from train_helpers import launch, metrics, series, tree_digest, write_config
+from train_helpers import launch, metrics, series, tensorboard_scalars, tree_digest, write_config
 
 pytestmark = pytest.mark.distributed
 
@@ -83,17 +83,8 @@ def test_ten_random_kills_each_resume_exactly(corpus, tmp_path):
     # TensorBoard across the ten kills: every step once, with its final value (its writer is
     # flushed on a timer and before each checkpoint, not every step; the ordering itself:
     # test_metrics_reach_disk_before_each_checkpoint)
-    assert _tensorboard_losses(run_dir) == dict(enumerate(reference, start=1))
-
-
-def _tensorboard_losses(run_dir) -> dict[int, float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(run_dir / "tensorboard"))
-    events.Reload()
-    steps = [(e.step, e.value) for e in events.Scalars("train/loss")]
-    assert len({s for s, _ in steps}) == len(steps), steps
-    return {step: pytest.approx(value, rel=1e-6) for step, value in steps}
+    assert tensorboard_scalars(run_dir, "train/loss") == {
+        step: pytest.approx(loss, rel=1e-6) for step, loss in enumerate(reference, start=1)}  # fp32 events
 
 
 def test_metrics_reach_disk_before_each_checkpoint(corpus, tmp_path, monkeypatch, parallel):

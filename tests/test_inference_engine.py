@@ -121,7 +121,7 @@ def test_admission_host_reads_do_not_grow_with_the_rows_admitted(parallel):
     reads = {}
     for count in (1, 8):
         engine = Engine(model, max_batch=8, max_seq=MAX_SEQ, track_memory=True)
-        for index in range(count):
+        for _ in range(count):
             engine.add_request(requests[0], SamplingParams(max_tokens=2))
         with _HostReads() as counter:
             engine._admit()

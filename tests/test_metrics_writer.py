@@ -6,18 +6,9 @@ import json
 import pytest
 
 from mor_megatron.training.metrics import MetricsWriter
+from train_helpers import tensorboard_scalars
 
 pytest.importorskip("tensorboard")
-
-
-def _tensorboard_scalars(run_dir, tag: str) -> dict[int, float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(run_dir / "tensorboard"))
-    events.Reload()
-    steps = [(e.step, e.value) for e in events.Scalars(tag)]
-    assert len({s for s, _ in steps}) == len(steps), steps  # no step shown twice
-    return dict(steps)
 
 
 @pytest.mark.parametrize("resume", [True, False], ids=["resumed", "resume-not-declared"])
@@ -36,10 +27,10 @@ def test_a_resumed_run_shows_each_step_once_with_its_rerun_value(tmp_path, resum
     last = {r["step"]: r["train/loss"] for r in rows}
     assert last == {1: 11.0, 2: 12.0, 3: 13.0, 4: 24.0, 5: 25.0, 6: 26.0}
     if resume:
-        assert _tensorboard_scalars(tmp_path, "train/loss") == last
+        assert tensorboard_scalars(tmp_path, "train/loss") == last
     else:  # what the trainer did before it declared the resume: the lost steps' values shown too
         with pytest.raises(AssertionError):
-            _tensorboard_scalars(tmp_path, "train/loss")
+            tensorboard_scalars(tmp_path, "train/loss")
 
 
 def test_read_metrics_keeps_the_last_record_of_each_step(tmp_path):
@@ -101,7 +92,7 @@ def test_flush_puts_every_written_step_on_disk_before_a_kill(tmp_path):
         "os._exit(0)\n"
     )
     subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True, timeout=120)
-    shown = _tensorboard_scalars(tmp_path, "train/loss")
+    shown = tensorboard_scalars(tmp_path, "train/loss")
     assert {step: shown[step] for step in (1, 2, 3)} == {1: 11.0, 2: 12.0, 3: 13.0}, shown
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]  # metrics.jsonl: flushed every step

@@ -110,6 +110,18 @@ def series(run_dir: Path, key: str) -> list[float]:
     return [m[key] for m in metrics(run_dir)]
 
 
+def tensorboard_scalars(run_dir: Path, tag: str) -> dict[int, float]:
+    """`tag`'s values by step in `run_dir/tensorboard`, read by tensorboard's own event reader
+    (every event file, purges applied); no step may be shown twice."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(Path(run_dir) / "tensorboard"))
+    events.Reload()
+    steps = [(e.step, e.value) for e in events.Scalars(tag)]
+    assert len({s for s, _ in steps}) == len(steps), steps  # no step shown twice
+    return dict(steps)
+
+
 def _free_port() -> int:
     import socket
 

@@ -242,6 +242,12 @@ def median_of_rounds(jobs: list[Callable[[], Result]], repeats: int) -> list[Res
 LAYER_RATIO_SHARE = 0.95
 
 
+def target_speedup(base: Result, run: Result) -> float:
+    """The speed-up over vanilla's run `base` that `run` must reach: LAYER_RATIO_SHARE x its
+    layer-pass ratio."""
+    return LAYER_RATIO_SHARE * base.layers_per_token / run.layers_per_token
+
+
 def overhead_targets(names: list[str], runs: list[list[Result]]) -> list[str]:
     """Per MoR model at the fixed batch: its speed-up (median runs, and the paired per-round
     ratios as the spread) against LAYER_RATIO_SHARE x its layer-pass ratio, and whether it holds."""
@@ -257,7 +263,7 @@ def overhead_targets(names: list[str], runs: list[list[Result]]) -> list[str]:
         speed = median.tokens_per_s / base_median.tokens_per_s
         paired = [r.tokens_per_s / b.tokens_per_s for r, b in zip(results, base)]
         layer_ratio = base_median.layers_per_token / median.layers_per_token
-        need = LAYER_RATIO_SHARE * layer_ratio
+        need = target_speedup(base_median, median)
         lines.append(
             f"  {name}: {speed:.2f}x (per round {' '.join(f'{x:.2f}' for x in paired)}), layer-pass ratio "
             f"{layer_ratio:.2f}x, needs >= {need:.2f}x: {'holds' if speed >= need else 'MISSED'}"
@@ -280,7 +286,7 @@ def host_work_lines(names: list[str], full: list[Result], host: list[Result]) ->
         line = (f"  {name:<8} run {1000 * run.seconds:7.1f}, layers {1000 * layers:7.1f}, rest {1000 * rest.seconds:6.1f} "
                 f"({rest.seconds / run.seconds:.1%}), {rest.seconds / max(1, run.tokens) * 1e6:5.1f} us/token")
         if name != "vanilla":
-            need = LAYER_RATIO_SHARE * base_full.layers_per_token / run.layers_per_token
+            need = target_speedup(base_full, run)
             allowed = base_full.seconds / need - layers
             line += (f"; layers alone {base_layers / layers:.2f}x vanilla (needs >= {need:.2f}x), rest allowed for "
                      f"it {1000 * allowed:.1f}")
