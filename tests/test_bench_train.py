@@ -199,3 +199,48 @@ def test_token_choice_flops_as_routed_and_as_run():
     analytic = routing_flops(config, None, 48)
     assert analytic["padding_overhead"] == 0
     assert analytic["training_flops_per_token"] == analytic["routed_flops_per_token"] == training_flops_per_token(config)
+
+
+@pytest.mark.parametrize("clip", [0.0, 1e-3])
+def test_model_only_loop_clips_to_the_trainers_norm(parallel, clip):
+    """The model-only step clips its gradients to the trainer's `training.grad_clip` before AdamW
+    steps, so both loops run the same update; 0 leaves them unclipped (a random model's gradient
+    norm is far above 1e-3)."""
+    import torch
+
+    from model_helpers import tiny_config
+    from mor_megatron.tools.bench_train import _Session
+    from mor_megatron.yaml_config import dump_model_config
+
+    config = tiny_config(effective_layers=4, num_recursions=2)
+    spec = dict(kind="megatron", model=dump_model_config(config), batch_size=2, seq_length=config.seq_length,
+                vocab_size=config.vocab_size, warmup=0, steps=1, threads=torch.get_num_threads(),
+                dtype="float32", seed=0, lr=1e-3, grad_clip=clip)
+    session = _Session(spec)
+    norms = []
+    step = session.optimizer.step
+
+    def recording_step(*args, **kwargs):
+        grads = [p.grad for p in session.model.parameters() if p.grad is not None]
+        norms.append(float(torch.nn.utils.get_total_norm(grads)))
+        return step(*args, **kwargs)
+
+    session.optimizer.step = recording_step
+    session.step()
+    assert len(norms) == 1
+    if clip:
+        assert norms[0] <= clip * (1 + 1e-4)
+    else:
+        assert norms[0] > 1e-2
+
+
+def test_trainer_grad_clip_is_the_trainers_own():
+    from mor_megatron.tools.bench_train import trainer_grad_clip
+    from mor_megatron.tools.bench_train_trainer import run_sections
+    from mor_megatron.training.config import TrainingConfig
+
+    assert trainer_grad_clip([]) == TrainingConfig().grad_clip
+    assert trainer_grad_clip(["logging.log_interval=2", "training.grad_clip=0.25"]) == 0.25
+    assert trainer_grad_clip(["training.grad_clip=0"]) == 0.0
+    spec = dict(batch_size=2, warmup=1, steps=2, seed=0, lr=1e-3, dtype="float32", grad_clip=0.25, model={})
+    assert run_sections(spec, "run", "data")["training"]["grad_clip"] == 0.25

@@ -30,13 +30,16 @@ Python process (`job_name`: `mor nr=2`, `mor nr=2 [trainer]`, `mor nr=2 [compile
 `mor nr=2 [trainer, compiled]`):
 
 - loop `model`: one step = zero_grad + forward + loss (mean token cross-entropy, labels = inputs
-  shifted by one) + backward + `torch.optim.AdamW.step()` (fused where torch has the kernel, as in
-  the trainer), on one fixed batch of random tokens.
+  shifted by one) + backward + `torch.nn.utils.clip_grad_norm_` to the trainer's clip norm
+  (`trainer_grad_clip`: `training.grad_clip`, 1.0 unless a `training.grad_clip=` override says
+  otherwise; 0 clips nothing) + `torch.optim.AdamW.step()` (fused where torch has the kernel, as
+  in the trainer), on one fixed batch of random tokens: the same update as the trainer's, so the
+  clip's gradient norm does not count as the trainer's overhead.
   Parameters are cast to `--dtype` (buffers are not), as DeepSpeed's bf16 mode casts the model.
 - loop `trainer`: `mor-pretrain` itself (`mor_megatron.pretrain.main`, tools/bench_train_trainer.py)
   on a shard of random tokens, the same model, batch (one micro-batch of B x S) and dtype
-  (`training.bf16`): its DeepSpeed engine (the unset ZeRO stage: 0 at one fp32 rank; gradient
-  clipping), data loader, router statistics, metrics.jsonl + TensorBoard and a log line every
+  (`training.bf16`): its DeepSpeed engine (the unset ZeRO stage: 0 at one fp32 rank; the same
+  gradient clip), data loader, router statistics, metrics.jsonl + TensorBoard and a log line every
   step; checkpoints off. One step
   = one iteration of its loop, boundary to boundary.
 - compiled: `mor_megatron.parallel.compile.compile_layers` on the model (model loop) or
@@ -329,6 +332,8 @@ class _Session:
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.loss_fn(self.tokens, self.positions, self.labels)
         loss.backward()
+        if self.spec["grad_clip"]:  # the trainer's clip, as a plain PyTorch loop writes it
+            self.torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.spec["grad_clip"], foreach=True)
         self.optimizer.step()
         return loss.detach()
 
@@ -1016,6 +1021,17 @@ def plan_jobs(entries: list[dict], variants: Sequence[tuple[str, bool]], common:
     return jobs
 
 
+def trainer_grad_clip(trainer_overrides: Sequence[str]) -> float:
+    """The gradient-clip norm of the trainer jobs (`training.grad_clip`: the user's override, else
+    the trainer's default; 0: no clipping), which the model-only loop clips to as well: both loops
+    then run the same update, and the clip is not counted as the trainer's overhead."""
+    from mor_megatron.training.config import TrainingConfig
+    from mor_megatron.yaml_config import apply_overrides
+
+    training = apply_overrides({}, list(trainer_overrides)).get("training", {})
+    return float(training.get("grad_clip", TrainingConfig.__dataclass_fields__["grad_clip"].default))
+
+
 def _benchmark(args: argparse.Namespace) -> int:
     import torch
 
@@ -1054,7 +1070,8 @@ def _benchmark(args: argparse.Namespace) -> int:
     tokens_per_step = seq * batch
     common = dict(batch_size=batch, seq_length=seq, vocab_size=base.vocab_size,
                   warmup=args.warmup, steps=args.steps, threads=args.threads, dtype=args.dtype,
-                  seed=args.seed, lr=args.lr, trainer_overrides=trainer_overrides)
+                  seed=args.seed, lr=args.lr, grad_clip=trainer_grad_clip(trainer_overrides),
+                  trainer_overrides=trainer_overrides)
     compile_modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     variants = [(loop, compiled) for loop, compiled in VARIANTS
                 if loop in args.loop_list and compiled in compile_modes]

@@ -45,14 +45,16 @@ def shard_samples(warmup: int, steps: int, batch_size: int) -> int:
 
 def run_sections(spec: dict, run_dir: str, data_prefix: str) -> dict[str, Any]:
     """The YAML run config of one trainer job: the model of the model-only job, its batch as one
-    micro-batch, the training and logging defaults a user's run has (the unset ZeRO stage, grad
-    clipping, metrics.jsonl, TensorBoard, a log line per step), checkpoints off."""
+    micro-batch, its gradient clip (`spec["grad_clip"]`, the trainer's default unless overridden),
+    the training and logging defaults a user's run has (the unset ZeRO stage, metrics.jsonl,
+    TensorBoard, a log line per step), checkpoints off."""
     training = {
         "micro_batch_size": spec["batch_size"],
         "global_batch_size": spec["batch_size"],
         "train_steps": spec["warmup"] + spec["steps"] + 1,  # the last step never starts
         "seed": spec["seed"],
         "lr": spec["lr"],
+        "grad_clip": spec["grad_clip"],  # the model-only loop's clip too
         "lr_schedule": "constant",
         "bf16": spec["dtype"] == "bfloat16",
         "save_interval": 0,
