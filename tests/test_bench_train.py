@@ -51,6 +51,9 @@ def report(tmp_path_factory):
 
 
 def test_models_and_keys(report):
+    from mor_megatron.training.config import TrainingConfig
+
+    assert report["settings"]["grad_clip"] == TrainingConfig().grad_clip  # both loops, the trainer's default
     models = report["models"]
     # L=4, Nr=4: (4-2) % 4 != 0, so L' = 2 + 4*1 = 6, compared with a vanilla of that depth
     megatron = {"vanilla L=4", "mor nr=4", "mor tc nr=4", "vanilla L=6"}

@@ -843,7 +843,8 @@ def render(report: dict[str, Any]) -> str:
         f"batch {s['batch_size']} x seq {s['seq_length']} = {s['tokens_per_step']} tokens/step; "
         f"{s['steps']} timed steps per model after {s['warmup']} warm-up, "
         + ("one model at a time" if s["sequential"] else "interleaved step by step across models"),
-        f"loops: {', '.join(s['loops'])}; compile: {s['compile']}",
+        f"loops: {', '.join(s['loops'])}; compile: {s['compile']}; gradient clip: "
+        + (f"{s['grad_clip']:g} in every loop" if s.get("grad_clip") else "none"),
         f"dense mm probe ({s['dtype']}, {probe['size']}x{probe['size']}, "
         + ("timed before the models" if s["sequential"] else "timed in the same cycles")
         + f"): median {probe['tflops'] * 1e3:.1f} GFLOP/s, best "
@@ -1143,6 +1144,7 @@ def _benchmark(args: argparse.Namespace) -> int:
             "config": args.config,
             "overrides": overrides,
             "trainer_overrides": trainer_overrides,
+            "grad_clip": common["grad_clip"],  # both loops clip to it (0: neither)
             "dtype": args.dtype,
             "threads": args.threads,
             "batch_size": batch,
