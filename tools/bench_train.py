@@ -1030,7 +1030,7 @@ def trainer_grad_clip(trainer_overrides: Sequence[str]) -> float:
     from mor_megatron.yaml_config import apply_overrides
 
     training = apply_overrides({}, list(trainer_overrides)).get("training", {})
-    return float(training.get("grad_clip", TrainingConfig.__dataclass_fields__["grad_clip"].default))
+    return float(training.get("grad_clip", TrainingConfig().grad_clip))
 
 
 def _benchmark(args: argparse.Namespace) -> int:
